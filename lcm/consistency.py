@@ -1,0 +1,125 @@
+"""The consistency function and the latent consistency distillation loss (LCM arXiv:2310.04378 Alg. 1 / eq. 10).
+
+Roles are callables; the loss does not know whether they are three UNets (full LCD), one UNet with adapters switched
+(LCM-LoRA) or a toy MLP:
+    student(z, t, cond, w) -> prediction      trainable; evaluated at t_{n+k}
+    target(z, t, cond, w)  -> prediction      θ⁻ (EMA or the online weights), evaluated at t_n under no_grad
+    teacher(z, t, cond)    -> prediction      frozen; called once per solver evaluation on 2B rows [cond; uncond]
+Predictions are in the model's `prediction_type` and are converted to x̂₀ / ε̂ through `parameterization.to_x0_eps`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .guidance import cfg
+from .parameterization import boundary_scalings, to_x0_eps
+from .schedule import NoiseSchedule, SolverGrid
+from .solvers import get_solver
+
+
+def consistency_fn(z, x0_hat, c_skip, c_out):
+    """f(z, t) = c_skip(t)·z + c_out(t)·x̂₀(z, t) (LCM eq. 5 parameterisation)."""
+    return c_skip * z + c_out * x0_hat
+
+
+def l2_loss(a, b, c: float = 0.0):
+    """Per-sample mean squared error."""
+    return (a - b).pow(2).flatten(1).mean(1)
+
+
+def pseudo_huber_loss(a, b, c: float = 0.001):
+    """Per-sample mean of √((a − b)² + c²) − c, element-wise as LCM-LoRA does (Song & Dhariwal 2023, arXiv:2310.14189 §3.3)."""
+    return ((a - b).pow(2) + c * c).sqrt().sub(c).flatten(1).mean(1)
+
+
+LOSSES: dict[str, Callable] = {"l2": l2_loss, "huber": pseudo_huber_loss}
+
+
+def cat_cond(cond: dict, uncond: dict) -> dict:
+    """Stack conditional and unconditional inputs along the batch so the teacher runs once on 2B rows."""
+    if cond.keys() != uncond.keys():
+        raise ValueError(f"cond and uncond differ in keys: {sorted(cond)} vs {sorted(uncond)}")
+    return {k: torch.cat([cond[k], uncond[k]], dim=0) for k in cond}
+
+
+@dataclass
+class LCDSpec:
+    """The fixed parts of the loss: schedule, grid, teacher solver, loss metric and boundary-scaling constants."""
+
+    schedule: NoiseSchedule
+    grid: SolverGrid
+    prediction_type: str = "epsilon"
+    solver: str = "ddim"
+    loss: str = "huber"
+    huber_c: float = 0.001
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+
+    def __post_init__(self):
+        get_solver(self.solver)
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; valid: {sorted(LOSSES)}")
+
+
+@dataclass
+class LCDBatch:
+    """Everything random is drawn before the loss: z₀ (clean latents), noise ε, grid indices and guidance w."""
+
+    z0: torch.Tensor
+    noise: torch.Tensor
+    index: torch.Tensor
+    w: torch.Tensor
+    cond: dict = field(default_factory=dict)
+    uncond: dict = field(default_factory=dict)
+
+
+def guided_denoiser(teacher, cond: dict, uncond: dict, w, schedule: NoiseSchedule, prediction_type: str):
+    """The teacher as `denoise(z, t) -> (x̂₀, ε̂)` with CFG in the LCM convention, one batched call per evaluation."""
+    both = cat_cond(cond, uncond)
+
+    def denoise(z, t):
+        pred = teacher(torch.cat([z, z]), torch.cat([t, t]), both)
+        alpha, sigma = schedule.alpha_sigma(torch.cat([t, t]), z.ndim)
+        x0, eps = to_x0_eps(pred, torch.cat([z, z]), alpha.to(pred.dtype), sigma.to(pred.dtype), prediction_type)
+        x0_c, x0_u = x0.chunk(2)
+        eps_c, eps_u = eps.chunk(2)
+        # CFG is linear in the prediction, so guiding x̂₀ and ε̂ separately equals guiding the raw output.
+        return cfg(x0_c, x0_u, w), cfg(eps_c, eps_u, w)
+
+    return denoise
+
+
+def predict_consistency(model, z, t, cond, w, spec: LCDSpec):
+    """f_θ(z, t) from a role callable: prediction → x̂₀ → boundary-scaled combination with z."""
+    pred = model(z, t, cond, w)
+    alpha, sigma = spec.schedule.alpha_sigma(t, z.ndim)
+    x0_hat, _ = to_x0_eps(pred, z, alpha.to(pred.dtype), sigma.to(pred.dtype), spec.prediction_type)
+    c_skip, c_out = boundary_scalings(t, spec.sigma_data, spec.timestep_scaling)
+    shape = (-1,) + (1,) * (z.ndim - 1)
+    return consistency_fn(z, x0_hat, c_skip.reshape(shape).to(z.dtype), c_out.reshape(shape).to(z.dtype))
+
+
+def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
+    """Per-sample d(f_θ(z_{t_{n+k}}, t_{n+k}), sg[f_θ⁻(ẑ_{t_n}, t_n)]) and a small diagnostics dict (LCM Alg. 1)."""
+    t_nk, t_n = spec.grid.pair(batch.index)
+    # 1. Forward-diffuse the clean latent to t_{n+k}.
+    z_tnk = spec.schedule.add_noise(batch.z0, batch.noise, t_nk)
+    # 2. Student's consistency output at t_{n+k} (gradients flow here only).
+    f_student = predict_consistency(student, z_tnk, t_nk, batch.cond, batch.w, spec)
+    with torch.no_grad():
+        # 3. One teacher ODE step t_{n+k} → t_n with CFG at the sampled w.
+        denoise = guided_denoiser(teacher, batch.cond, batch.uncond, batch.w, spec.schedule, spec.prediction_type)
+        z_tn_hat = get_solver(spec.solver)(denoise, z_tnk, t_nk, t_n, spec.schedule)
+        # 4. Target's consistency output at t_n — the stop-gradient side of the loss.
+        f_target = predict_consistency(target, z_tn_hat, t_n, batch.cond, batch.w, spec)
+    loss = LOSSES[spec.loss](f_student.float(), f_target.float(), spec.huber_c)
+    diagnostics = {
+        "t_nk_mean": t_nk.float().mean().detach(),
+        "w_mean": batch.w.float().mean().detach(),
+        "target_norm": f_target.float().flatten(1).norm(dim=1).mean().detach(),
+    }
+    return loss, diagnostics
