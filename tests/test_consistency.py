@@ -106,12 +106,13 @@ def test_w_zero_ignores_uncond_and_w_positive_uses_it():
 
 
 def test_pseudo_huber_limits():
-    a = torch.zeros(2, 10)
-    small, big = torch.full((2, 10), 1e-5), torch.full((2, 10), 10.0)
+    # float64: in float32 √(c² + d²) − c cancels catastrophically at d ≪ c, which is not what this test is about.
+    a = torch.zeros(2, 10, dtype=torch.float64)
+    small, big = torch.full_like(a, 1e-5), torch.full_like(a, 10.0)
     c = 1e-3
     # d ≪ c: quadratic d²/(2c); d ≫ c: linear |d| − c.
-    torch.testing.assert_close(pseudo_huber_loss(small, a, c), torch.full((2,), 1e-10 / (2 * c)), rtol=1e-3, atol=0)
-    torch.testing.assert_close(pseudo_huber_loss(big, a, c), torch.full((2,), 10.0 - c), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pseudo_huber_loss(small, a, c), torch.full((2,), 1e-10 / (2 * c), dtype=torch.float64), rtol=1e-3, atol=0)
+    torch.testing.assert_close(pseudo_huber_loss(big, a, c), torch.full((2,), 10.0 - c, dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
 def test_per_sample_shapes_and_bad_names():
