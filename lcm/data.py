@@ -1,0 +1,391 @@
+"""Training data: captioned images → SDXL items (pixels in [-1, 1] + size/crop micro-conditioning).
+
+Sources: an image folder (captions from same-stem `.txt` files or a root `metadata.jsonl` / `metadata.csv`) or an
+HF `datasets` dataset (saved with `save_to_disk`, an image folder read by `imagefolder`, or a hub name).
+Bad files never stop a run: a cheap header check drops them at index time, and `__getitem__` falls back to another
+image if a file still fails to decode later. Every count ends up in one `DataSummary`, logged once.
+
+SDXL micro-conditioning (Podell et al. 2023, arXiv:2307.01952 §2.2) is in **(height, width)** order throughout:
+`original_size` = (h, w) as loaded, `crop_top_left` = (top, left) in the resized image, `target_size` = (res, res).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+_HF_SCAN_BATCH = 256  # rows read at a time during the HF header scan; keeps memory flat on large datasets
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Summary
+
+
+@dataclass
+class DataSummary:
+    """What indexing and loading kept, skipped (by reason) and found without a caption."""
+
+    n_ok: int = 0
+    n_skipped: dict[str, int] = field(default_factory=dict)  # reason → count: empty_file, unreadable, missing_file
+    n_missing_caption: int = 0
+    n_decode_errors: int = 0  # failures in __getitem__ after indexing; counted per process (each worker has a copy)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        """Count `n` files dropped for `reason`."""
+        if n:
+            self.n_skipped[reason] = self.n_skipped.get(reason, 0) + n
+
+
+def format_summary(summary: DataSummary) -> str:
+    """One line for the log: kept, skipped by reason, missing captions, decode errors."""
+    skipped = sum(summary.n_skipped.values())
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary.n_skipped.items()))
+    line = f"data: {summary.n_ok} images ok, {skipped} skipped" + (f" ({reasons})" if reasons else "")
+    line += f", {summary.n_missing_caption} without caption"
+    if summary.n_decode_errors:
+        line += f", {summary.n_decode_errors} decode errors while loading"
+    return line
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading images. A "ref" is a path, raw bytes, or an HF Image dict {"bytes": ..., "path": ...} (decode=False).
+
+
+def _source(ref: Any) -> Path | io.BytesIO:
+    """Something `Image.open` accepts, from any ref."""
+    if isinstance(ref, dict):
+        ref = ref["bytes"] if ref.get("bytes") is not None else ref.get("path")
+    if isinstance(ref, (bytes, bytearray)):
+        return io.BytesIO(ref)
+    if ref is None:
+        raise FileNotFoundError("image ref has neither bytes nor path")
+    return Path(ref)
+
+
+def check_image(ref: Any) -> str | None:
+    """Cheap index-time check (header + structure, no full decode): None if usable, else the reason to skip."""
+    try:
+        src = _source(ref)
+        if (src.getbuffer().nbytes if isinstance(src, io.BytesIO) else src.stat().st_size) == 0:
+            return "empty_file"
+        with Image.open(src) as image:
+            image.verify()
+    except FileNotFoundError:
+        return "missing_file"
+    except Exception:  # PIL raises many types on bad input (OSError, SyntaxError, ValueError, ...): all mean "skip"
+        return "unreadable"
+    return None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode → RGB: transparency composited on white, 16-bit grey rescaled (PIL's convert would clip at 255)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        grey = np.asarray(image, dtype=np.float64)
+        # 16-bit data (I;16*, or "I" holding it) spans 0..65535; plain 8-bit-range "I"/"F" is left as is.
+        if image.mode.startswith("I;16") or grey.max() > 255:
+            grey = grey / 257.0
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels often hold arbitrary (black) colour; dropping alpha would show it, white is neutral.
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def load_image(ref: Any) -> Image.Image:
+    """Fully decode a ref into an upright RGB image; raises whatever PIL raises on a broken file."""
+    with Image.open(_source(ref)) as image:
+        image.load()
+        # Phone photos store their rotation in EXIF; size conditioning must see the upright (h, w).
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Transforms (PIL + torch; randomness only from the generator passed in)
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Scale so the shorter side equals `size`, keeping the aspect ratio (Lanczos)."""
+    w, h = image.size
+    scale = size / min(w, h)
+    new_size = (max(size, round(w * scale)), max(size, round(h * scale)))
+    return image if new_size == (w, h) else image.resize(new_size, Image.Resampling.LANCZOS)
+
+
+def transform_image(
+    image: Image.Image, resolution: int, *, center_crop: bool, random_flip: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize, square-crop, maybe flip → ((3, res, res) float32 in [-1, 1], crop (top, left) in resized coords)."""
+    image = resize_shorter_side(image, resolution)
+    w, h = image.size
+    if center_crop:
+        top, left = (h - resolution) // 2, (w - resolution) // 2
+    else:
+        top = int(torch.randint(0, h - resolution + 1, (), generator=generator))
+        left = int(torch.randint(0, w - resolution + 1, (), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and torch.rand((), generator=generator).item() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        # Important: condition on the crop as it sits in the *flipped* image (as SDXL / diffusers do), else the
+        # model learns that flipped crops come from the other side.
+        left = w - left - resolution
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return pixels, (top, left)
+
+
+def add_time_ids(
+    original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """SDXL UNet `time_ids` (B, 6) = [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (arXiv:2307.01952 §2.2)."""
+    parts = [torch.atleast_2d(torch.as_tensor(x)) for x in (original_size, crop_top_left, target_size)]
+    time_ids = torch.cat(parts, dim=-1)
+    return time_ids if dtype is None else time_ids.to(dtype)
+
+
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed seed per (run seed, epoch, item), so augmentations never depend on worker count or order."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dataset
+
+
+class CaptionedImages(Dataset):
+    """Indexed, pre-checked captioned images → SDXL training items."""
+
+    def __init__(
+        self,
+        images: Sequence[Any],
+        captions: Sequence[str],
+        *,
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        seed: int = 0,
+        summary: DataSummary | None = None,
+    ):
+        assert len(images) == len(captions) > 0
+        self.images, self.captions = images, list(captions)
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.seed, self.epoch = seed, 0
+        self.summary = summary if summary is not None else DataSummary(n_ok=len(images))
+        self._warned: set[int] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation draw per epoch (call before building the epoch's iterator; workers copy it)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        # A file that passed the header check can still fail to decode (truncated data, changed on disk):
+        # count it and move on deterministically to the next index instead of killing the run.
+        for j in (index + k for k in range(len(self))):
+            j %= len(self)
+            try:
+                image = load_image(self.images[j])
+            except Exception as err:  # any PIL failure on one file; the transform below is outside this guard
+                self.summary.n_decode_errors += 1
+                if j not in self._warned:
+                    self._warned.add(j)
+                    logger.warning("data: cannot decode item %d (%s: %s); using the next one", j, type(err).__name__, err)
+                continue
+            return self._make_item(image, j)
+        raise RuntimeError("data: no image in the dataset could be decoded")
+
+    def _make_item(self, image: Image.Image, index: int) -> dict[str, Any]:
+        """Transform one decoded image and attach its caption and SDXL conditioning."""
+        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+        pixels, crop_top_left = transform_image(
+            image, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip, generator=generator
+        )
+        return {
+            "pixel_values": pixels,
+            "caption": self.captions[index],
+            "original_size": torch.tensor((image.height, image.width)),  # (h, w): SDXL's order, not PIL's (w, h)
+            "crop_top_left": torch.tensor(crop_top_left),
+            "target_size": torch.tensor((self.resolution, self.resolution)),
+            "index": index,  # the item actually loaded (differs from the request only after a decode fallback)
+        }
+
+
+def collate_fn(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors into a batch; captions stay a list of str."""
+    batch = {key: torch.stack([item[key] for item in items]) for key in
+             ("pixel_values", "original_size", "crop_top_left", "target_size")}
+    batch["caption"] = [item["caption"] for item in items]
+    batch["index"] = torch.tensor([item["index"] for item in items])
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Indexing: each source yields (key, ref, caption) candidates; `_scan` checks them and fills the summary.
+
+
+def _caption_text(value: Any) -> str:
+    """Normalise a caption cell (None, str, number) to a stripped str."""
+    return "" if value is None else str(value).strip()
+
+
+def _scan(candidates: Iterable[tuple[Any, Any, str]], max_samples: int | None, summary: DataSummary):
+    """Keep candidates whose header PIL can parse, up to `max_samples`; count the rest by reason."""
+    keys, captions = [], []
+    for key, ref, caption in candidates:
+        if max_samples is not None and len(keys) >= max_samples:
+            break
+        reason = check_image(ref)
+        if reason is not None:
+            summary.skip(reason)
+            continue
+        keys.append(key)
+        captions.append(caption)
+        summary.n_missing_caption += not caption
+    summary.n_ok = len(keys)
+    return keys, captions
+
+
+def _read_metadata(root: Path, caption_column: str) -> dict[str, str] | None:
+    """Captions by relative posix path from `metadata.jsonl` / `metadata.csv` at the root, or None if neither exists."""
+    found = [root / name for name in METADATA_FILES if (root / name).is_file()]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(f"both {' and '.join(str(p) for p in found)} exist; keep one so captions are unambiguous")
+    path = found[0]
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix == ".csv":
+            rows = list(csv.DictReader(f))
+        else:
+            rows = [json.loads(line) for line in f if line.strip()]
+    columns = sorted({k for row in rows for k in row})
+    for column in ("file_name", caption_column):
+        if rows and column not in columns:
+            raise ValueError(f"column {column!r} not found in {path}; available columns: {columns}")
+    return {PurePosixPath(str(row["file_name"]).replace("\\", "/")).as_posix(): _caption_text(row.get(caption_column))
+            for row in rows}
+
+
+def index_folder(cfg: Any, summary: DataSummary):
+    """Image files under `cfg.path` (recursive, sorted) with captions from metadata, then `.txt`, else ''."""
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise ValueError(f"data.path {str(root)!r} is not a directory")
+    # Hidden folders (.ipynb_checkpoints, .git, ...) hold copies and junk, not training data.
+    files = sorted(
+        (p for p in root.rglob("*")
+         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+         and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
+    metadata = _read_metadata(root, cfg.caption_column) or {}
+    summary.skip("missing_file", len(set(metadata) - {p.relative_to(root).as_posix() for p in files}))
+
+    def candidates() -> Iterator[tuple[Path, Path, str]]:
+        for path in files:
+            rel = path.relative_to(root).as_posix()
+            txt = path.with_suffix(".txt")
+            if rel in metadata:
+                caption = metadata[rel]
+            else:
+                caption = _caption_text(txt.read_text(encoding="utf-8")) if txt.is_file() else ""
+            yield path, path, caption
+
+    return _scan(candidates(), cfg.max_samples, summary)
+
+
+class _HFImageColumn(Sequence):
+    """Lazy view of an HF image column at the kept rows, so images stay on disk until an item is loaded."""
+
+    def __init__(self, ds: Any, column: str, rows: list[int]):
+        self.ds, self.column, self.rows = ds.select_columns([column]), column, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.ds[self.rows[i]][self.column]
+
+
+def _load_hf(path: str, split: str):
+    """A `save_to_disk` folder, else an image folder via `imagefolder`, else a hub name (needs network)."""
+    import datasets  # heavy import, only paid when this source is used
+
+    folder = Path(path)
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(folder))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"split {split!r} not found in {path!r}; available splits: {sorted(loaded)}")
+            loaded = loaded[split]
+        return loaded
+    if folder.is_dir():
+        return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split)
+    return datasets.load_dataset(path, split=split)
+
+
+def index_hf(cfg: Any, summary: DataSummary):
+    """Rows of an HF dataset with their captions; image bytes are only header-checked here, decoded per item."""
+    import datasets
+
+    ds = _load_hf(cfg.path, cfg.split)
+    for column in (cfg.image_column, cfg.caption_column):
+        if column not in ds.column_names:
+            raise ValueError(f"column {column!r} not found in dataset {cfg.path!r}; available columns: {ds.column_names}")
+    if len(ds) == 0:
+        raise ValueError(f"dataset {cfg.path!r} (split {cfg.split!r}) has no rows")
+    ds = ds.select_columns([cfg.image_column, cfg.caption_column])
+    if isinstance(ds.features[cfg.image_column], datasets.Image):
+        # decode=False hands us {"bytes", "path"}: we decode ourselves, once, with our own error handling.
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+
+    def candidates() -> Iterator[tuple[int, Any, str]]:
+        for start in range(0, len(ds), _HF_SCAN_BATCH):
+            batch = ds[start:start + _HF_SCAN_BATCH]
+            for offset, (ref, caption) in enumerate(zip(batch[cfg.image_column], batch[cfg.caption_column])):
+                yield start + offset, ref, _caption_text(caption)
+
+    rows, captions = _scan(candidates(), cfg.max_samples, summary)
+    return _HFImageColumn(ds, cfg.image_column, rows), captions
+
+
+SOURCES = {"folder": index_folder, "hf": index_hf}
+
+
+def build_dataset(cfg: Any, seed: int = 0) -> CaptionedImages:
+    """Index `cfg.source`, drop unusable files, log the summary once; raises ValueError if nothing is usable."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"unknown data.source {cfg.source!r}; choose one of {sorted(SOURCES)}")
+    if cfg.resolution <= 0:
+        raise ValueError(f"data.resolution must be positive, got {cfg.resolution}")
+    summary = DataSummary()
+    images, captions = SOURCES[cfg.source](cfg, summary)
+    if summary.n_ok == 0:
+        raise ValueError(f"no usable image in {str(cfg.path)!r}: {format_summary(summary)}")
+    problems = summary.n_skipped or summary.n_missing_caption
+    logger.log(logging.WARNING if problems else logging.INFO, format_summary(summary))
+    return CaptionedImages(
+        images, captions, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+        seed=seed, summary=summary,
+    )
