@@ -1,0 +1,114 @@
+"""`lcm` command line: sample from a base model + LCM-LoRA, run the built-in demo, make data folders."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _lora_arg(value: str) -> tuple[str, float]:
+    """`PATH` or `PATH:WEIGHT` (the weight after the last colon, so Windows-style paths still work)."""
+    path, sep, weight = value.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return value, 1.0
+
+
+def cmd_sample(args) -> int:
+    from .sampling import generate, image_grid, load_pipeline_for_sampling, parse_seeds
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("lcm sample: give at least one --prompt or a --prompts-file")
+    if not 1 <= args.steps <= 50:
+        raise SystemExit(f"lcm sample: --steps must be in [1, 50], got {args.steps}")
+    seeds = parse_seeds(args.seeds)
+    pipe = load_pipeline_for_sampling(args.base, [_lora_arg(v) for v in args.lora or []], fuse=args.fuse,
+                                      device=args.device, dtype=args.dtype)
+    images = generate(pipe, prompts, seeds, args.steps, args.guidance, args.height, args.width, args.negative_prompt)
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images, len(seeds)).save(out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        jobs = [(p, s) for p in range(len(prompts)) for s in seeds]
+        for (p, s), im in zip(jobs, images):
+            im.save(out / f"prompt{p:02d}_seed{s}.png")
+    print(f"wrote {len(images)} image(s) to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The README's main job on the built-in default: tiny teacher + generated folder → LCM-LoRA → a 4-step grid."""
+    from .tiny import make_captioned_image_folder, save_tiny_pipeline
+
+    root = Path(args.root)
+    teacher, data = root / "teacher", root / "data"
+    if not (teacher / "model_index.json").is_file():
+        print(f"[1/4] building a tiny SDXL-architecture teacher in {teacher}")
+        save_tiny_pipeline("sdxl", teacher)
+    if not data.is_dir():
+        print(f"[2/4] writing a captioned image folder to {data}")
+        make_captioned_image_folder(data, n=16, size=32)
+    run = root / "lcm-lora"
+    print(f"[3/4] distilling LCM-LoRA into {run}")
+    cmd = [sys.executable, str(REPO / "train_lcm_lora.py"), "--config", "demo_lcm_lora", f"model.pretrained={teacher}",
+           f"data.path={data}", f"train.output_dir={run}"] + list(args.overrides)
+    subprocess.run(cmd, check=True)
+    grid = root / "grid.png"
+    print(f"[4/4] sampling 4 steps with the LoRA into {grid}")
+    sample = argparse.Namespace(base=str(teacher), lora=[str(run)], prompt=["a red circle", "a blue square"],
+                                prompts_file=None, seeds="0-3", steps=4, guidance=1.0, height=32, width=32,
+                                out=str(grid), fuse=True, device=None, dtype=None, negative_prompt=None)
+    return cmd_sample(sample)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lcm", description="Latent consistency distillation toolkit.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sample", help="generate images in a few steps with LCMScheduler (+ LoRA)")
+    s.add_argument("--base", required=True, help="base pipeline: a local diffusers folder or a hub id")
+    s.add_argument("--lora", action="append", help="LoRA run folder / weights folder / .safetensors, optional :WEIGHT;"
+                   " repeat to stack")
+    s.add_argument("--prompt", action="append", help="repeatable")
+    s.add_argument("--prompts-file", help="one prompt per line")
+    s.add_argument("--negative-prompt", default=None)
+    s.add_argument("--steps", type=int, default=4)
+    s.add_argument("--guidance", type=float, default=1.0,
+                   help="diffusers guidance_scale (= LCM w + 1); 1.0–2.0 suits LCM-LoRA")
+    s.add_argument("--seeds", default="0-3", help="e.g. 0-7 or 1,5,9; one generator per image")
+    s.add_argument("--height", type=int, default=None)
+    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--out", default="samples.png", help="a .png path (grid: prompts × seeds) or a folder")
+    s.add_argument("--fuse", action="store_true", help="fuse the LoRA into the UNet before sampling")
+    s.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, …")
+    s.add_argument("--dtype", default=None, help="auto (default: cuda → bf16/fp16, cpu → fp32), fp32, fp16, bf16")
+    s.set_defaults(func=cmd_sample)
+
+    d = sub.add_parser("demo", help="the built-in default job: tiny teacher → LCM-LoRA → 4-step grid")
+    d.add_argument("--root", default="runs/demo")
+    d.add_argument("overrides", nargs="*", help="dotted config overrides for the training run")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Turn a data batch into model inputs: fp32 VAE latents and text conditioning (both SDXL encoders, or SD1.5's one)."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z₀ = (sample of q(z|x) − shift) · scaling_factor, in fp32 (the VAE is kept fp32 by the dtype policy)."""
+    posterior = vae.encode(pixel_values.to(device=vae.device, dtype=torch.float32)).latent_dist
+    z = posterior.sample(generator=generator)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_text(pipe, captions: list[str], time_ids: torch.Tensor | None, device) -> tuple[dict, dict]:
+    """(cond, uncond) dicts for the UNet role callables, through the pipeline's own `encode_prompt`.
+
+    SDXL: the unconditional input is zeros for both the token embeddings and the pooled embedding, as SDXL's
+    `force_zeros_for_empty_prompt` does at inference; SD1.5 encodes the empty prompt.
+    """
+    if hasattr(pipe, "text_encoder_2"):  # SDXL family
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=list(captions), device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        time_ids = time_ids.to(device=device, dtype=embeds.dtype)
+        cond = {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
+        uncond = {"encoder_hidden_states": torch.zeros_like(embeds), "text_embeds": torch.zeros_like(pooled),
+                  "time_ids": time_ids}
+        return cond, uncond
+    embeds, neg = pipe.encode_prompt(list(captions), device, 1, True, negative_prompt=[""] * len(captions))
+    return {"encoder_hidden_states": embeds}, {"encoder_hidden_states": neg}

@@ -1,0 +1,136 @@
+"""Build a few-step pipeline from a base model + LoRA(s) or a distilled UNet, and sample with one generator per image."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from diffusers import DiffusionPipeline, LCMScheduler
+from PIL import Image
+
+logger = logging.getLogger("lcm")
+
+
+def auto_device_dtype(device: Optional[str] = None, dtype: Optional[str] = None) -> tuple[str, torch.dtype]:
+    """cuda → bf16 (fp16 where bf16 is unsupported), otherwise cpu → fp32; explicit choices win."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in (None, "auto"):
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(names)} or auto")
+        return device, names[dtype]
+    if device.startswith("cuda"):
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch.float32
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """'0-7' → 0..7 inclusive; '1,5,9' → those; '3' → [3]."""
+    seeds: list[int] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if "-" in part[1:]:
+            lo, hi = part.split("-", 1)
+            if int(hi) < int(lo):
+                raise ValueError(f"bad seed range {part!r}")
+            seeds.extend(range(int(lo), int(hi) + 1))
+        elif part:
+            seeds.append(int(part))
+    if not seeds:
+        raise ValueError(f"no seeds in {spec!r}")
+    return seeds
+
+
+def lcm_scheduler_for(base_config, original_inference_steps: int = 50, timestep_scaling: float = 10.0) -> LCMScheduler:
+    """LCMScheduler on the teacher's betas, with the distillation grid N stored as `original_inference_steps`."""
+    # Keep only what LCMScheduler understands (the teacher may carry Euler/DDIM-only keys), so nothing is ignored
+    # silently; clip_sample is forced off: clipping x̂₀ to [-1, 1] wrecks latent-space sampling.
+    accepted = set(inspect.signature(LCMScheduler.__init__).parameters)
+    config = {k: v for k, v in dict(base_config).items() if k in accepted}
+    config.update(original_inference_steps=original_inference_steps, timestep_scaling=timestep_scaling,
+                  clip_sample=False)
+    return LCMScheduler(**config)
+
+
+def resolve_lora_dir(path: str) -> Path:
+    """A LoRA given as a run folder (its `final/`), a folder with the weights, or the .safetensors file itself."""
+    p = Path(path)
+    if (p / "final" / "pytorch_lora_weights.safetensors").is_file():
+        return p / "final"
+    if p.is_dir() and (p / "pytorch_lora_weights.safetensors").is_file():
+        return p
+    if p.is_file():
+        return p
+    raise FileNotFoundError(f"no LoRA weights at {path!r} (expected a run folder, a folder with "
+                            "pytorch_lora_weights.safetensors, or a .safetensors file)")
+
+
+def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (), fuse: bool = False,
+                               device: Optional[str] = None, dtype: Optional[str] = None):
+    """Base pipeline (path or id) + LCM LoRA(s) + LCMScheduler, on the chosen device and dtype."""
+    device, torch_dtype = auto_device_dtype(device, dtype)
+    pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch_dtype)
+    if hasattr(pipe, "safety_checker"):
+        pipe.safety_checker = None
+    scheduler_config = pipe.scheduler.config
+    names, weights = [], []
+    for i, (path, weight) in enumerate(loras):
+        lora = resolve_lora_dir(path)
+        name = f"lora{i}"
+        if lora.is_file():
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=name)
+        else:
+            pipe.load_lora_weights(str(lora), adapter_name=name)
+            saved = lora / "scheduler" / "scheduler_config.json"
+            if saved.is_file() and i == 0:
+                scheduler_config = LCMScheduler.load_config(str(lora / "scheduler"))
+        names.append(name)
+        weights.append(weight)
+    if names:
+        pipe.set_adapters(names, adapter_weights=weights)
+        if fuse:
+            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+            pipe.unload_lora_weights()  # the weights are now inside the UNet; drop the adapter layers
+    if isinstance(scheduler_config, dict) and scheduler_config.get("_class_name") == "LCMScheduler":
+        pipe.scheduler = LCMScheduler.from_config(scheduler_config)
+    else:
+        pipe.scheduler = lcm_scheduler_for(scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 4, guidance_scale: float = 1.0,
+             height: Optional[int] = None, width: Optional[int] = None, negative_prompt: Optional[str] = None,
+             batch_size: int = 8) -> list[Image.Image]:
+    """prompt × seed images, row-major; image (p, s) comes from its own generator seeded with s, whatever the batching."""
+    if negative_prompt and guidance_scale <= 1.0:
+        logger.warning("a negative prompt has no effect with guidance_scale <= 1 (no unconditional branch is run)")
+    jobs = [(p, s) for p in prompts for s in seeds]
+    device = pipe._execution_device
+    images: list[Image.Image] = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        gens = [torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]
+        kwargs = dict(prompt=[p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
+                      generator=gens, height=height, width=width, output_type="pil")
+        if negative_prompt:
+            kwargs["negative_prompt"] = [negative_prompt] * len(chunk)
+        images.extend(pipe(**kwargs).images)
+    del device
+    return images
+
+
+def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
+    """Paste images into a rows × cols grid (row-major)."""
+    cols = max(1, min(cols, len(images)))
+    rows = -(-len(images) // cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -1,0 +1,270 @@
+"""The shared training loop: accelerate engine, optimiser, LR schedule, accumulation, clipping, checkpoints, logging.
+
+Entry scripts (`train_lcm_lora.py`, later `train_lcd.py`) describe *what* to train as a `TrainingTask`; this module
+decides *how*. Checkpoints are written to a temporary folder and renamed, so a crash mid-write never leaves a broken
+latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import to_yaml
+
+logger = logging.getLogger("lcm")
+
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass
+class TrainingTask:
+    """What an entry script hands the loop. `loss_fn(model, batch, generator)` returns (per-sample loss, diagnostics)."""
+
+    model: torch.nn.Module  # holds the trainable parameters; prepared (DDP-wrapped) by accelerate
+    params: list  # the trainable parameters (LoRA tensors or the whole student)
+    dataset: torch.utils.data.Dataset
+    collate_fn: Callable
+    loss_fn: Callable
+    after_optimizer_step: Callable[[], None] = lambda: None  # e.g. the EMA update of the target
+    extra_state: Callable[[], dict] = dict  # tensors to checkpoint beside accelerate's state (EMA weights)
+    load_extra_state: Callable[[dict], None] = lambda state: None
+    save_model_hook: Optional[Callable] = None  # accelerate save/load pre-hooks (LoRA: adapters only)
+    load_model_hook: Optional[Callable] = None
+    validate: Callable[[int, Path], None] = lambda step, out_dir: None
+    export: Callable[[Path], None] = lambda final_dir: None
+    summary: dict = field(default_factory=dict)
+
+
+def rank_seed(seed: int, rank: int, world_size: int) -> int:
+    """The one per-rank seed (DiT's global_seed × world + rank): ranks differ, runs repeat."""
+    return seed * world_size + rank
+
+
+def step_generator(seed: int, rank: int, world_size: int, step: int, micro: int, device) -> torch.Generator:
+    """A fresh generator per (rank, optimiser step, micro-batch): the noise of step s never depends on resuming."""
+    g = torch.Generator(device=device)
+    g.manual_seed((rank_seed(seed, rank, world_size) * 1_000_003 + step) * 64 + micro)
+    return g
+
+
+def make_accelerator(train_cfg) -> Accelerator:
+    """accelerate does devices, mixed precision, accumulation, distribution and the tracker."""
+    out = Path(train_cfg.output_dir)
+    return Accelerator(
+        mixed_precision=train_cfg.mixed_precision,
+        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+        log_with=None if train_cfg.report_to == "none" else train_cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # Seedable sampler: the shuffle order of epoch e depends only on (seed, e), so resuming replays it exactly.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def build_optimizer(params, optim_cfg):
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked for (it must be installed: `pip install lcm-distill[bnb]`)."""
+    kwargs = dict(lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
+                  weight_decay=optim_cfg.weight_decay, eps=optim_cfg.adam_epsilon)
+    if optim_cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ImportError("optim.use_8bit_adam=true needs bitsandbytes: pip install bitsandbytes") from err
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def build_lr_scheduler(optimizer, optim_cfg, max_train_steps: int, num_processes: int):
+    """A diffusers LR schedule with warm-up; steps count scheduler calls, which accelerate makes per process."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(optim_cfg.lr_scheduler, optimizer=optimizer,
+                         num_warmup_steps=optim_cfg.lr_warmup_steps * num_processes,
+                         num_training_steps=max_train_steps * num_processes)
+
+
+def clip_and_step(accelerator: Accelerator, params, optimizer, lr_scheduler, max_grad_norm: float):
+    """Clip the *trainable* gradients (the ones the optimiser will use), then step; returns the pre-clip norm or None."""
+    grad_norm = None
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(output_dir) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoints, oldest first. Half-written ones live under a `.tmp-` name and are never listed."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / "counters.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(output_dir, resume: Optional[str]) -> Optional[Path]:
+    """`latest` → the newest complete checkpoint (None when there is none yet); a path → that checkpoint."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "counters.json").is_file():
+        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint folder")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, task: TrainingTask, cfg, step: int) -> Optional[Path]:
+    """accelerate state + our counters + extra tensors, written to `.tmp-step-N` then renamed (atomic on POSIX)."""
+    root = checkpoint_dir(cfg.train.output_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every rank takes part (RNG states per rank; sharded states under FSDP)
+    if accelerator.is_main_process:
+        extra = task.extra_state()
+        if extra:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / "extra_state.safetensors"))
+        (tmp / "config.yaml").write_text(to_yaml(cfg))
+        # counters.json is written last: its presence marks the folder complete.
+        (tmp / "counters.json").write_text(json.dumps({"global_step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(cfg.train.output_dir)[: -cfg.train.checkpoints_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, task: TrainingTask, path: Path) -> int:
+    """Restore accelerate state and our extra tensors; returns the optimiser step to continue from."""
+    accelerator.load_state(str(path))
+    extra = path / "extra_state.safetensors"
+    if extra.is_file():
+        task.load_extra_state(load_file(str(extra)))
+    return json.loads((path / "counters.json").read_text())["global_step"]
+
+
+# --- the loop --------------------------------------------------------------------------------------------------------
+
+
+def _flat_hparams(cfg) -> dict:
+    """Tracker-friendly hyper-parameters: scalars stay, lists become strings."""
+    flat = {}
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(key + ".", v)
+            else:
+                flat[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk("", OmegaConf.to_container(cfg, resolve=True))
+    return flat
+
+
+def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
+    """Run optimiser steps until `train.max_train_steps`; checkpoint, validate and export along the way."""
+    tc = cfg.train
+    out = Path(tc.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    if task.save_model_hook:
+        accelerator.register_save_state_pre_hook(task.save_model_hook)
+    if task.load_model_hook:
+        accelerator.register_load_state_pre_hook(task.load_model_hook)
+
+    loader = torch.utils.data.DataLoader(
+        task.dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, collate_fn=task.collate_fn,
+        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(tc.seed))
+    if len(loader) == 0:
+        raise ValueError(f"dataset has {len(task.dataset)} usable samples, fewer than train.batch_size={tc.batch_size}")
+    optimizer = build_optimizer(task.params, cfg.optim)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, tc.max_train_steps, accelerator.num_processes)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(task.model, optimizer, loader, lr_scheduler)
+
+    global_step = 0
+    resume_from = resolve_resume(out, tc.resume)
+    if resume_from is not None:
+        global_step = load_checkpoint(accelerator, task, resume_from)
+        logger.info("resumed from %s at step %d", resume_from, global_step)
+    if tc.report_to != "none":
+        accelerator.init_trackers("lcm", config=_flat_hparams(cfg))
+
+    batches_per_step = tc.gradient_accumulation_steps
+    steps_per_epoch = max(len(loader) // batches_per_step, 1)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    progress = tqdm(total=tc.max_train_steps, initial=global_step, desc="lcm", disable=not accelerator.is_main_process)
+    model.train()
+    while global_step < tc.max_train_steps:
+        epoch = global_step // steps_per_epoch
+        loader.set_epoch(epoch)
+        if hasattr(task.dataset, "set_epoch"):
+            task.dataset.set_epoch(epoch)  # per-item crop/flip randomness depends on (seed, epoch, index)
+        skip = (global_step % steps_per_epoch) * batches_per_step
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for micro, batch in enumerate(epoch_loader):
+            with accelerator.accumulate(model):
+                gen = step_generator(tc.seed, rank, world, global_step, micro % batches_per_step, accelerator.device)
+                with accelerator.autocast():
+                    per_sample, diagnostics = task.loss_fn(model, batch, gen)
+                loss = per_sample.mean()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at step {global_step}; stopping. The last good checkpoint is kept in "
+                        f"{checkpoint_dir(out)} — lower optim.lr or try train.mixed_precision=no.")
+                accelerator.backward(loss)
+                grad_norm = clip_and_step(accelerator, task.params, optimizer, lr_scheduler, cfg.optim.max_grad_norm)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            task.after_optimizer_step()
+            progress.update(1)
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            logs.update({k: float(v) for k, v in diagnostics.items()})
+            progress.set_postfix(loss=f"{logs['loss']:.4g}")
+            if global_step % tc.log_every == 0 or global_step == tc.max_train_steps:
+                accelerator.log(logs, step=global_step)
+            if tc.checkpoint_every > 0 and global_step % tc.checkpoint_every == 0:
+                save_checkpoint(accelerator, task, cfg, global_step)
+            every = cfg.validation.every_n_steps
+            if accelerator.is_main_process and every > 0 and global_step % every == 0:
+                task.validate(global_step, out / "samples")
+            if global_step >= tc.max_train_steps:
+                break
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        task.export(out / "final")
+    accelerator.end_training()
+    return global_step

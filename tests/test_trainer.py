@@ -1,0 +1,131 @@
+import importlib.util
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from lcm.config import load_config
+from lcm.trainer import (
+    TrainingTask,
+    clip_and_step,
+    list_checkpoints,
+    rank_seed,
+    resolve_resume,
+    save_checkpoint,
+    step_generator,
+)
+
+
+def _linear_with_grad(scale):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, scale)
+    return model
+
+
+def _grad_norm(model):
+    return torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 0.0])
+def test_clipping_really_clips_the_update(max_norm):
+    # SGD with lr 1 makes the update equal the gradient it used: its norm must be the clipped norm.
+    accelerator = Accelerator(cpu=True)
+    model = _linear_with_grad(5.0)
+    raw_norm = _grad_norm(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    reported = clip_and_step(accelerator, list(model.parameters()), opt, sched, max_norm)
+    update = torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(model.parameters(), before))).item()
+    if max_norm > 0:
+        assert update == pytest.approx(max_norm, rel=1e-4)
+        assert float(reported) == pytest.approx(raw_norm, rel=1e-5)
+    else:
+        assert update == pytest.approx(raw_norm, rel=1e-5) and reported is None
+    assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
+
+
+def test_rank_seeds_distinct_and_step_generators_reproducible():
+    assert len({rank_seed(3, r, 4) for r in range(4)}) == 4
+    a = torch.randn(5, generator=step_generator(0, 0, 1, 7, 0, "cpu"))
+    b = torch.randn(5, generator=step_generator(0, 0, 1, 7, 0, "cpu"))
+    c = torch.randn(5, generator=step_generator(0, 0, 1, 8, 0, "cpu"))
+    d = torch.randn(5, generator=step_generator(0, 1, 2, 7, 0, "cpu"))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+
+
+def _cfg(tmp_path, limit=2):
+    return load_config(None, ["model.pretrained=x", "data.path=y", f"train.output_dir={tmp_path}",
+                              f"train.checkpoints_total_limit={limit}"])
+
+
+def _task():
+    model = torch.nn.Linear(2, 2)
+    return model, TrainingTask(model=model, params=list(model.parameters()), dataset=[], collate_fn=None,
+                               loss_fn=None, extra_state=lambda: {"ema.0": torch.ones(3)})
+
+
+def test_checkpoints_keep_last_k_and_resume_latest(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model, task = _task()
+    accelerator.prepare(model)
+    cfg = _cfg(tmp_path, limit=2)
+    for step in (1, 2, 3):
+        save_checkpoint(accelerator, task, cfg, step)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step-000002", "step-000003"]
+    assert resolve_resume(tmp_path, "latest").name == "step-000003"
+    assert (tmp_path / "checkpoints/step-000003/extra_state.safetensors").is_file()
+    assert "checkpoints_total_limit: 2" in (tmp_path / "checkpoints/step-000003/config.yaml").read_text()
+
+
+def test_crash_while_writing_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    model, task = _task()
+    accelerator.prepare(model)
+    cfg = _cfg(tmp_path, limit=3)
+    save_checkpoint(accelerator, task, cfg, 10)
+
+    def dies_midway(path, **kw):
+        with open(f"{path}/model.safetensors", "wb") as f:  # a half-written file, then the process dies
+            f.write(b"half")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(accelerator, "save_state", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, task, cfg, 20)
+    latest = resolve_resume(tmp_path, "latest")
+    assert latest.name == "step-000010"
+    assert json.loads((latest / "counters.json").read_text())["global_step"] == 10
+    monkeypatch.undo()
+    accelerator.load_state(str(latest))  # still loadable
+
+
+def test_resume_from_nothing_and_bad_path(tmp_path):
+    assert resolve_resume(tmp_path, "latest") is None
+    assert resolve_resume(tmp_path, None) is None
+    with pytest.raises(FileNotFoundError, match="train.resume"):
+        resolve_resume(tmp_path, str(tmp_path / "nope"))
+
+
+def test_lr_warmup_from_config(tmp_path):
+    from lcm.trainer import build_lr_scheduler, build_optimizer
+
+    cfg = load_config(None, ["model.pretrained=x", "data.path=y", "optim.lr_warmup_steps=4", "optim.lr=1.0"])
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    opt = build_optimizer(p, cfg.optim)
+    sched = build_lr_scheduler(opt, cfg.optim, 10, 1)
+    lrs = []
+    for _ in range(6):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        return
+    with pytest.raises(ImportError, match="bitsandbytes"):
+        build_optimizer(p, SimpleNamespace(**{**dict(cfg.optim), "use_8bit_adam": True}))
