@@ -56,10 +56,12 @@ def swapped_weights(params: list[torch.nn.Parameter], replacement: list[torch.Te
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The adapter tensors in diffusers' key format (what `load_lora_weights` reads), contiguous, on CPU."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter tensors in PEFT key format (`…to_q.lora_A.weight`), contiguous, on CPU.
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    Kept in PEFT format on purpose: diffusers' `convert_state_dict_to_diffusers` rewrites only the attention keys to
+    the legacy `.lora.down` form, and the loader then silently skipped them (caught by the reload test).
+    """
+    state = get_peft_model_state_dict(unet)
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 

@@ -1,0 +1,129 @@
+"""End-to-end smoke test of train_lcm_lora.py on a tiny SDXL teacher: train, resume, export, reload in diffusers."""
+
+import importlib.util
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from lcm.cli import main as lcm_main
+from lcm.config import ConfigError
+from lcm.lora import add_lora, load_lora_into_training_unet
+from lcm.tiny import make_captioned_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _args(teacher, data, out, *extra, kind="sdxl"):
+    return ["--config", "demo_lcm_lora", f"model.pretrained={teacher}", f"model.kind={kind}", f"data.path={data}",
+            f"train.output_dir={out}", "data.resolution=16", "train.batch_size=2", "train.report_to=none",
+            "lora.rank=4", "lora.alpha=4", "validation.every_n_steps=0", *extra]
+
+
+def _unet_inputs(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    text_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([999, 259]),
+                encoder_hidden_states=torch.randn(2, 77, c.cross_attention_dim, generator=g),
+                added_cond_kwargs={"text_embeds": torch.randn(2, text_dim, generator=g),
+                                   "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)})
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_sdxl_dir, tmp_path_factory):
+    """Train 2 steps (checkpoint at 2, validation grid at 2), then resume from `latest` to step 3 and export."""
+    tmp = tmp_path_factory.mktemp("run")
+    data = make_captioned_image_folder(tmp / "data", n=6, size=24)
+    out = tmp / "run"
+    train = _script("train_lcm_lora")
+    assert train.main(_args(tiny_sdxl_dir, data, out, "train.max_train_steps=2", "train.checkpoint_every=2",
+                            "validation.every_n_steps=2", "validation.seeds=[0,1]")) == 0
+    assert train.main(_args(tiny_sdxl_dir, data, out, "train.max_train_steps=3", "train.checkpoint_every=1",
+                            "--resume", "latest")) == 0
+    return out
+
+
+def test_resume_continues_from_latest_checkpoint(trained_run):
+    steps = sorted(p.name for p in (trained_run / "checkpoints").iterdir())
+    # The resumed run started at step 2: it never re-made step 1, and wrote step 3.
+    assert steps == ["step-000002", "step-000003"]
+    assert json.loads((trained_run / "checkpoints/step-000003/counters.json").read_text()) == {"global_step": 3}
+    assert (trained_run / "config.yaml").read_text().count("max_train_steps: 3") == 1
+    # Adapters only: a checkpoint does not carry the frozen base UNet.
+    assert not list((trained_run / "checkpoints/step-000003").glob("model*.safetensors"))
+    assert Image.open(trained_run / "samples/step-000002.png").size == (2 * 16, 2 * 16)
+
+
+def test_exported_lora_loads_in_diffusers_and_matches_training_model(trained_run, tiny_sdxl_dir, caplog):
+    final = trained_run / "final"
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    base_out = pipe.unet(**_unet_inputs(pipe.unet)).sample
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.load_lora_weights(str(final))
+    # Neither diffusers' "unexpected keys" nor PEFT's "inconsistency between config and state_dict" (which is how a
+    # silently dropped group of adapter tensors shows up) may appear.
+    messages = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
+    assert not [m for m in messages if "unexpected keys" in m or "inconsistency" in m], messages
+    lora_out = pipe.unet(**_unet_inputs(pipe.unet)).sample
+    assert (lora_out - base_out).abs().max() > 1e-4, "the LoRA changed nothing"
+
+    # The PEFT model as training held it: fresh base + adapter tensors from the last checkpoint (same step as final).
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    add_lora(unet, rank=4, alpha=4, target_modules=__import__("lcm.config").config.LCM_LORA_TARGETS)
+    load_lora_into_training_unet(unet, load_file(trained_run / "checkpoints/step-000003/lora_adapter.safetensors"))
+    torch.testing.assert_close(unet(**_unet_inputs(unet)).sample, lora_out, atol=1e-5, rtol=0)
+
+
+def test_exported_scheduler_and_card(trained_run):
+    sched = LCMScheduler.from_pretrained(trained_run / "final", subfolder="scheduler")
+    assert sched.config.original_inference_steps == 50 and sched.config.clip_sample is False
+    assert "base model" in (trained_run / "final/README.md").read_text()
+
+
+def test_lcm_sample_writes_pngs_of_requested_size(trained_run, tiny_sdxl_dir, tmp_path):
+    out = tmp_path / "imgs"
+    assert lcm_main(["sample", "--base", str(tiny_sdxl_dir), "--lora", f"{trained_run}:0.8", "--prompt", "a red circle",
+                     "--seeds", "0-1", "--steps", "2", "--height", "16", "--width", "24", "--out", str(out)]) == 0
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 2 and all(Image.open(f).size == (24, 16) for f in files)
+    grid = tmp_path / "grid.png"
+    lcm_main(["sample", "--base", str(tiny_sdxl_dir), "--lora", str(trained_run), "--fuse", "--prompt", "a",
+              "--prompt", "b", "--seeds", "3,4", "--steps", "1", "--height", "16", "--width", "16", "--out", str(grid)])
+    assert Image.open(grid).size == (2 * 16, 2 * 16)
+
+
+def test_sd15_trains_and_exports(tiny_sd15_dir, tmp_path):
+    data = make_captioned_image_folder(tmp_path / "data", n=4, size=16)
+    train = _script("train_lcm_lora")
+    assert train.main(_args(tiny_sd15_dir, data, tmp_path / "run", "train.max_train_steps=1", kind="sd15")) == 0
+    assert (tmp_path / "run/final/pytorch_lora_weights.safetensors").is_file()
+
+
+def test_bad_config_key_is_named(tmp_path):
+    train = _script("train_lcm_lora")
+    with pytest.raises(ConfigError, match="train.bogus"):
+        train.main(_args("x", "y", tmp_path, "train.bogus=1"))
+    with pytest.raises(ConfigError, match="distill.loss"):
+        train.main(_args("x", "y", tmp_path, "distill.loss=l1"))
+
+
+def test_dry_run_prints_resolved_config(capsys, tmp_path):
+    assert _script("train_lcm_lora").main(_args("teacher", "data", tmp_path, "lora.rank=7", "--dry-run")) == 0
+    printed = capsys.readouterr().out
+    assert "rank: 7" in printed and "pretrained: teacher" in printed
+    assert not (tmp_path / "config.yaml").exists()
