@@ -19,7 +19,10 @@ def add_lora(unet, rank: int, alpha: float, target_modules: Iterable[str], dropo
     unet.requires_grad_(False)
     config = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                             target_modules=list(target_modules))
-    unet.add_adapter(config)
+    try:
+        unet.add_adapter(config)
+    except ValueError as err:  # PEFT's message does not name our config key
+        raise ValueError(f"lora.target_modules={list(target_modules)}: {err}") from err
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     if not params:
         raise ValueError(f"no UNet module matched lora.target_modules={list(target_modules)}")
