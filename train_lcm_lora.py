@@ -40,9 +40,17 @@ ADAPTER_FILE = "lora_adapter.safetensors"
 class AdapterEMA:
     """θ⁻ for the LoRA tensors only: cheap, since the frozen base is shared by all three roles."""
 
-    def __init__(self, params, decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().clone() for p in params]
+    def __init__(self, named_params: dict, decay: float):
+        self.names, self.params, self.decay = list(named_params), list(named_params.values()), decay
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    def state(self) -> dict:
+        """EMA tensors keyed by parameter name, so a checkpoint never depends on parameter order."""
+        return {f"ema.{n}": t for n, t in zip(self.names, self.shadow)}
+
+    def load(self, state: dict) -> None:
+        for n, t in zip(self.names, self.shadow):
+            t.copy_(state[f"ema.{n}"])
 
     def update(self):
         ema_update_(self.shadow, self.params, self.decay)
@@ -93,7 +101,8 @@ def main(argv=None):
     spec = LCDSpec(noise_schedule_of(pipe.scheduler), SolverGrid(teacher_scheduler_config.num_train_timesteps,
                    cfg.distill.num_ddim_timesteps), teacher_scheduler_config.prediction_type, cfg.distill.solver,
                    cfg.distill.loss, cfg.distill.huber_c, cfg.distill.sigma_data, cfg.distill.timestep_scaling)
-    ema = AdapterEMA(params, cfg.distill.ema_decay) if cfg.distill.ema_decay > 0 else None
+    named = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    ema = AdapterEMA(named, cfg.distill.ema_decay) if cfg.distill.ema_decay > 0 else None
     teacher = base_role(unet)  # frozen base: adapters disabled
     target = ema.role(unet) if ema else unet_role(unet)  # lcd_loss evaluates it under no_grad
 
@@ -131,9 +140,7 @@ def main(argv=None):
     task = TrainingTask(
         model=unet, params=params, dataset=dataset, collate_fn=collate_fn, loss_fn=loss_fn,
         after_optimizer_step=ema.update if ema else (lambda: None),
-        extra_state=(lambda: {f"ema.{i}": t for i, t in enumerate(ema.shadow)}) if ema else dict,
-        load_extra_state=(lambda s: [t.copy_(s[f"ema.{i}"]) for i, t in enumerate(ema.shadow)]) if ema else
-        (lambda s: None),
+        extra_state=ema.state if ema else dict, load_extra_state=ema.load if ema else (lambda state: None),
         save_model_hook=save_hook, load_model_hook=load_hook, validate=validate,
         export=lambda final: export_lora_run(unet, pipeline_class_of(pipe), teacher_scheduler_config, cfg, final,
                                              cfg.train.max_train_steps, summary))

@@ -127,3 +127,23 @@ def test_dry_run_prints_resolved_config(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "rank: 7" in printed and "pretrained: teacher" in printed
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_ema_target_bf16_and_gradient_checkpointing(tiny_sdxl_dir, tmp_path):
+    """Adapter-only EMA is checkpointed and lags the online adapters; bf16 autocast + checkpointing run on CPU."""
+    data = make_captioned_image_folder(tmp_path / "data", n=4, size=16)
+    out = tmp_path / "run"
+    assert _script("train_lcm_lora").main(_args(
+        tiny_sdxl_dir, data, out, "train.max_train_steps=2", "train.checkpoint_every=2", "distill.ema_decay=0.5",
+        "train.mixed_precision=bf16", "train.gradient_checkpointing=true")) == 0
+    ckpt = out / "checkpoints/step-000002"
+    ema = load_file(ckpt / "extra_state.safetensors")
+    online = load_file(ckpt / "lora_adapter.safetensors")
+    assert len(ema) == len(online)
+    assert all(t.dtype == torch.float32 for t in online.values()), "adapters must stay fp32 under bf16"
+    # lora_B starts at zero; after two updates the online B moved and the EMA (μ = 0.5) sits strictly in between.
+    b_keys = [k for k in sorted(online) if "lora_B" in k]
+    b_online = torch.cat([online[k].flatten() for k in b_keys])
+    b_ema = torch.cat([ema["ema." + k.replace("lora_B.weight", "lora_B.default.weight")].flatten() for k in b_keys])
+    assert b_online.abs().max() > 0
+    assert 0 < b_ema.norm() < b_online.norm()
