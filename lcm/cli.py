@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+MINI_TEACHER = Path(__file__).resolve().parent / "assets" / "mini_teacher"
 
 
 def _lora_arg(value: str) -> tuple[str, float]:
@@ -74,6 +75,27 @@ def cmd_demo(args) -> int:
     return cmd_sample(sample)
 
 
+def cmd_data(args) -> int:
+    """Write a built-in data set as an ordinary captioned image folder (what a user brings)."""
+    from .digits import export_digits_folder
+
+    out = export_digits_folder(args.out, size=args.size, split=args.split, seed=args.seed)
+    n = sum(1 for _ in out.glob("*.png"))
+    print(f"wrote {n} images + metadata.jsonl to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """The few-step quality table: teacher solvers vs the distilled student."""
+    from .evaluate import evaluate
+
+    steps = [int(s) for s in args.steps.split(",")]
+    evaluate(args.teacher, args.lora, args.out, n=args.n, steps=steps, teacher_w=args.teacher_w,
+             student_guidance=args.guidance, methods=args.methods.split(",") if args.methods else None)
+    print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lcm", description="Latent consistency distillation toolkit.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,6 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, …")
     s.add_argument("--dtype", default=None, help="auto (default: cuda → bf16/fp16, cpu → fp32), fp32, fp16, bf16")
     s.set_defaults(func=cmd_sample)
+
+    dd = sub.add_parser("data", help="write a built-in data set as a captioned image folder")
+    dd.add_argument("name", choices=["digits"], help="digits: scikit-learn's handwritten digits with captions")
+    dd.add_argument("--out", required=True)
+    dd.add_argument("--size", type=int, default=16, help="image size in pixels (RGB, square)")
+    dd.add_argument("--split", default="train", choices=["train", "held_out", "all"])
+    dd.add_argument("--seed", type=int, default=0, help="seed for drawing caption templates")
+    dd.set_defaults(func=cmd_data)
+
+    e = sub.add_parser("eval", help="few-step quality table: teacher DDIM/DPM-Solver++/Euler vs LCM student")
+    e.add_argument("--teacher", default=str(MINI_TEACHER), help="teacher pipeline folder (default: the mini teacher)")
+    e.add_argument("--lora", default=None, help="the distilled LCM-LoRA (run folder or weights)")
+    e.add_argument("--out", default="runs/eval")
+    e.add_argument("--n", type=int, default=500, help="samples per cell")
+    e.add_argument("--steps", default="1,2,4,8")
+    e.add_argument("--teacher-w", type=float, default=1.5, help="teacher CFG w (LCM convention; guidance_scale = w + 1)")
+    e.add_argument("--guidance", type=float, default=1.0, help="student guidance_scale")
+    e.add_argument("--methods", default=None, help="comma list of DDIM,DPM-Solver++,Euler,LCM-LoRA (default: all)")
+    e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the built-in default job: tiny teacher → LCM-LoRA → 4-step grid")
     d.add_argument("--root", default="runs/demo")

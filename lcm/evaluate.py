@@ -1,0 +1,160 @@
+"""The few-step quality table (LCM Table 1 in miniature): teacher solvers vs the distilled student at 1, 2, 4, 8 steps.
+
+Metrics on the digits mini teacher: prompt accuracy (the shipped classifier recognises the prompted digit), the Fréchet
+distance between classifier-feature statistics of generated and real held-out digits (catches blur and lost diversity,
+which accuracy alone rewards), and seconds per image. Every row sees the same prompts and seeds, one generator per image.
+Teacher baselines use `timestep_spacing="trailing"` so their first step is at t = 999: with diffusers' default
+"leading" spacing a 1-step DDIM runs at t = 0 and a 2-step one starts at t = 500, which are meaningless baselines.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from .guidance import guidance_scale_from_w
+from .sampling import image_grid, lcm_scheduler_for, resolve_lora_dir
+
+TEACHER_SOLVERS = {
+    "DDIM": lambda c: DDIMScheduler.from_config(c, timestep_spacing="trailing", clip_sample=False,
+                                                set_alpha_to_one=False),
+    "DPM-Solver++": lambda c: DPMSolverMultistepScheduler.from_config(c, timestep_spacing="trailing",
+                                                                      algorithm_type="dpmsolver++", solver_order=2),
+    "Euler": lambda c: EulerDiscreteScheduler.from_config(c, timestep_spacing="trailing"),
+}
+
+
+@dataclass
+class Row:
+    method: str
+    steps: int
+    guidance_scale: float
+    accuracy: float
+    frechet: float
+    sec_per_image: float
+
+
+@torch.no_grad()
+def sample_tensors(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float,
+                   batch_size: int = 250) -> tuple[torch.Tensor, float]:
+    """Images (N, 3, H, W) in [-1, 1] for prompt i with seed i, and the wall seconds it took."""
+    out, start = [], time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
+        images = pipe(prompt=list(prompts[i:i + batch_size]), num_inference_steps=steps,
+                      guidance_scale=guidance_scale, generator=gens, output_type="pt").images
+        out.append(images.float().cpu() * 2 - 1)
+    return torch.cat(out), time.perf_counter() - start
+
+
+def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Sequence[int] = (1, 2, 4, 8),
+             teacher_extra_steps: Sequence[int] = (25,), teacher_w: float = 1.5, student_guidance: float = 1.0,
+             original_inference_steps: int = 50, methods: Optional[Sequence[str]] = None) -> list[Row]:
+    """Run every (method, steps) cell; write results.json, table.md, one grid per row and plot.png to `out_dir`."""
+    from .classifier import classify, digit_features, frechet_distance
+    from .digits import eval_prompts, load_digits_tensors
+
+    out = Path(out_dir)
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    prompts, labels = eval_prompts(n)
+    labels = torch.tensor(labels)
+    seeds = list(range(n))
+    pipe = DiffusionPipeline.from_pretrained(teacher)
+    pipe.set_progress_bar_config(disable=True)
+    real, _ = load_digits_tensors("held_out", size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    real_feats = digit_features(real)
+    base_config = pipe.scheduler.config
+    methods = list(methods or [*TEACHER_SOLVERS, "LCM-LoRA"])
+    rows: list[Row] = []
+
+    def run(name: str, k: int, g: float):
+        images, secs = sample_tensors(pipe, prompts, seeds, k, g)
+        acc = (classify(images) == labels).float().mean().item()
+        row = Row(name, k, g, acc, frechet_distance(digit_features(images), real_feats), secs / n)
+        rows.append(row)
+        grid = [_to_pil(images[i]) for i in range(min(len(images), 40))]
+        image_grid(grid, 10).save(out / "grids" / f"{name.replace('+', 'p').replace(' ', '_')}_{k}step.png")
+        print(f"{name:>14} {k:>3} steps  acc {acc:6.1%}  FD {row.frechet:8.2f}  {row.sec_per_image * 1e3:7.2f} ms/img",
+              flush=True)
+
+    g_teacher = guidance_scale_from_w(teacher_w)
+    for name in methods:
+        if name in TEACHER_SOLVERS:
+            pipe.scheduler = TEACHER_SOLVERS[name](base_config)
+            for k in list(steps) + ([] if name != "DDIM" else list(teacher_extra_steps)):
+                run(name, k, g_teacher)
+        elif name == "LCM-LoRA":
+            if lora is None:
+                continue
+            path = resolve_lora_dir(lora)
+            pipe.load_lora_weights(str(path.parent if path.is_file() else path),
+                                   **({"weight_name": path.name} if path.is_file() else {}))
+            pipe.fuse_lora()
+            pipe.scheduler = lcm_scheduler_for(base_config, original_inference_steps)
+            for k in steps:
+                run(name, k, student_guidance)
+            pipe.unfuse_lora()
+            pipe.unload_lora_weights()
+        else:
+            raise ValueError(f"unknown method {name!r}; valid: {[*TEACHER_SOLVERS, 'LCM-LoRA']}")
+    real_vs_real = _real_vs_real()
+    (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "n": n, "teacher_w": teacher_w,
+                                                  "real_vs_real_frechet": real_vs_real}, indent=2))
+    (out / "table.md").write_text(markdown_table(rows, real_vs_real, n))
+    plot(rows, out / "plot.png")
+    return rows
+
+
+def _real_vs_real() -> float:
+    """Reference floor: Fréchet distance between the real train and held-out splits."""
+    from .classifier import digit_features, frechet_distance
+    from .digits import load_digits_tensors
+
+    return frechet_distance(digit_features(load_digits_tensors("train")[0]),
+                            digit_features(load_digits_tensors("held_out")[0]))
+
+
+def _to_pil(x: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
+def markdown_table(rows: Sequence[Row], real_vs_real: float, n: int) -> str:
+    """Rows as a markdown table; lower Fréchet distance is better."""
+    lines = [f"{n} samples per cell; Fréchet distance on classifier features vs real held-out digits "
+             f"(real train vs held-out: {real_vs_real:.1f}). Lower FD is better.", "",
+             "| method | steps | guidance_scale | accuracy | FD | ms / image |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.method} | {r.steps} | {r.guidance_scale:g} | {r.accuracy:.1%} | {r.frechet:.1f} | "
+                     f"{r.sec_per_image * 1e3:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[Row], path) -> None:
+    """Both metrics against steps, one line per method: the picture for choosing a step count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in dict.fromkeys(r.method for r in rows):
+        rs = sorted((r for r in rows if r.method == method), key=lambda r: r.steps)
+        ax_fd.plot([r.steps for r in rs], [r.frechet for r in rs], marker="o", label=method)
+        ax_acc.plot([r.steps for r in rs], [100 * r.accuracy for r in rs], marker="o", label=method)
+    for ax, label in ((ax_fd, "Fréchet distance (lower is better)"), (ax_acc, "prompt accuracy (%)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax_fd.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
