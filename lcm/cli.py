@@ -50,29 +50,54 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    """The README's main job on the built-in default: tiny teacher + generated folder → LCM-LoRA → a 4-step grid."""
-    from .tiny import make_captioned_image_folder, save_tiny_pipeline
+def _train(config: str, overrides: list[str]) -> None:
+    """Run train_lcm_lora.py in a child process, exactly as a user would."""
+    subprocess.run([sys.executable, str(REPO / "train_lcm_lora.py"), "--config", config, *overrides], check=True)
 
-    root = Path(args.root)
-    teacher, data = root / "teacher", root / "data"
-    if not (teacher / "model_index.json").is_file():
-        print(f"[1/4] building a tiny SDXL-architecture teacher in {teacher}")
-        save_tiny_pipeline("sdxl", teacher)
-    if not data.is_dir():
-        print(f"[2/4] writing a captioned image folder to {data}")
-        make_captioned_image_folder(data, n=16, size=32)
+
+def _sample_grid(base: str, lora: str, prompts: list[str], out: Path, size: int) -> None:
+    cmd_sample(argparse.Namespace(base=base, lora=[lora], prompt=prompts, prompts_file=None, seeds="0-7", steps=4,
+                                  guidance=1.0, height=size, width=size, out=str(out), fuse=True, device=None,
+                                  dtype=None, negative_prompt=None))
+
+
+def cmd_demo(args) -> int:
+    """The README's main job: digits folder → LCM-LoRA from the shipped mini teacher → 4-step grid → quality table.
+
+    `--tiny` runs the same path on a tiny random-weight SDXL teacher and generated shapes (a fast smoke run).
+    """
+    root = Path(args.root or ("runs/demo" if args.tiny else "runs/mini"))
     run = root / "lcm-lora"
-    print(f"[3/4] distilling LCM-LoRA into {run}")
-    cmd = [sys.executable, str(REPO / "train_lcm_lora.py"), "--config", "demo_lcm_lora", f"model.pretrained={teacher}",
-           f"data.path={data}", f"train.output_dir={run}"] + list(args.overrides)
-    subprocess.run(cmd, check=True)
-    grid = root / "grid.png"
-    print(f"[4/4] sampling 4 steps with the LoRA into {grid}")
-    sample = argparse.Namespace(base=str(teacher), lora=[str(run)], prompt=["a red circle", "a blue square"],
-                                prompts_file=None, seeds="0-3", steps=4, guidance=1.0, height=32, width=32,
-                                out=str(grid), fuse=True, device=None, dtype=None, negative_prompt=None)
-    return cmd_sample(sample)
+    if args.tiny:
+        from .tiny import make_captioned_image_folder, save_tiny_pipeline
+
+        teacher, data = root / "teacher", root / "data"
+        if not (teacher / "model_index.json").is_file():
+            print(f"[1/3] building a tiny SDXL-architecture teacher in {teacher}")
+            save_tiny_pipeline("sdxl", teacher)
+        if not data.is_dir():
+            make_captioned_image_folder(data, n=16, size=32)
+        print(f"[2/3] distilling LCM-LoRA into {run}")
+        _train("demo_lcm_lora", [f"model.pretrained={teacher}", f"data.path={data}", f"train.output_dir={run}",
+                                 *args.overrides])
+        print(f"[3/3] sampling 4 steps with the LoRA into {root / 'grid.png'}")
+        _sample_grid(str(teacher), str(run), ["a red circle", "a blue square"], root / "grid.png", 32)
+        return 0
+
+    from .digits import export_digits_folder, prompt_for
+
+    teacher, data = str(MINI_TEACHER), root / "digits"
+    if not (data / "metadata.jsonl").is_file():
+        print(f"[1/4] writing the digits as a captioned image folder to {data}")
+        export_digits_folder(data)
+    print(f"[2/4] distilling LCM-LoRA from the mini teacher into {run}")
+    _train("mini_lcm_lora", [f"model.pretrained={teacher}", f"data.path={data}", f"train.output_dir={run}",
+                             *args.overrides])
+    print(f"[3/4] sampling 4 steps with the LoRA into {root / 'grid.png'} (a row per digit, a column per seed)")
+    _sample_grid(teacher, str(run), [prompt_for(d) for d in range(10)], root / "grid.png", 16)
+    print(f"[4/4] the few-step quality table ({args.eval_n} samples per cell) into {root / 'eval'}")
+    return cmd_eval(argparse.Namespace(teacher=teacher, lora=str(run), out=str(root / "eval"), n=args.eval_n,
+                                       steps="1,2,4,8", teacher_w=args.teacher_w, guidance=1.0, methods=None))
 
 
 def cmd_data(args) -> int:
@@ -138,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--methods", default=None, help="comma list of DDIM,DPM-Solver++,Euler,LCM-LoRA (default: all)")
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("demo", help="the built-in default job: tiny teacher → LCM-LoRA → 4-step grid")
-    d.add_argument("--root", default="runs/demo")
+    d = sub.add_parser("demo", help="the main job: digits → LCM-LoRA from the mini teacher → grid → quality table")
+    d.add_argument("--root", default=None, help="output folder (default runs/mini, or runs/demo with --tiny)")
+    d.add_argument("--tiny", action="store_true", help="tiny random-weight teacher and shapes: a fast smoke run")
+    d.add_argument("--eval-n", type=int, default=500, help="samples per cell of the quality table")
+    d.add_argument("--teacher-w", type=float, default=1.5, help="teacher CFG w for the table's baselines")
     d.add_argument("overrides", nargs="*", help="dotted config overrides for the training run")
     d.set_defaults(func=cmd_demo)
     return p

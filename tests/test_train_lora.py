@@ -149,3 +149,12 @@ def test_ema_target_bf16_and_gradient_checkpointing(tiny_sdxl_dir, tmp_path):
     b_ema = torch.cat([ema["ema." + k.replace("lora_B.weight", "lora_B.default.weight")].flatten() for k in b_keys])
     assert b_online.abs().max() > 0
     assert 0 < b_ema.norm() < b_online.norm()
+
+
+def test_lcm_demo_tiny_runs_the_whole_path(tmp_path):
+    """The README's main job in its fast form: teacher + folder → train_lcm_lora.py (child process) → 4-step grid."""
+    root = tmp_path / "demo"
+    assert lcm_main(["demo", "--tiny", "--root", str(root), "train.max_train_steps=2", "train.report_to=none",
+                     "validation.every_n_steps=0", "train.checkpoint_every=0"]) == 0
+    assert (root / "lcm-lora/final/pytorch_lora_weights.safetensors").is_file()
+    assert Image.open(root / "grid.png").size == (8 * 32, 2 * 32)
