@@ -10,6 +10,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MINI_TEACHER = Path(__file__).resolve().parent / "assets" / "mini_teacher"
+# Choice lists spelled out here so `lcm --help` does not import torch/diffusers; tests check they match the registries.
+PRESET_NAMES = ("hyper", "lcm", "lightning", "lightning-1step", "tcd", "turbo")
+EXPORT_FORMAT_NAMES = ("diffusers", "fused", "kohya")
 
 
 def _lora_arg(value: str) -> tuple[str, float]:
@@ -23,9 +26,26 @@ def _lora_arg(value: str) -> tuple[str, float]:
     return value, 1.0
 
 
-def cmd_sample(args) -> int:
-    from .sampling import generate, image_grid, load_pipeline_for_sampling, parse_seeds
+def _with_preset_defaults(args):
+    """Fill --steps/--guidance/--eta/--height/--width left unset from the --preset table (lcm when none is given)."""
+    from .presets import get_preset
 
+    name = getattr(args, "preset", None) or "lcm"
+    try:
+        preset = get_preset(name)
+    except ValueError as err:
+        raise SystemExit(f"lcm sample: {err}") from err
+    fill = {"steps": preset.steps, "guidance": preset.guidance, "eta": preset.eta, "height": preset.size,
+            "width": preset.size, "init_image": None, "strength": None}
+    unset = {k: v for k, v in fill.items() if getattr(args, k, None) is None}
+    return argparse.Namespace(**{**vars(args), **unset, "preset": name})
+
+
+def cmd_sample(args) -> int:
+    from .sampling import (generate, image_grid, img2img_pipeline, img2img_steps, load_init_image,
+                           load_pipeline_for_sampling, parse_seeds)
+
+    args = _with_preset_defaults(args)
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
@@ -33,10 +53,22 @@ def cmd_sample(args) -> int:
         raise SystemExit("lcm sample: give at least one --prompt or a --prompts-file")
     if not 1 <= args.steps <= 50:
         raise SystemExit(f"lcm sample: --steps must be in [1, 50], got {args.steps}")
+    init_image, strength = None, 1.0 if args.strength is None else args.strength
+    if args.strength is not None and not args.init_image:
+        raise SystemExit("lcm sample: --strength only applies with --init-image")
+    if args.init_image:  # checked before any model is loaded
+        try:
+            img2img_steps(args.steps, strength)
+        except ValueError as err:
+            raise SystemExit(f"lcm sample: {err}") from err
+        init_image = load_init_image(args.init_image, args.height, args.width)
     seeds = parse_seeds(args.seeds)
     pipe = load_pipeline_for_sampling(args.base, [_lora_arg(v) for v in args.lora or []], fuse=args.fuse,
-                                      device=args.device, dtype=args.dtype)
-    images = generate(pipe, prompts, seeds, args.steps, args.guidance, args.height, args.width, args.negative_prompt)
+                                      device=args.device, dtype=args.dtype, preset=args.preset)
+    if init_image is not None:
+        pipe = img2img_pipeline(pipe)
+    images = generate(pipe, prompts, seeds, args.steps, args.guidance, args.height, args.width, args.negative_prompt,
+                      eta=args.eta, init_image=init_image, strength=strength)
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +79,15 @@ def cmd_sample(args) -> int:
         for (p, s), im in zip(jobs, images):
             im.save(out / f"prompt{p:02d}_seed{s}.png")
     print(f"wrote {len(images)} image(s) to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Rewrite a finished run's LoRA for other tools: diffusers (a copy), kohya keys, or a fused UNet."""
+    from .export import export_run
+
+    path = export_run(args.run, args.format, args.out, base=args.base)
+    print(f"wrote {args.format} export to {path}")
     return 0
 
 
@@ -132,17 +173,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", help="repeatable")
     s.add_argument("--prompts-file", help="one prompt per line")
     s.add_argument("--negative-prompt", default=None)
-    s.add_argument("--steps", type=int, default=4)
-    s.add_argument("--guidance", type=float, default=1.0,
-                   help="diffusers guidance_scale (= LCM w + 1); 1.0–2.0 suits LCM-LoRA")
+    s.add_argument("--preset", default="lcm", choices=sorted(PRESET_NAMES),
+                   help="scheduler + default steps/guidance for the weights' family (default lcm)")
+    s.add_argument("--steps", type=int, default=None, help="default: the preset's (lcm: 4)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="diffusers guidance_scale (= LCM w + 1); default: the preset's (lcm: 1.0; 1.0–2.0 suits "
+                   "LCM-LoRA)")
+    s.add_argument("--eta", type=float, default=None, help="stochasticity passed to the pipeline (tcd: gamma, 0.3)")
+    s.add_argument("--init-image", default=None, help="image-to-image: start from this picture")
+    s.add_argument("--strength", type=float, default=None,
+                   help="img2img noise level in (0, 1]; int(steps × strength) steps run (default 1.0)")
     s.add_argument("--seeds", default="0-3", help="e.g. 0-7 or 1,5,9; one generator per image")
-    s.add_argument("--height", type=int, default=None)
+    s.add_argument("--height", type=int, default=None, help="default: the preset's size, else the model's")
     s.add_argument("--width", type=int, default=None)
     s.add_argument("--out", default="samples.png", help="a .png path (grid: prompts × seeds) or a folder")
     s.add_argument("--fuse", action="store_true", help="fuse the LoRA into the UNet before sampling")
     s.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, …")
     s.add_argument("--dtype", default=None, help="auto (default: cuda → bf16/fp16, cpu → fp32), fp32, fp16, bf16")
     s.set_defaults(func=cmd_sample)
+
+    x = sub.add_parser("export", help="write a finished run's LoRA as diffusers, kohya (ComfyUI/A1111) or fused UNet")
+    x.add_argument("run", help="training run folder (holds final/ and config.yaml)")
+    x.add_argument("--format", required=True, choices=sorted(EXPORT_FORMAT_NAMES),
+                   help="diffusers: copy of final/; kohya: lora_unet_… keys + .alpha; fused: UNet with the LoRA merged")
+    x.add_argument("--out", default=None, help="output folder (default RUN/export/FORMAT)")
+    x.add_argument("--base", default=None, help="base model (default: model.pretrained from RUN/config.yaml)")
+    x.set_defaults(func=cmd_export)
 
     dd = sub.add_parser("data", help="write a built-in data set as a captioned image folder")
     dd.add_argument("name", choices=["digits"], help="digits: scikit-learn's handwritten digits with captions")

@@ -1,11 +1,22 @@
-"""Final artefacts of a run: diffusers-format LoRA, the LCMScheduler config, and a model card."""
+"""Final artefacts of a run: diffusers-format LoRA, the LCMScheduler config, a model card; and `lcm export`,
+which rewrites a finished run's LoRA as kohya keys (ComfyUI/A1111) or merges it into a fused UNet."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .guidance import guidance_scale_from_w
 from .lora import save_lora
+from .models import PIPELINES
 from .sampling import lcm_scheduler_for
 
 
@@ -53,3 +64,195 @@ pipe.scheduler = LCMScheduler.from_pretrained("path/to/this/folder", subfolder="
 image = pipe("a prompt", num_inference_steps=4, guidance_scale=1.0).images[0]
 ```
 """
+
+
+# ------------------------------------------------------------------------------------------------ `lcm export RUN …`
+# A run's `final/` holds the LoRA in diffusers' PEFT key format; `lcm export` rewrites it for other tools.
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "lcm_lora_kohya.safetensors"
+FUSED_DIR = "unet"
+
+# SGM/LDM names of the ResBlock sub-modules (kohya's SDXL UNet) for diffusers' ResnetBlock2D names.
+_SGM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+# Modules outside the down/mid/up blocks.
+_SGM_TOP = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+            "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_SGM_MID = {"resnets.0": "middle_block.0", "attentions.0": "middle_block.1", "resnets.1": "middle_block.2"}
+
+
+def _sgm_inner(kind: str, rest: list[str]) -> str:
+    """The path inside one block: ResBlock layers are renamed; transformer and sampler layers keep their names."""
+    if kind == "resnets" and rest and rest[0] in _SGM_RESNET:
+        rest = [_SGM_RESNET[rest[0]], *rest[1:]]
+    return ".".join(rest)
+
+
+def sgm_module_path(path: str, unet_config) -> str:
+    """diffusers UNet module path → the SGM/LDM name (`input_blocks.4.1.…`), from the config's block layout.
+
+    SGM numbers the blocks flat: input block 0 is conv_in, then per down block `layers_per_block` (ResBlock,
+    transformer) entries and, except after the last block, one downsampler entry; the middle block is (ResBlock,
+    transformer, ResBlock); each up block has `layers_per_block + 1` entries, the last one also holding the upsampler
+    (at index 2 after a transformer, 1 without). Nothing here assumes SDXL's real block counts.
+    """
+    lpb = unet_config["layers_per_block"]
+    if not isinstance(lpb, int):
+        raise ValueError(f"kohya SGM naming needs one layers_per_block for all blocks, got {lpb!r}")
+    for name, sgm in _SGM_TOP.items():
+        if path == name or path.startswith(name + "."):
+            return sgm + path[len(name):]
+    parts = path.split(".")
+    if parts[0] == "mid_block":
+        return f"{_SGM_MID['.'.join(parts[1:3])]}.{_sgm_inner(parts[1], parts[3:])}"
+    if parts[0] not in ("down_blocks", "up_blocks") or len(parts) < 5:
+        raise ValueError(f"no SGM name for UNet module {path!r}")
+    block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+    if parts[0] == "down_blocks":
+        if kind == "downsamplers":  # SGM calls the downsampling conv `op`
+            return f"input_blocks.{1 + block * (lpb + 1) + lpb}.0.{'.'.join(['op', *rest[1:]])}"
+        return f"input_blocks.{1 + block * (lpb + 1) + index}.{['resnets', 'attentions'].index(kind)}." \
+               f"{_sgm_inner(kind, rest)}"
+    if kind == "upsamplers":
+        has_attention = "Attn" in unet_config["up_block_types"][block]
+        return f"output_blocks.{block * (lpb + 1) + lpb}.{2 if has_attention else 1}.{'.'.join(rest)}"
+    return f"output_blocks.{block * (lpb + 1) + index}.{['resnets', 'attentions'].index(kind)}." \
+           f"{_sgm_inner(kind, rest)}"
+
+
+# Which module naming the kohya keys use, per model kind: kohya's sd-scripts trains SDXL on its own SGM UNet (so
+# SDXL LoRAs in the wild, and what ComfyUI/A1111 expect, say `input_blocks_4_1_…`) but SD1.x on the diffusers UNet.
+KOHYA_NAMING = {
+    "sdxl": sgm_module_path,
+    "sd15": lambda path, unet_config: path,
+}
+
+
+def kohya_name(path: str, unet_config, kind: str = "sdxl") -> str:
+    """`down_blocks.1.attentions.0.….to_q` → `lora_unet_input_blocks_4_1_…_to_q` (the kohya module name)."""
+    if kind not in KOHYA_NAMING:
+        raise ValueError(f"no kohya naming for model kind {kind!r}; valid: {sorted(KOHYA_NAMING)}")
+    return "lora_unet_" + KOHYA_NAMING[kind](path, unet_config).replace(".", "_")
+
+
+def read_lora_file(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A diffusers LoRA file: its tensors and its PEFT adapter config (the `lora_adapter_metadata` header, unprefixed)."""
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        header = f.metadata() or {}
+    if "lora_adapter_metadata" not in header:
+        raise ValueError(f"{path} has no lora_adapter_metadata header: rank/alpha unknown")
+    meta = json.loads(header["lora_adapter_metadata"])
+    return state, {k.removeprefix("unet."): v for k, v in meta.items() if k.startswith("unet.")}
+
+
+def peft_to_kohya(state: dict[str, torch.Tensor], adapter: dict, unet_config, kind: str = "sdxl") -> dict:
+    """PEFT keys (`unet.<path>.lora_A.weight`) → kohya keys (`lora_unet_<name>.lora_down.weight`, `.lora_up.weight`,
+    `.alpha`). Same tensors: both apply W + (alpha / rank) · up @ down, with kohya's rank = lora_down's rows."""
+    if adapter.get("use_rslora") or adapter.get("use_dora") or adapter.get("alpha_pattern"):
+        raise ValueError("kohya export supports plain LoRA with one alpha (no rsLoRA, DoRA or alpha_pattern)")
+    if any(not k.startswith("unet.") for k in state):
+        raise ValueError("kohya export covers UNet adapters only; this file has text-encoder adapters too")
+    out = {}
+    for key, down in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key[len("unet."):-len(".lora_A.weight")]
+        name = kohya_name(path, unet_config, kind)
+        out[f"{name}.lora_down.weight"] = down.contiguous()
+        up = state.get(f"unet.{path}.lora_B.weight")
+        if up is None:
+            raise ValueError(f"{key} has no matching lora_B")
+        out[f"{name}.lora_up.weight"] = up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(adapter["lora_alpha"]))  # 0-d, as kohya writes it
+    if len(out) != 3 * len(state) // 2:  # each (lora_A, lora_B) pair became (down, up, alpha)
+        raise ValueError("unexpected LoRA tensors: only lora_A/lora_B weight pairs can be exported to kohya")
+    return out
+
+
+def check_kohya_round_trip(kohya: dict, peft_state: dict, unet_config, kind: str = "sdxl") -> None:
+    """Read `kohya` back through diffusers' own kohya converter; every tensor must land on the module it came from."""
+    from diffusers.configuration_utils import FrozenDict
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    converted, alphas = PIPELINES[kind].lora_state_dict(dict(kohya), unet_config=FrozenDict(unet_config))
+    back = convert_unet_state_dict_to_peft(converted)
+    lost = sorted(set(peft_state) - set(back))
+    if lost or any(not torch.equal(back[k], peft_state[k]) for k in peft_state):
+        first = lost[0] if lost else "a tensor"
+        raise ValueError(f"kohya naming does not round-trip through diffusers' loader for this UNet ({first} is "
+                         "misplaced); refusing to write a file that would load wrongly")
+    if len(set(alphas.values())) > 1:
+        raise ValueError(f"kohya alphas read back as several values {sorted(set(alphas.values()))}")
+
+
+def read_run(run) -> tuple[Path, DictConfig]:
+    """A training run folder → (its `final/` folder, its resolved config.yaml)."""
+    run = Path(run)
+    final, config = run / "final", run / "config.yaml"
+    for needed in (final / LORA_FILE, config):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{run} is not a finished training run: {needed} is missing")
+    return final, OmegaConf.load(config)
+
+
+def export_diffusers(final: Path, cfg, base: str, out: Path) -> Path:
+    """Copy the diffusers-format LoRA (+ LCMScheduler config and card): `pipe.load_lora_weights(out)` works."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(final / LORA_FILE, out / LORA_FILE)
+    for extra in ("scheduler", "README.md"):
+        src = final / extra
+        if src.is_dir():
+            shutil.copytree(src, out / extra, dirs_exist_ok=True)
+        elif src.is_file():
+            shutil.copy2(src, out / extra)
+    return out / LORA_FILE
+
+
+def export_kohya(final: Path, cfg, base: str, out: Path) -> Path:
+    """kohya/ComfyUI/A1111 keys (`lora_unet_…` + `.alpha`), checked against diffusers' kohya loader before writing."""
+    from diffusers import UNet2DConditionModel
+
+    kind = cfg.model.kind
+    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")  # the config only: no weights loaded
+    state, adapter = read_lora_file(final / LORA_FILE)
+    kohya = peft_to_kohya(state, adapter, unet_config, kind)
+    check_kohya_round_trip(kohya, state, unet_config, kind)
+    out.mkdir(parents=True, exist_ok=True)
+    # ss_* keys are the ones kohya's own tools write; A1111/ComfyUI only read the tensors.
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(adapter["r"]),
+            "ss_network_alpha": str(adapter["lora_alpha"]), "ss_base_model": str(base), "ss_model_kind": kind}
+    save_file(kohya, str(out / KOHYA_FILE), metadata=meta)
+    return out / KOHYA_FILE
+
+
+def export_fused(final: Path, cfg, base: str, out: Path) -> Path:
+    """The base UNet with the LoRA merged in, saved as a diffusers UNet folder `out/unet` (+ `out/scheduler`).
+
+    Only the UNet is written (the LoRA touches nothing else): load it with
+    `UNet2DConditionModel.from_pretrained(out, subfolder="unet")` and pass it to the base pipeline.
+    """
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
+    unet.load_lora_adapter(str(final), weight_name=LORA_FILE, prefix="unet", adapter_name="lcm")
+    unet.fuse_lora(lora_scale=1.0)  # W ← W + (alpha / r) · B A, in fp32
+    unet.unload_lora()  # drop the now-redundant adapter layers: a plain UNet2DConditionModel remains
+    unet.save_pretrained(str(out / FUSED_DIR), safe_serialization=True)
+    if (final / "scheduler").is_dir():
+        shutil.copytree(final / "scheduler", out / "scheduler", dirs_exist_ok=True)
+    return out / FUSED_DIR
+
+
+EXPORT_FORMATS = {"diffusers": export_diffusers, "kohya": export_kohya, "fused": export_fused}
+
+
+def export_run(run, fmt: str, out=None, base: Optional[str] = None) -> Path:
+    """`lcm export`: write RUN's final LoRA as `fmt` into `out` (default RUN/export/FMT); returns the written path."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; valid: {sorted(EXPORT_FORMATS)}")
+    final, cfg = read_run(run)
+    out = Path(out) if out else Path(run) / "export" / fmt
+    return EXPORT_FORMATS[fmt](final, cfg, str(base or cfg.model.pretrained), out)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 from PIL import Image
+
+from .presets import build_scheduler, get_preset
 
 logger = logging.getLogger("lcm")
 
@@ -70,8 +73,9 @@ def resolve_lora_dir(path: str) -> Path:
 
 
 def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (), fuse: bool = False,
-                               device: Optional[str] = None, dtype: Optional[str] = None):
-    """Base pipeline (path or id) + LCM LoRA(s) + LCMScheduler, on the chosen device and dtype."""
+                               device: Optional[str] = None, dtype: Optional[str] = None, preset: str = "lcm"):
+    """Base pipeline (path or id) + LoRA(s) + the preset's scheduler (LCMScheduler by default), on device and dtype."""
+    get_preset(preset)  # an unknown preset fails here, before any model is loaded
     device, torch_dtype = auto_device_dtype(device, dtype)
     pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch_dtype)
     if hasattr(pipe, "safety_checker"):
@@ -95,19 +99,54 @@ def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (
         if fuse:
             pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
             pipe.unload_lora_weights()  # the weights are now inside the UNet; drop the adapter layers
-    if isinstance(scheduler_config, dict) and scheduler_config.get("_class_name") == "LCMScheduler":
-        pipe.scheduler = LCMScheduler.from_config(scheduler_config)
-    else:
-        pipe.scheduler = lcm_scheduler_for(scheduler_config)
+    # The first LoRA's saved LCMScheduler config (if any) carries the distillation grid N; every preset keeps its betas.
+    pipe.scheduler = build_scheduler(preset, scheduler_config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """Denoising steps an img2img run makes: int(steps × strength), diffusers' own formula; < 1 is an error."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    # The img2img pipelines build the full `steps` schedule and run only its last int(steps × strength) entries
+    # (get_timesteps); with LCM's 1–8 steps a low strength easily leaves none, which diffusers reports only after
+    # loading every model. Mirror the formula exactly so this check and the pipeline always agree.
+    n = min(int(steps * strength), steps)
+    if n < 1:
+        raise ValueError(f"img2img with {steps} steps at strength {strength} makes int({steps} × {strength}) = 0 "
+                         f"denoising steps; raise --steps to at least {math.ceil(1 / strength)} or raise --strength")
+    return n
+
+
+def load_init_image(path, height: Optional[int] = None, width: Optional[int] = None) -> Image.Image:
+    """The img2img start image as RGB, resized to (width, height) when given (img2img keeps its input's size)."""
+    image = Image.open(path).convert("RGB")
+    if height or width:
+        image = image.resize((width or image.width, height or image.height), Image.BICUBIC)
+    return image
+
+
+def img2img_pipeline(pipe):
+    """The image-to-image pipeline on the same components (UNet with its LoRAs, scheduler, VAE): no second load."""
+    from diffusers import AutoPipelineForImage2Image
+
+    i2i = AutoPipelineForImage2Image.from_pipe(pipe)
+    i2i.set_progress_bar_config(disable=True)
+    return i2i
 
 
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 4, guidance_scale: float = 1.0,
              height: Optional[int] = None, width: Optional[int] = None, negative_prompt: Optional[str] = None,
-             batch_size: int = 8) -> list[Image.Image]:
-    """prompt × seed images, row-major; image (p, s) comes from its own generator seeded with s, whatever the batching."""
+             batch_size: int = 8, eta: Optional[float] = None, init_image: Optional[Image.Image] = None,
+             strength: float = 1.0) -> list[Image.Image]:
+    """prompt × seed images, row-major; image (p, s) comes from its own generator seeded with s, whatever the batching.
+
+    With `init_image`, `pipe` must be an img2img pipeline (see `img2img_pipeline`); the output has the image's size.
+    """
+    if init_image is not None:
+        img2img_steps(steps, strength)
     if negative_prompt and guidance_scale <= 1.0:
         logger.warning("a negative prompt has no effect with guidance_scale <= 1 (no unconditional branch is run)")
     jobs = [(p, s) for p in prompts for s in seeds]
@@ -117,7 +156,13 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 4,
         chunk = jobs[start:start + batch_size]
         gens = [torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]
         kwargs = dict(prompt=[p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
-                      generator=gens, height=height, width=width, output_type="pil")
+                      generator=gens, output_type="pil")
+        if init_image is not None:  # img2img takes its size from the image and has no height/width arguments
+            kwargs.update(image=[init_image] * len(chunk), strength=strength)
+        else:
+            kwargs.update(height=height, width=width)
+        if eta is not None:  # e.g. TCD's gamma: the pipeline's own default (0.0) would override the scheduler's
+            kwargs["eta"] = eta
         if negative_prompt:
             kwargs["negative_prompt"] = [negative_prompt] * len(chunk)
         images.extend(pipe(**kwargs).images)

@@ -1,0 +1,71 @@
+"""Sampling presets: which scheduler (and settings, steps, guidance) each family of few-step weights expects.
+
+Every preset rebuilds its scheduler from the base model's own scheduler config (its betas and prediction type), then
+applies the preset's settings on top. `guidance` is diffusers' `guidance_scale` (= LCM w + 1); values ≤ 1 run no
+unconditional branch, which is what the guidance-distilled families (Lightning, Turbo, Hyper-SD) were trained for.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Optional
+
+from diffusers import (
+    DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
+)
+
+
+@dataclass(frozen=True)
+class SamplingPreset:
+    """A scheduler class, the config values it needs, and the sampling defaults that go with it."""
+
+    scheduler: type
+    settings: dict = field(default_factory=dict)
+    steps: int = 4
+    guidance: float = 1.0
+    eta: Optional[float] = None  # passed to the pipeline call (not the scheduler): see the TCD entry
+    size: Optional[int] = None  # default image side in pixels; None = the pipeline's own default
+    note: str = ""
+
+
+PRESETS: dict[str, SamplingPreset] = {
+    # clip_sample off: clipping x̂₀ to [-1, 1] is meant for pixel-space models and wrecks latents.
+    "lcm": SamplingPreset(LCMScheduler, {"clip_sample": False}, steps=4, guidance=1.0,
+                          note="LCM / LCM-LoRA (arXiv:2310.04378, 2311.05556)"),
+    # TCD's stochasticity gamma is the `eta` of TCDScheduler.step. The pipelines forward their own `eta` argument
+    # (default 0.0) to step(), which silently overrides the scheduler's default 0.3: so it is passed explicitly.
+    "tcd": SamplingPreset(TCDScheduler, {"clip_sample": False}, steps=4, guidance=1.0, eta=0.3,
+                          note="Trajectory Consistency Distillation (arXiv:2402.19159); eta = gamma"),
+    "lightning": SamplingPreset(EulerDiscreteScheduler, {"timestep_spacing": "trailing"}, steps=4, guidance=0.0,
+                                note="SDXL-Lightning 2/4/8-step (arXiv:2402.13929), no CFG"),
+    # The 1-step Lightning UNet predicts x0 directly, so the scheduler must read its output as a sample.
+    "lightning-1step": SamplingPreset(EulerDiscreteScheduler, {"timestep_spacing": "trailing",
+                                                               "prediction_type": "sample"}, steps=1, guidance=0.0,
+                                      note="SDXL-Lightning 1-step checkpoint (x0 prediction), no CFG"),
+    "turbo": SamplingPreset(EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"}, steps=1, guidance=0.0,
+                            size=512, note="SDXL-Turbo (ADD, arXiv:2311.17042), trained at 512 px, no CFG"),
+    "hyper": SamplingPreset(DDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False}, steps=4,
+                            guidance=0.0, note="Hyper-SD LoRAs (arXiv:2404.13686), no CFG"),
+}
+
+
+def get_preset(name: str) -> SamplingPreset:
+    """The preset called `name`; an unknown name is an error listing the valid ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown sampling preset {name!r}; valid: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def build_scheduler(name: str, base_config):
+    """The preset's scheduler on the base model's betas: `base_config` keys the class accepts, then the settings."""
+    preset = get_preset(name)
+    # Keep only what the class understands: a teacher's Euler-only keys (or an LCM config's `original_inference_steps`
+    # given to Euler) would otherwise be stored as unused config and warned about.
+    accepted = set(inspect.signature(preset.scheduler.__init__).parameters) - {"self"}
+    config = {k: v for k, v in dict(base_config).items() if k in accepted}
+    return preset.scheduler(**{**config, **preset.settings})

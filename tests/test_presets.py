@@ -1,0 +1,131 @@
+"""Sampling presets (scheduler class + settings + defaults), TCD's eta, and LCM-aware image-to-image."""
+
+import argparse
+import functools
+
+import pytest
+import torch
+from diffusers import (DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,
+                       TCDScheduler)
+from PIL import Image
+
+from lcm import cli
+from lcm.cli import main as lcm_main
+from lcm.presets import PRESETS, build_scheduler, get_preset
+from lcm.sampling import (generate, img2img_pipeline, img2img_steps, lcm_scheduler_for, load_init_image,
+                          load_pipeline_for_sampling)
+
+# What each family's model card prescribes (written out here, not read from lcm/presets.py).
+EXPECTED = {
+    "lcm": (LCMScheduler, {"clip_sample": False}),
+    "tcd": (TCDScheduler, {"clip_sample": False}),
+    "lightning": (EulerDiscreteScheduler, {"timestep_spacing": "trailing"}),
+    "lightning-1step": (EulerDiscreteScheduler, {"timestep_spacing": "trailing", "prediction_type": "sample"}),
+    "turbo": (EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"}),
+    "hyper": (DDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False}),
+}
+
+
+def _teacher_config():
+    """An SDXL-like teacher scheduler config (Euler, leading spacing) with Euler-only keys and v-prediction."""
+    return EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  prediction_type="v_prediction", timestep_spacing="leading").config
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_preset_builds_its_scheduler_on_the_teacher_betas(name):
+    cls, settings = EXPECTED[name]
+    sched = build_scheduler(name, _teacher_config())
+    assert type(sched) is cls
+    assert {k: sched.config[k] for k in settings} == settings
+    assert sched.config.beta_end == 0.012 and sched.config.beta_schedule == "scaled_linear"
+    if "prediction_type" not in settings:
+        assert sched.config.prediction_type == "v_prediction"  # the teacher's parameterisation is kept
+    if cls is not EulerDiscreteScheduler:
+        assert "use_karras_sigmas" not in sched.config  # Euler-only keys are dropped, not carried as unused
+
+
+def test_preset_defaults():
+    assert {n: (p.steps, p.guidance) for n, p in PRESETS.items()} == {
+        "lcm": (4, 1.0), "tcd": (4, 1.0), "lightning": (4, 0.0), "lightning-1step": (1, 0.0), "turbo": (1, 0.0),
+        "hyper": (4, 0.0)}
+    assert PRESETS["tcd"].eta == 0.3 and PRESETS["turbo"].size == 512
+    # guidance ≤ 1 means diffusers runs no unconditional branch: the distilled families must not get CFG.
+    assert all(p.guidance <= 1.0 for p in PRESETS.values())
+
+
+def test_lcm_preset_matches_the_training_export_and_keeps_a_saved_grid():
+    teacher = _teacher_config()
+    public = lambda sched: {k: v for k, v in sched.config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(build_scheduler("lcm", teacher)) == public(lcm_scheduler_for(teacher))
+    saved = dict(lcm_scheduler_for(teacher, original_inference_steps=25).config)  # as in a LoRA's final/scheduler
+    assert build_scheduler("tcd", saved).config.original_inference_steps == 25
+    assert "original_inference_steps" not in build_scheduler("hyper", saved).config
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    assert set(cli.PRESET_NAMES) == set(PRESETS)  # the CLI's choices are the registry's keys
+    with pytest.raises(ValueError, match="valid: \\['hyper', 'lcm', 'lightning', 'lightning-1step', 'tcd', 'turbo'\\]"):
+        get_preset("dpm")
+
+
+def test_cli_fills_unset_options_from_the_preset_and_explicit_values_win():
+    unset = dict(steps=None, guidance=None, eta=None, height=None, width=None)
+    turbo = cli._with_preset_defaults(argparse.Namespace(preset="turbo", **unset))
+    assert (turbo.steps, turbo.guidance, turbo.height, turbo.width) == (1, 0.0, 512, 512)
+    mine = cli._with_preset_defaults(argparse.Namespace(preset="tcd", **{**unset, "steps": 8, "eta": 0.0}))
+    assert (mine.steps, mine.guidance, mine.eta) == (8, 1.0, 0.0)
+    legacy = cli._with_preset_defaults(argparse.Namespace(**{**unset, "steps": 4, "guidance": 1.0}))  # no preset
+    assert legacy.preset == "lcm" and legacy.init_image is None
+
+
+def test_img2img_steps_follow_diffusers_and_refuse_zero():
+    assert img2img_steps(4, 0.5) == 2 and img2img_steps(4, 1.0) == 4 and img2img_steps(3, 0.34) == 1
+    with pytest.raises(ValueError, match="0 denoising steps.*at least 3"):
+        img2img_steps(2, 0.4)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="strength"):
+            img2img_steps(4, bad)
+
+
+def test_cli_img2img_error_comes_before_any_model_work(tmp_path, capsys):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (16, 16), "red").save(init)
+    # The base does not exist: reaching the model loader would raise a different error.
+    with pytest.raises(SystemExit, match="0 denoising steps"):
+        lcm_main(["sample", "--base", str(tmp_path / "missing"), "--prompt", "a", "--steps", "2",
+                  "--init-image", str(init), "--strength", "0.3"])
+    with pytest.raises(SystemExit, match="--init-image"):
+        lcm_main(["sample", "--base", str(tmp_path / "missing"), "--prompt", "a", "--strength", "0.5"])
+
+
+def test_tcd_img2img_passes_eta_and_shares_components(tiny_sdxl_dir, monkeypatch):
+    seen = []
+    step = TCDScheduler.step
+
+    @functools.wraps(step)  # keeps step's signature: the pipeline passes `eta` only to a step() that declares it
+    def recording_step(self, *args, **kwargs):
+        seen.append(kwargs.get("eta"))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(TCDScheduler, "step", recording_step)
+    pipe = load_pipeline_for_sampling(str(tiny_sdxl_dir), preset="tcd", device="cpu")
+    i2i = img2img_pipeline(pipe)
+    assert type(i2i).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    assert i2i.unet is pipe.unet and i2i.scheduler is pipe.scheduler  # same weights and preset scheduler, no reload
+    init = Image.new("RGB", (24, 16), (200, 40, 40))
+    images = generate(i2i, ["a red circle"], [0], steps=4, init_image=init, strength=0.5, eta=PRESETS["tcd"].eta)
+    assert images[0].size == (24, 16)
+    assert seen == [0.3, 0.3], "int(4 × 0.5) = 2 TCD steps, each with the preset's eta (not the pipeline's 0.0)"
+
+
+def test_cli_img2img_writes_png_of_requested_size(tiny_sdxl_dir, tmp_path):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (40, 80, 220)).save(init)
+    assert load_init_image(init, 16, 24).size == (24, 16)
+    out = tmp_path / "i2i.png"
+    assert lcm_main(["sample", "--base", str(tiny_sdxl_dir), "--prompt", "a blue square", "--seeds", "0",
+                     "--steps", "2", "--init-image", str(init), "--strength", "0.5", "--height", "16",
+                     "--width", "24", "--out", str(out)]) == 0
+    image = Image.open(out)
+    assert image.size == (24, 16) and torch.tensor(list(image.getdata())).float().std() > 0
