@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a finished run's LoRA as diffusers, kohya (ComfyUI/A1111) or fused UNet")
     x.add_argument("run", help="training run folder (holds final/ and config.yaml)")
     x.add_argument("--format", required=True, choices=sorted(EXPORT_FORMAT_NAMES),
-                   help="diffusers: copy of final/; kohya: lora_unet_… keys + .alpha; fused: UNet with the LoRA merged")
+                   help="diffusers: a copy of final/; kohya: lora_unet_… keys + .alpha; fused: the UNet with the "
+                   "LoRA merged in")
     x.add_argument("--out", default=None, help="output folder (default RUN/export/FORMAT)")
     x.add_argument("--base", default=None, help="base model (default: model.pretrained from RUN/config.yaml)")
     x.set_defaults(func=cmd_export)

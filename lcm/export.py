@@ -111,15 +111,24 @@ def sgm_module_path(path: str, unet_config) -> str:
         raise ValueError(f"no SGM name for UNet module {path!r}")
     block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
     if parts[0] == "down_blocks":
-        if kind == "downsamplers":  # SGM calls the downsampling conv `op`
-            return f"input_blocks.{1 + block * (lpb + 1) + lpb}.0.{'.'.join(['op', *rest[1:]])}"
-        return f"input_blocks.{1 + block * (lpb + 1) + index}.{['resnets', 'attentions'].index(kind)}." \
-               f"{_sgm_inner(kind, rest)}"
-    if kind == "upsamplers":
-        has_attention = "Attn" in unet_config["up_block_types"][block]
+        return _sgm_input_block(block, kind, index, rest, lpb)
+    return _sgm_output_block(block, kind, index, rest, lpb, "Attn" in unet_config["up_block_types"][block])
+
+
+def _sgm_input_block(block: int, kind: str, index: int, rest: list[str], lpb: int) -> str:
+    """down_blocks.B.{resnets,attentions,downsamplers}.I.… → input_blocks.N.{0,1}.…"""
+    if kind == "downsamplers":  # the entry after the block's layers; SGM calls the downsampling conv `op`
+        return f"input_blocks.{1 + block * (lpb + 1) + lpb}.0.{'.'.join(['op', *rest[1:]])}"
+    n = 1 + block * (lpb + 1) + index  # + 1: input block 0 is conv_in
+    return f"input_blocks.{n}.{['resnets', 'attentions'].index(kind)}.{_sgm_inner(kind, rest)}"
+
+
+def _sgm_output_block(block: int, kind: str, index: int, rest: list[str], lpb: int, has_attention: bool) -> str:
+    """up_blocks.B.{resnets,attentions,upsamplers}.I.… → output_blocks.N.{0,1,2}.…"""
+    if kind == "upsamplers":  # inside the block's last entry, after its ResBlock (and transformer, if any)
         return f"output_blocks.{block * (lpb + 1) + lpb}.{2 if has_attention else 1}.{'.'.join(rest)}"
-    return f"output_blocks.{block * (lpb + 1) + index}.{['resnets', 'attentions'].index(kind)}." \
-           f"{_sgm_inner(kind, rest)}"
+    n = block * (lpb + 1) + index
+    return f"output_blocks.{n}.{['resnets', 'attentions'].index(kind)}.{_sgm_inner(kind, rest)}"
 
 
 # Which module naming the kohya keys use, per model kind: kohya's sd-scripts trains SDXL on its own SGM UNet (so
@@ -138,7 +147,7 @@ def kohya_name(path: str, unet_config, kind: str = "sdxl") -> str:
 
 
 def read_lora_file(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """A diffusers LoRA file: its tensors and its PEFT adapter config (the `lora_adapter_metadata` header, unprefixed)."""
+    """A diffusers LoRA file: its tensors and its PEFT adapter config (from the `lora_adapter_metadata` header)."""
     with safe_open(str(path), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
         header = f.metadata() or {}
@@ -215,7 +224,7 @@ def export_kohya(final: Path, cfg, base: str, out: Path) -> Path:
     """kohya/ComfyUI/A1111 keys (`lora_unet_…` + `.alpha`), checked against diffusers' kohya loader before writing."""
     from diffusers import UNet2DConditionModel
 
-    kind = cfg.model.kind
+    kind = cfg.model.get("kind", "sdxl")
     unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")  # the config only: no weights loaded
     state, adapter = read_lora_file(final / LORA_FILE)
     kohya = peft_to_kohya(state, adapter, unet_config, kind)

@@ -101,7 +101,8 @@ def test_sdxl_kohya_names_are_the_sgm_names_real_kohya_files_use():
     _, config = _fake_peft_state(SDXL_LAYOUT)
     # Key names as they appear in kohya sd-scripts SDXL LoRAs (trained on its SGM UNet) and ComfyUI's key map.
     expected = {
-        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q":
+            "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
         "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_out.0":
             "input_blocks_8_1_transformer_blocks_9_attn2_to_out_0",
         "down_blocks.0.resnets.1.conv1": "input_blocks_2_0_in_layers_2",
@@ -118,12 +119,19 @@ def test_sdxl_kohya_names_are_the_sgm_names_real_kohya_files_use():
         assert kohya_name(path, config) == "lora_unet_" + sgm
 
 
-@pytest.mark.parametrize("layout", [SDXL_LAYOUT, OTHER_LAYOUT], ids=["sdxl", "4-blocks-1-layer"])
-def test_kohya_keys_round_trip_through_diffusers_converter(layout):
+# SD1.5's published layout: attention in the first three blocks; kohya names SD1.x modules by their diffusers paths.
+SD15_LAYOUT = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+@pytest.mark.parametrize("layout, kind", [(SDXL_LAYOUT, "sdxl"), (OTHER_LAYOUT, "sdxl"), (SD15_LAYOUT, "sd15")],
+                         ids=["sdxl", "4-blocks-1-layer", "sd15"])
+def test_kohya_keys_round_trip_through_diffusers_converter(layout, kind):
     state, config = _fake_peft_state(layout)
-    kohya = peft_to_kohya(state, {"r": 1, "lora_alpha": 3}, config)
+    kohya = peft_to_kohya(state, {"r": 1, "lora_alpha": 3}, config, kind)
     assert len(kohya) == 3 * len(state) // 2 and all(k.startswith("lora_unet_") for k in kohya)
-    check_kohya_round_trip(kohya, state, config)  # raises if any tensor lands on another module
+    check_kohya_round_trip(kohya, state, config, kind)  # raises if any tensor lands on another module
 
 
 def test_a_layout_diffusers_cannot_read_back_is_refused():
