@@ -119,6 +119,25 @@ class LCMLoraConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass
+class FullDistillConfig(DistillConfig):
+    ema_decay: float = 0.95  # full LCD: θ⁻ is an EMA of the whole student (LCM paper)
+    w_embed_dim: int = 256  # the student's time_cond_proj_dim; its projection starts at zero
+    ema_on_cpu: bool = False  # keep θ⁻ in host memory (saves accelerator memory, costs a copy per target call)
+
+
+@dataclass
+class LCDConfig:
+    """Full latent consistency distillation (train_lcd.py): the whole UNet trains, with a guidance embedding."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: FullDistillConfig = field(default_factory=FullDistillConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=8e-6))
+    validation: ValidationConfig = field(default_factory=lambda: ValidationConfig(guidance_scale=8.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/lcd"))
+
+
 class ConfigError(ValueError):
     """A configuration problem, with the offending key in the message."""
 
@@ -152,6 +171,11 @@ def load_config(name_or_path: Optional[str] = None, overrides: tuple[str, ...] |
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
+            key, value = item.split("=", 1)
+            if value.strip().lower() in _YAML11_BOOLS:
+                # YAML 1.1 reads `no`/`off`/… as booleans, which turns train.mixed_precision=no into "False".
+                # Quoted, a string field keeps the word and a bool field still parses it.
+                item = f'{key}="{value.strip()}"'
             # Merging into the structured config raises for unknown keys and wrong types, naming the key.
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         missing = sorted(OmegaConf.missing_keys(cfg))
@@ -165,6 +189,7 @@ def load_config(name_or_path: Optional[str] = None, overrides: tuple[str, ...] |
 
 
 _ABSENT = object()
+_YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
 
 
 def _validate(cfg) -> None:
@@ -178,14 +203,16 @@ def _validate(cfg) -> None:
     for key, valid in choices.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and value not in valid:
-            raise ConfigError(f"{key}={value!r} is not one of {list(valid)}")
+            hint = " (in YAML, quote words like 'no': unquoted they read as booleans)" if value in ("True", "False") else ""
+            raise ConfigError(f"{key}={value!r} is not one of {list(valid)}{hint}")
     d = cfg.distill
     if not d.w_min <= d.w_max:
         raise ConfigError(f"distill.w_min={d.w_min} must be <= distill.w_max={d.w_max}")
     if not 0.0 <= d.ema_decay < 1.0:
         raise ConfigError(f"distill.ema_decay={d.ema_decay} must be in [0, 1)")
     for key in ("train.batch_size", "train.max_train_steps", "train.gradient_accumulation_steps", "lora.rank"):
-        if OmegaConf.select(cfg, key) < 1:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value < 1:
             raise ConfigError(f"{key} must be >= 1")
 
 

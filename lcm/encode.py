@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .consistency import LCDBatch
+from .guidance import sample_w
+
 
 @torch.no_grad()
 def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -31,3 +34,17 @@ def encode_text(pipe, captions: list[str], time_ids: torch.Tensor | None, device
         return cond, uncond
     embeds, neg = pipe.encode_prompt(list(captions), device, 1, True, negative_prompt=[""] * len(captions))
     return {"encoder_hidden_states": embeds}, {"encoder_hidden_states": neg}
+
+
+def lcd_batch_from_data(pipe, batch: dict, generator: torch.Generator, distill_cfg, grid, device) -> LCDBatch:
+    """A data batch → LCDBatch: fp32 latents, text conditioning with SDXL (h, w) micro-conditioning, and every
+    random draw of the step (noise ε, grid index n, guidance w) from this step's generator."""
+    from .data import add_time_ids
+
+    z0 = encode_images(pipe.vae, batch["pixel_values"], generator)
+    time_ids = add_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+    cond, uncond = encode_text(pipe, batch["caption"], time_ids, device)
+    B = z0.shape[0]
+    return LCDBatch(z0=z0, noise=torch.randn(z0.shape, generator=generator, device=device),
+                    index=grid.sample_index(B, generator, device),
+                    w=sample_w(B, distill_cfg.w_min, distill_cfg.w_max, generator, device), cond=cond, uncond=uncond)

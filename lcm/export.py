@@ -32,15 +32,35 @@ def export_lora_run(unet, pipeline_cls, teacher_scheduler_config, cfg, final_dir
     return final_dir
 
 
+def export_unet_run(unet, teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
+                    data_summary: str = "") -> Path:
+    """Full LCD: `final/unet` (a UNet with a guidance embedding, loadable into the stock pipeline) + scheduler + card."""
+    final_dir = Path(final_dir)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(str(final_dir / "unet"), safe_serialization=True)
+    scheduler = lcm_scheduler_for(teacher_scheduler_config, cfg.distill.num_ddim_timesteps, cfg.distill.timestep_scaling)
+    scheduler.save_pretrained(str(final_dir / "scheduler"))
+    (final_dir / "README.md").write_text(model_card(cfg, steps_trained, data_summary))
+    return final_dir
+
+
 def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
     """A short model card: base, data, training, and how to sample."""
     d = cfg.distill
+    lora = "lora" in cfg
+    what = f"rank {cfg.lora.rank}, alpha {cfg.lora.alpha}" if lora else f"whole UNet, w-embedding dim {d.w_embed_dim}"
+    guidance = ("`guidance_scale` 1.0–2.0 with `LCMScheduler`\n(the guidance was distilled in; values above 2 "
+                "over-saturate, and ≤ 1 makes negative prompts inert)" if lora else
+                f"`guidance_scale` = w + 1 with w in the trained range [{d.w_min}, {d.w_max}]: the pipeline feeds "
+                "guidance_scale − 1 = w to the UNet's guidance embedding and runs no unconditional pass")
+    load = ('pipe.load_lora_weights("path/to/this/folder")' if lora else
+            'pipe.unet = UNet2DConditionModel.from_pretrained("path/to/this/folder", subfolder="unet")')
     return f"""---
 library_name: diffusers
 base_model: {cfg.model.pretrained}
-tags: [lcm, lcm-lora, latent-consistency-distillation, {cfg.model.kind}]
+tags: [lcm, {'lcm-lora' if lora else 'lcm-full'}, latent-consistency-distillation, {cfg.model.kind}]
 ---
-# LCM-LoRA for `{cfg.model.pretrained}`
+# {'LCM-LoRA' if lora else 'LCM (full distillation)'} for `{cfg.model.pretrained}`
 
 Distilled with [lcm-distill](https://pypi.org/project/lcm-distill/) by latent consistency distillation.
 
@@ -49,19 +69,18 @@ Distilled with [lcm-distill](https://pypi.org/project/lcm-distill/) by latent co
 | base model | `{cfg.model.pretrained}` ({cfg.model.kind}) |
 | data | `{cfg.data.path}` ({cfg.data.source}, {cfg.data.resolution} px){' — ' + data_summary if data_summary else ''} |
 | optimiser steps | {steps_trained} × batch {cfg.train.batch_size} × accumulation {cfg.train.gradient_accumulation_steps} |
-| LoRA | rank {cfg.lora.rank}, alpha {cfg.lora.alpha} |
+| trained | {what} |
 | teacher grid | N = {d.num_ddim_timesteps} ({d.solver}), guidance w ∈ [{d.w_min}, {d.w_max}] (LCM convention; diffusers guidance_scale = w + 1 ∈ [{guidance_scale_from_w(d.w_min)}, {guidance_scale_from_w(d.w_max)}]) |
 | loss | {d.loss}{f' (c = {d.huber_c})' if d.loss == 'huber' else ''}, EMA decay {d.ema_decay} |
 
-**Recommended sampling:** 4 steps (2–8 work), `guidance_scale` 1.0–2.0 with `LCMScheduler`
-(the guidance was distilled in; values above 2 over-saturate, and ≤ 1 makes negative prompts inert).
+**Recommended sampling:** 4 steps (2–8 work), {guidance}.
 
 ```python
-from diffusers import DiffusionPipeline, LCMScheduler
+from diffusers import DiffusionPipeline, LCMScheduler, UNet2DConditionModel
 pipe = DiffusionPipeline.from_pretrained("{cfg.model.pretrained}")
-pipe.load_lora_weights("path/to/this/folder")
+{load}
 pipe.scheduler = LCMScheduler.from_pretrained("path/to/this/folder", subfolder="scheduler")
-image = pipe("a prompt", num_inference_steps=4, guidance_scale=1.0).images[0]
+image = pipe("a prompt", num_inference_steps=4, guidance_scale={1.0 if lora else guidance_scale_from_w((d.w_min + d.w_max) / 2)}).images[0]
 ```
 """
 

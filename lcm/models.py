@@ -10,7 +10,8 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from .guidance import w_embedding
-from .lora import adapters_disabled
+from .ema import ema_update_
+from .lora import adapters_disabled, swapped_weights
 from .schedule import NoiseSchedule, alphas_cumprod_from_config
 
 PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline}
@@ -54,7 +55,9 @@ def unet_role(unet):
     `cond` holds `encoder_hidden_states` and, for SDXL, `text_embeds` and `time_ids`. `w` feeds the guidance
     embedding only when the UNet has one (`time_cond_proj_dim`); LoRA students have none and ignore it.
     """
-    proj_dim = unet.config.time_cond_proj_dim if hasattr(unet, "config") else None
+    # Read the config through a DDP/FSDP wrapper: a wrapped student must still receive its w-embedding.
+    proj_dim = getattr(getattr(unet, "module", unet), "config", None)
+    proj_dim = getattr(proj_dim, "time_cond_proj_dim", None)
 
     def call(z, t, cond, w=None):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]} if "text_embeds" in cond else None
@@ -78,3 +81,53 @@ def base_role(unet):
             return inner(z, t, cond)
 
     return call
+
+
+def student_from_teacher(teacher, w_embed_dim: int = 256):
+    """Full-LCD student: the teacher's UNet plus a guidance-embedding input (`time_cond_proj_dim`), in fp32.
+
+    The new projection `time_embedding.cond_proj` is zero-initialised, so at step 0 the student's output equals the
+    teacher's for every w (a randomly initialised projection would start the student worse than its teacher).
+    """
+    from diffusers import UNet2DConditionModel
+
+    student = UNet2DConditionModel.from_config({**teacher.config, "time_cond_proj_dim": w_embed_dim})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+        raise ValueError(f"student/teacher mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.to(device=teacher.device, dtype=torch.float32).train().requires_grad_(True)
+
+
+class EMATarget:
+    """θ⁻ as shadow tensors of the trainable parameters: the target runs on the student's module with θ⁻ swapped in.
+
+    Works for LoRA adapters (a few MB) and whole UNets alike; `device="cpu"` keeps the shadow off the accelerator at
+    the cost of a copy in and out per target evaluation.
+    """
+
+    def __init__(self, named_params: dict, decay: float, device=None):
+        self.names, self.params, self.decay = list(named_params), list(named_params.values()), decay
+        self.shadow = [p.detach().to(device or p.device, copy=True) for p in self.params]
+
+    def update(self) -> None:
+        """θ⁻ ← μ θ⁻ + (1 − μ) θ, after each optimiser step."""
+        ema_update_(self.shadow, [p.detach().to(s.device) for p, s in zip(self.params, self.shadow)], self.decay)
+
+    def state(self) -> dict:
+        """Shadow tensors keyed by parameter name, so a checkpoint never depends on parameter order."""
+        return {f"ema.{n}": t for n, t in zip(self.names, self.shadow)}
+
+    def load(self, state: dict) -> None:
+        for n, t in zip(self.names, self.shadow):
+            t.copy_(state[f"ema.{n}"])
+
+    def role(self, unet):
+        """The target callable: the student's module evaluated with θ⁻ in place of θ."""
+        inner = unet_role(unet)
+
+        def call(z, t, cond, w=None):
+            with swapped_weights(self.params, self.shadow):
+                return inner(z, t, cond, w)
+
+        return call

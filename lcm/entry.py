@@ -1,0 +1,77 @@
+"""What both entry scripts do before and around the loop: arguments, config, accelerator, data, teacher, loss spec,
+validation grids. Keeping it here is what keeps `train_lcm_lora.py` and `train_lcd.py` thin and free of copies."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import load_config, to_yaml
+from .consistency import LCDSpec
+from .data import build_dataset, collate_fn, format_summary
+from .models import load_pipeline, noise_schedule_of, weight_dtype_for
+from .sampling import generate, image_grid, lcm_scheduler_for
+from .schedule import SolverGrid
+from .trainer import make_accelerator
+
+
+def parse_train_args(argv, doc: str, default_config: str) -> argparse.Namespace:
+    """`--config NAME|FILE`, `--resume`, `--dry-run` and dotted overrides, the same for every entry script."""
+    p = argparse.ArgumentParser(description=(doc or "").strip().split("\n")[0])
+    p.add_argument("--config", default=default_config, help="a YAML file or the name of a preset in configs/")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (same as train.resume=…)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_train_steps=100")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Run:
+    """Everything an entry script builds its roles from."""
+
+    cfg: Any
+    accelerator: Any
+    dataset: Any
+    collate_fn: Any
+    summary: str
+    pipe: Any
+    spec: LCDSpec
+
+
+def prepare_run(args: argparse.Namespace, schema) -> Optional[Run]:
+    """Resolve the config (None after --dry-run), then data before models, then the teacher pipeline and the spec."""
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides, schema=schema)
+    if args.dry_run:
+        print(to_yaml(cfg))
+        return None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    accelerator = make_accelerator(cfg.train)
+    # Data first: an empty or unusable folder fails here, before any model is loaded.
+    dataset = build_dataset(cfg.data, seed=cfg.train.seed)
+    summary = format_summary(dataset.summary)
+    accelerator.print(f"data: {summary}")
+    pipe = load_pipeline(cfg.model.kind, cfg.model.pretrained, weight_dtype_for(cfg.train.mixed_precision),
+                         cfg.model.revision, cfg.model.variant)
+    pipe.to(accelerator.device)
+    sc = pipe.scheduler.config
+    d = cfg.distill
+    spec = LCDSpec(noise_schedule_of(pipe.scheduler), SolverGrid(sc.num_train_timesteps, d.num_ddim_timesteps),
+                   sc.prediction_type, d.solver, d.loss, d.huber_c, d.sigma_data, d.timestep_scaling)
+    return Run(cfg, accelerator, dataset, collate_fn, summary, pipe, spec)
+
+
+def validation_grid(run: Run, replace: dict, step: int, out_dir: Path) -> None:
+    """A PNG grid (a row per prompt, a column per seed) from the current weights with LCMScheduler."""
+    cfg, pipe = run.cfg, run.pipe
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scheduler = lcm_scheduler_for(pipe.scheduler.config, cfg.distill.num_ddim_timesteps, cfg.distill.timestep_scaling)
+    val = type(pipe)(**{**pipe.components, **replace, "scheduler": scheduler})
+    val.set_progress_bar_config(disable=True)
+    v = cfg.validation
+    images = generate(val, list(v.prompts), list(v.seeds), v.num_inference_steps, v.guidance_scale,
+                      cfg.data.resolution, cfg.data.resolution)
+    image_grid(images, len(v.seeds)).save(out_dir / f"step-{step:06d}.png")

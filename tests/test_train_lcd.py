@@ -1,0 +1,125 @@
+"""Full LCD: zero-initialised guidance embedding, EMA target timing, smoke runs that export and reload in diffusers."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+from lcm.consistency import guided_denoiser
+from lcm.guidance import guidance_scale_from_w, w_embedding
+from lcm.models import EMATarget, noise_schedule_of, student_from_teacher, unet_role
+from lcm.tiny import make_captioned_image_folder, save_tiny_pipeline
+from lcm.trainer import TrainingTask, make_accelerator, train
+from lcm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_lcd():
+    spec = importlib.util.spec_from_file_location("train_lcd", ROOT / "train_lcd.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def _sdxl_cond(unet, B=3):
+    c = unet.config
+    text_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return {"encoder_hidden_states": torch.randn(B, 77, c.cross_attention_dim),
+            "text_embeds": torch.randn(B, text_dim), "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * B)}
+
+
+def test_zero_initialised_w_embedding_starts_equal_to_teacher(tiny_sdxl_dir):
+    teacher = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    student = student_from_teacher(teacher, 32)
+    assert student.config.time_cond_proj_dim == 32
+    z, t, cond = torch.randn(3, 4, 8, 8), torch.tensor([999, 500, 19]), _sdxl_cond(teacher)
+    with torch.no_grad():
+        expected = unet_role(teacher)(z, t, cond)
+        for w in (0.0, 3.0, 15.0):
+            torch.testing.assert_close(unet_role(student)(z, t, cond, torch.full((3,), w)), expected)
+        # …and the embedding is live: a non-zero projection makes w matter.
+        torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.1)
+        assert (unet_role(student)(z, t, cond, torch.full((3,), 5.0)) - expected).abs().max() > 1e-4
+
+
+def test_ema_target_moves_only_on_optimiser_steps_by_the_right_amount(tmp_path):
+    """4 micro-batches with accumulation 2 = 2 optimiser steps = 2 EMA updates, each θ⁻ ← μθ⁻ + (1 − μ)θ."""
+    cfg = load_config(None, ["model.pretrained=x", "data.path=y", f"train.output_dir={tmp_path}", "train.batch_size=1",
+                             "train.gradient_accumulation_steps=2", "train.max_train_steps=2", "train.report_to=none",
+                             "train.checkpoint_every=0", "validation.every_n_steps=0", "optim.lr=0.1",
+                             "optim.lr_warmup_steps=0"])
+    model = torch.nn.Linear(3, 1)
+    ema = EMATarget(dict(model.named_parameters()), decay=0.75)
+    history = []
+
+    def after_step():
+        before = [s.clone() for s in ema.shadow]
+        ema.update()
+        for b, s, p in zip(before, ema.shadow, ema.params):
+            torch.testing.assert_close(s, 0.75 * b + 0.25 * p.detach())
+        history.append([p.detach().clone() for p in model.parameters()])
+
+    data = [{"x": torch.randn(3), "y": torch.randn(1)} for _ in range(4)]
+
+    def loss_fn(m, batch, gen):
+        return (m(batch["x"]) - batch["y"]).pow(2).mean(1), {}
+
+    task = TrainingTask(model=model, params=list(model.parameters()), dataset=data,
+                        collate_fn=lambda items: {k: torch.stack([i[k] for i in items]) for k in items[0]},
+                        loss_fn=loss_fn, after_optimizer_step=after_step)
+    train(cfg, make_accelerator(cfg.train), task)
+    assert len(history) == 2
+
+
+@pytest.mark.parametrize("kind, prediction_type", [("sdxl", "epsilon"), ("sd15", "epsilon"), ("sd15", "v_prediction")])
+def test_train_lcd_exports_and_samples_in_stock_pipeline(kind, prediction_type, tmp_path):
+    teacher = save_tiny_pipeline(kind, tmp_path / "teacher", prediction_type=prediction_type)
+    data = make_captioned_image_folder(tmp_path / "data", n=4, size=16)
+    out = tmp_path / "run"
+    assert _train_lcd()(["--config", "lcd_sdxl", f"model.kind={kind}", f"model.pretrained={teacher}",
+                         f"data.path={data}", f"train.output_dir={out}", "data.resolution=16", "train.batch_size=2",
+                         "train.gradient_accumulation_steps=1", "train.max_train_steps=2", "train.mixed_precision=no",
+                         "train.gradient_checkpointing=false", "train.report_to=none", "train.checkpoint_every=0",
+                         "validation.every_n_steps=0", "distill.w_embed_dim=32", "optim.lr=1e-3"]) == 0
+    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    unet = UNet2DConditionModel.from_pretrained(out / "final", subfolder="unet")
+    scheduler = LCMScheduler.from_pretrained(out / "final", subfolder="scheduler")
+    assert scheduler.config.prediction_type == prediction_type
+    pipe = cls.from_pretrained(teacher, unet=unet, scheduler=scheduler, **extra)
+    pipe.set_progress_bar_config(disable=True)
+
+    # The stock pipeline embeds guidance_scale − 1; with guidance_scale = w + 1 that is the w used in training.
+    seen = {}
+    def capture(module, args, kwargs):
+        seen.setdefault("cond", kwargs["timestep_cond"])
+
+    unet.register_forward_pre_hook(capture, with_kwargs=True)
+    w = 4.0
+    image = pipe("a red circle", num_inference_steps=2, guidance_scale=guidance_scale_from_w(w), height=16, width=16,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (16, 16, 3) and 0 <= image.min() and image.max() <= 1
+    torch.testing.assert_close(seen["cond"][0], w_embedding(torch.tensor([w]), 32)[0])
+
+
+def test_v_prediction_teacher_yields_consistent_x0_and_eps(tmp_path):
+    """z = α x̂₀ + σ ε̂ must hold for the guided teacher's outputs whatever the prediction type."""
+    path = save_tiny_pipeline("sd15", tmp_path / "v", prediction_type="v_prediction")
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    schedule = noise_schedule_of(pipe.scheduler)
+    role = unet_role(pipe.unet)
+    cond = {"encoder_hidden_states": torch.randn(2, 77, pipe.unet.config.cross_attention_dim)}
+    uncond = {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"])}
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 300])
+    with torch.no_grad():
+        for w in (0.0, 2.5):
+            x0, eps = guided_denoiser(role, cond, uncond, torch.full((2,), w), schedule, "v_prediction")(z, t)
+            alpha, sigma = schedule.alpha_sigma(t, 4)
+            torch.testing.assert_close(alpha * x0 + sigma * eps, z, atol=1e-4, rtol=1e-4)
+        # Treating the v-model as ε-prediction would break that identity's partner: x̂₀ would differ.
+        x0_wrong, _ = guided_denoiser(role, cond, uncond, torch.zeros(2), schedule, "epsilon")(z, t)
+        x0_right, _ = guided_denoiser(role, cond, uncond, torch.zeros(2), schedule, "v_prediction")(z, t)
+        assert (x0_wrong - x0_right).abs().max() > 1e-2

@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Full latent consistency distillation: the whole UNet learns few-step sampling (LCM, Luo et al. 2023, arXiv:2310.04378).
+
+Three roles (DESIGN.md §1):
+    teacher = the frozen UNet in the weight dtype, queried with CFG at w ~ U[w_min, w_max] (one batched cond+uncond call);
+    student = a trainable fp32 copy with a guidance-embedding input (time_cond_proj_dim), its projection zero-initialised
+              so the student starts equal to the teacher; w reaches it through that embedding, not through CFG;
+    target  = θ⁻, an EMA of the student (ema_decay, default 0.95), evaluated with θ⁻ swapped into the student's module.
+Output: final/unet (diffusers format; the stock pipeline embeds guidance_scale − 1 = w), final/scheduler, final/README.md.
+Run:  python train_lcd.py --config lcd_sdxl model.pretrained=PATH data.path=FOLDER
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from lcm.config import LCDConfig
+from lcm.consistency import lcd_loss
+from lcm.encode import lcd_batch_from_data
+from lcm.export import export_unet_run
+from lcm.lora import swapped_weights
+from lcm.models import EMATarget, student_from_teacher, unet_role
+from lcm.entry import parse_train_args, prepare_run, validation_grid
+from lcm.trainer import TrainingTask, train
+
+
+def main(argv=None):
+    run = prepare_run(parse_train_args(argv, __doc__, default_config="lcd_sdxl"), LCDConfig)
+    if run is None:  # --dry-run
+        return 0
+    cfg, accelerator, dataset, pipe, spec = run.cfg, run.accelerator, run.dataset, run.pipe, run.spec
+
+    teacher_unet = pipe.unet  # frozen, weight dtype
+    student = student_from_teacher(teacher_unet, cfg.distill.w_embed_dim)
+    if cfg.train.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    params = [p for p in student.parameters() if p.requires_grad]
+    ema = EMATarget(dict(student.named_parameters()), cfg.distill.ema_decay,
+                    device="cpu" if cfg.distill.ema_on_cpu else None)
+    teacher, target = unet_role(teacher_unet), ema.role(student)
+
+    def loss_fn(model, batch, gen):
+        lcd = lcd_batch_from_data(pipe, batch, gen, cfg.distill, spec.grid, accelerator.device)
+        # The student goes through the accelerate-prepared module (gradient sync); w enters via its embedding.
+        return lcd_loss(unet_role(model), target, teacher, lcd, spec)
+
+    def final_unet():
+        """The exported model is the EMA target θ⁻ (consistency models sample from the EMA weights)."""
+        with torch.no_grad():
+            for p, s in zip(ema.params, ema.shadow):
+                p.copy_(s)
+        return student
+
+    def validate(step, out_dir):
+        with swapped_weights(ema.params, ema.shadow):  # validate what will be exported: θ⁻
+            validation_grid(run, {"unet": student}, step, out_dir)
+
+    task = TrainingTask(
+        model=student, params=params, dataset=dataset, collate_fn=run.collate_fn, loss_fn=loss_fn,
+        after_optimizer_step=ema.update, extra_state=ema.state, load_extra_state=ema.load,
+        validate=validate,
+        export=lambda final: export_unet_run(final_unet(), pipe.scheduler.config, cfg, final, cfg.train.max_train_steps,
+                                             run.summary))
+    train(cfg, accelerator, task)
+    accelerator.print(f"done: {cfg.train.output_dir}/final")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
