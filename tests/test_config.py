@@ -31,9 +31,10 @@ def test_yaml11_words_stay_strings_and_bools_still_parse():
 
 
 def test_presets_resolve_and_load(tmp_path):
-    for name in ("lcm_lora_sdxl", "lcm_lora_sd15", "demo_lcm_lora", "mini_lcm_lora"):
+    for name in ("lcm_lora_sdxl", "lcm_lora_sd15", "lcm_lora_sd21", "lcm_lora_ssd1b", "demo_lcm_lora", "mini_lcm_lora"):
         load_config(name, ["data.path=y"])
-    load_config("lcd_sdxl", ["data.path=y"], schema=LCDConfig)
+    for name in ("lcd_sdxl", "lcd_sd15"):
+        load_config(name, ["data.path=y"], schema=LCDConfig)
     with pytest.raises(ConfigError, match="presets"):
         resolve_preset("no_such_preset")
     f = tmp_path / "mine.yaml"
