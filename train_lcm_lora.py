@@ -88,7 +88,10 @@ def main(argv=None):
     # Data first: an empty or unusable folder fails here, before any model is loaded.
     dataset = build_dataset(cfg.data, seed=cfg.train.seed)
     summary = format_summary(dataset.summary)
-    accelerator.print(f"data: {summary}")
+    accelerator.print(summary)
+    if len(dataset) < cfg.train.batch_size:
+        raise ValueError(f"only {len(dataset)} usable image(s), fewer than train.batch_size={cfg.train.batch_size} "
+                         f"({summary})")
 
     pipe = load_pipeline(cfg.model.kind, cfg.model.pretrained, weight_dtype_for(cfg.train.mixed_precision),
                          cfg.model.revision, cfg.model.variant)
@@ -145,6 +148,8 @@ def main(argv=None):
         export=lambda final: export_lora_run(unet, pipeline_class_of(pipe), teacher_scheduler_config, cfg, final,
                                              cfg.train.max_train_steps, summary))
     train(cfg, accelerator, task)
+    if dataset.summary.n_decode_errors:  # files that passed the header check but failed to decode during training
+        accelerator.print(format_summary(dataset.summary))
     accelerator.print(f"done: {cfg.train.output_dir}/final")
     return 0
 

@@ -5,6 +5,23 @@ HF `datasets` dataset (saved with `save_to_disk`, an image folder read by `image
 Bad files never stop a run: a cheap header check drops them at index time, and `__getitem__` falls back to another
 image if a file still fails to decode later. Every count ends up in one `DataSummary`, logged once.
 
+What happens to each kind of bad input (all counted in the summary):
+- zero-byte file → skipped (`empty_file`); not an image, truncated header, broken PNG chunks → skipped (`unreadable`);
+- more pixels than PIL's `Image.MAX_IMAGE_PIXELS` (a decompression bomb; PIL itself only *warns* up to twice the
+  limit), or an aspect ratio so extreme that resizing its short side to `resolution` would pass that limit →
+  skipped (`too_large`), decided from the header alone, never decoded;
+- a file that passes the header check but fails to decode later (a JPEG truncated mid-scan) → the next image is used
+  instead, deterministically, and `decode errors` counts it;
+- CMYK, 16-bit, palette, grey, transparency (composited on white) → converted to RGB; EXIF rotation applied;
+- smaller than `resolution` → kept and upscaled (shorter side to `resolution`, Lanczos) and counted as upscaled;
+  `original_size` tells SDXL the true size, as SDXL's own training did for small images;
+- no caption → kept with the empty caption (trains the unconditional case) and counted;
+- a caption file that is not UTF-8 → decoded with U+FFFD for the bad bytes (one bad byte should not cost an image),
+  counted; a UTF-8 byte-order mark is dropped;
+- a `metadata.jsonl` / `.csv` line that does not parse or has no `file_name` → that line is skipped, and the summary
+  names its line number; its image then falls back to a `.txt` caption or none;
+- an empty folder, or one with no usable image → `ValueError` from `build_dataset`, before any model is loaded.
+
 SDXL micro-conditioning (Podell et al. 2023, arXiv:2307.01952 §2.2) is in **(height, width)** order throughout:
 `original_size` = (h, w) as loaded, `crop_top_left` = (top, left) in the resized image, `target_size` = (res, res).
 """
@@ -15,6 +32,7 @@ import csv
 import io
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Sequence
@@ -40,9 +58,12 @@ class DataSummary:
     """What indexing and loading kept, skipped (by reason) and found without a caption."""
 
     n_ok: int = 0
-    n_skipped: dict[str, int] = field(default_factory=dict)  # reason → count: empty_file, unreadable, missing_file
+    n_skipped: dict[str, int] = field(default_factory=dict)  # reason → count: empty_file, unreadable, too_large, …
     n_missing_caption: int = 0
     n_decode_errors: int = 0  # failures in __getitem__ after indexing; counted per process (each worker has a copy)
+    n_upscaled: int = 0  # kept images whose shorter side is below the training resolution
+    n_caption_not_utf8: int = 0  # caption sources (.txt files, metadata lines/files) decoded with replacement
+    bad_metadata_lines: list[int] = field(default_factory=list)  # 1-based line numbers skipped in the metadata file
 
     def skip(self, reason: str, n: int = 1) -> None:
         """Count `n` files dropped for `reason`."""
@@ -56,6 +77,15 @@ def format_summary(summary: DataSummary) -> str:
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary.n_skipped.items()))
     line = f"data: {summary.n_ok} images ok, {skipped} skipped" + (f" ({reasons})" if reasons else "")
     line += f", {summary.n_missing_caption} without caption"
+    if summary.n_upscaled:
+        line += f", {summary.n_upscaled} upscaled (smaller than the training resolution)"
+    if summary.n_caption_not_utf8:
+        line += f", {summary.n_caption_not_utf8} caption(s) not UTF-8 (bad bytes replaced)"
+    if summary.bad_metadata_lines:
+        shown = summary.bad_metadata_lines[:10]
+        more = "" if len(summary.bad_metadata_lines) <= len(shown) else ", …"
+        line += (f", {len(summary.bad_metadata_lines)} bad metadata line(s) skipped "
+                 f"(line {', '.join(map(str, shown))}{more})")
     if summary.n_decode_errors:
         line += f", {summary.n_decode_errors} decode errors while loading"
     return line
@@ -76,19 +106,53 @@ def _source(ref: Any) -> Path | io.BytesIO:
     return Path(ref)
 
 
-def check_image(ref: Any) -> str | None:
-    """Cheap index-time check (header + structure, no full decode): None if usable, else the reason to skip."""
+def _describe(ref: Any) -> str:
+    """A short name for a ref in log messages: its path, or what kind of in-memory image it is."""
+    if isinstance(ref, dict):
+        return str(ref.get("path") or "<image bytes>")
+    return "<image bytes>" if isinstance(ref, (bytes, bytearray)) else str(ref)
+
+
+def _open_guarded(src) -> Image.Image:
+    """`Image.open` that refuses decompression bombs outright.
+
+    PIL raises `DecompressionBombError` above 2 × `Image.MAX_IMAGE_PIXELS` but only *warns* between 1× and 2×, and then
+    decodes (hundreds of MB per image); the warning is turned into an error here. The check reads the header only.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(src)
+
+
+def inspect_image(ref: Any) -> tuple[str | None, tuple[int, int] | None]:
+    """Cheap index-time check (header + structure, no full decode): (None, (w, h)) if usable, else (reason, None)."""
     try:
         src = _source(ref)
         if (src.getbuffer().nbytes if isinstance(src, io.BytesIO) else src.stat().st_size) == 0:
-            return "empty_file"
-        with Image.open(src) as image:
+            return "empty_file", None
+        with _open_guarded(src) as image:
+            size = image.size
             image.verify()
     except FileNotFoundError:
-        return "missing_file"
+        return "missing_file", None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "too_large", None
     except Exception:  # PIL raises many types on bad input (OSError, SyntaxError, ValueError, ...): all mean "skip"
-        return "unreadable"
-    return None
+        return "unreadable", None
+    return None, size
+
+
+def check_image(ref: Any) -> str | None:
+    """Cheap index-time check (header + structure, no full decode): None if usable, else the reason to skip."""
+    return inspect_image(ref)[0]
+
+
+def resized_too_large(size: tuple[int, int], resolution: int) -> bool:
+    """True if scaling the shorter side to `resolution` would exceed PIL's pixel limit (a 1 × 5000 banner at 1024 px
+    would become a 5-gigapixel image before the crop)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    short, long = sorted(size)
+    return limit is not None and short > 0 and resolution * (long * resolution / short) > limit
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -109,8 +173,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(ref: Any) -> Image.Image:
-    """Fully decode a ref into an upright RGB image; raises whatever PIL raises on a broken file."""
-    with Image.open(_source(ref)) as image:
+    """Fully decode a ref into an upright RGB image; raises whatever PIL raises on a broken file (or a bomb)."""
+    with _open_guarded(_source(ref)) as image:
         image.load()
         # Phone photos store their rotation in EXIF; size conditioning must see the upright (h, w).
         return to_rgb(ImageOps.exif_transpose(image))
@@ -208,7 +272,8 @@ class CaptionedImages(Dataset):
                 self.summary.n_decode_errors += 1
                 if j not in self._warned:
                     self._warned.add(j)
-                    logger.warning("data: cannot decode item %d (%s: %s); using the next one", j, type(err).__name__, err)
+                    logger.warning("data: cannot decode item %d, %s (%s: %s); using the next one", j,
+                                   _describe(self.images[j]), type(err).__name__, err)
                 continue
             return self._make_item(image, j)
         raise RuntimeError("data: no image in the dataset could be decoded")
@@ -247,16 +312,20 @@ def _caption_text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _scan(candidates: Iterable[tuple[Any, Any, str]], max_samples: int | None, summary: DataSummary):
+def _scan(candidates: Iterable[tuple[Any, Any, str]], max_samples: int | None, summary: DataSummary,
+          resolution: int | None = None):
     """Keep candidates whose header PIL can parse, up to `max_samples`; count the rest by reason."""
     keys, captions = [], []
     for key, ref, caption in candidates:
         if max_samples is not None and len(keys) >= max_samples:
             break
-        reason = check_image(ref)
+        reason, size = inspect_image(ref)
+        if reason is None and resolution is not None and resized_too_large(size, resolution):
+            reason = "too_large"
         if reason is not None:
             summary.skip(reason)
             continue
+        summary.n_upscaled += resolution is not None and min(size) < resolution
         keys.append(key)
         captions.append(caption)
         summary.n_missing_caption += not caption
@@ -264,7 +333,46 @@ def _scan(candidates: Iterable[tuple[Any, Any, str]], max_samples: int | None, s
     return keys, captions
 
 
-def _read_metadata(root: Path, caption_column: str) -> dict[str, str] | None:
+def _decode_text(raw: bytes, summary: DataSummary) -> str:
+    """UTF-8 (a byte-order mark dropped); invalid bytes become U+FFFD and are counted rather than losing the image."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        summary.n_caption_not_utf8 += 1
+        return raw.decode("utf-8-sig", errors="replace")
+
+
+def _metadata_rows(path: Path, summary: DataSummary) -> tuple[list[dict], set]:
+    """Rows of `metadata.jsonl` / `.csv` that parse and name a file, and every column seen; any other line is skipped
+    and its (1-based) number kept in the summary."""
+    rows, columns = [], set()
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(_decode_text(path.read_bytes(), summary), newline=""))
+        columns.update(reader.fieldnames or ())
+        for row in reader:
+            # A row with more cells than the header puts them under the key None; one with fewer leaves None values.
+            if None in row or not row.get("file_name"):
+                summary.bad_metadata_lines.append(reader.line_num)
+            else:
+                rows.append(row)
+        return rows, columns
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(_decode_text(raw, summary))
+            except ValueError:  # json.JSONDecodeError
+                row = None
+            columns.update(row if isinstance(row, dict) else ())
+            if isinstance(row, dict) and isinstance(row.get("file_name"), str) and row["file_name"]:
+                rows.append(row)
+            else:
+                summary.bad_metadata_lines.append(number)
+    return rows, columns
+
+
+def _read_metadata(root: Path, caption_column: str, summary: DataSummary | None = None) -> dict[str, str] | None:
     """Captions by relative posix path from `metadata.jsonl` / `metadata.csv` at the root, or None if neither exists."""
     found = [root / name for name in METADATA_FILES if (root / name).is_file()]
     if not found:
@@ -272,14 +380,11 @@ def _read_metadata(root: Path, caption_column: str) -> dict[str, str] | None:
     if len(found) > 1:
         raise ValueError(f"both {' and '.join(str(p) for p in found)} exist; keep one so captions are unambiguous")
     path = found[0]
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.suffix == ".csv":
-            rows = list(csv.DictReader(f))
-        else:
-            rows = [json.loads(line) for line in f if line.strip()]
-    columns = sorted({k for row in rows for k in row})
+    rows, seen = _metadata_rows(path, summary if summary is not None else DataSummary())
+    columns = sorted(str(k) for k in seen)
+    # A column missing from the whole file is a configuration error, not a few bad lines.
     for column in ("file_name", caption_column):
-        if rows and column not in columns:
+        if seen and column not in seen:
             raise ValueError(f"column {column!r} not found in {path}; available columns: {columns}")
     return {PurePosixPath(str(row["file_name"]).replace("\\", "/")).as_posix(): _caption_text(row.get(caption_column))
             for row in rows}
@@ -299,7 +404,7 @@ def index_folder(cfg: Any, summary: DataSummary):
     )
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
-    metadata = _read_metadata(root, cfg.caption_column) or {}
+    metadata = _read_metadata(root, cfg.caption_column, summary) or {}
     summary.skip("missing_file", len(set(metadata) - {p.relative_to(root).as_posix() for p in files}))
 
     def candidates() -> Iterator[tuple[Path, Path, str]]:
@@ -309,10 +414,10 @@ def index_folder(cfg: Any, summary: DataSummary):
             if rel in metadata:
                 caption = metadata[rel]
             else:
-                caption = _caption_text(txt.read_text(encoding="utf-8")) if txt.is_file() else ""
+                caption = _caption_text(_decode_text(txt.read_bytes(), summary)) if txt.is_file() else ""
             yield path, path, caption
 
-    return _scan(candidates(), cfg.max_samples, summary)
+    return _scan(candidates(), cfg.max_samples, summary, cfg.resolution)
 
 
 class _HFImageColumn(Sequence):
@@ -366,7 +471,7 @@ def index_hf(cfg: Any, summary: DataSummary):
             for offset, (ref, caption) in enumerate(zip(batch[cfg.image_column], batch[cfg.caption_column])):
                 yield start + offset, ref, _caption_text(caption)
 
-    rows, captions = _scan(candidates(), cfg.max_samples, summary)
+    rows, captions = _scan(candidates(), cfg.max_samples, summary, cfg.resolution)
     return _HFImageColumn(ds, cfg.image_column, rows), captions
 
 
@@ -383,7 +488,7 @@ def build_dataset(cfg: Any, seed: int = 0) -> CaptionedImages:
     images, captions = SOURCES[cfg.source](cfg, summary)
     if summary.n_ok == 0:
         raise ValueError(f"no usable image in {str(cfg.path)!r}: {format_summary(summary)}")
-    problems = summary.n_skipped or summary.n_missing_caption
+    problems = summary.n_skipped or summary.n_missing_caption or summary.n_caption_not_utf8 or summary.bad_metadata_lines
     logger.log(logging.WARNING if problems else logging.INFO, format_summary(summary))
     return CaptionedImages(
         images, captions, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
