@@ -17,6 +17,7 @@ import logging
 import sys
 
 import torch
+from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
 from lcm.config import load_config, to_yaml
@@ -84,6 +85,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     accelerator = make_accelerator(cfg.train)
     device = accelerator.device
+    # Important: seed everything that draws from the global RNGs (the LoRA init below). torch's default generator
+    # starts from a random seed in every process, so without this two runs with the same train.seed differ.
+    set_seed(cfg.train.seed)
 
     # Data first: an empty or unusable folder fails here, before any model is loaded.
     dataset = build_dataset(cfg.data, seed=cfg.train.seed)

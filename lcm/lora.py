@@ -45,17 +45,21 @@ def adapters_disabled(unet) -> Iterator[None]:
 
 @contextlib.contextmanager
 def swapped_weights(params: list[torch.nn.Parameter], replacement: list[torch.Tensor]) -> Iterator[None]:
-    """Temporarily load `replacement` values into `params` (e.g. EMA adapters for the target), restoring after."""
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, r in zip(params, replacement):
-            p.copy_(r)
+    """Temporarily point `params` at `replacement` values (e.g. EMA adapters for the target), restoring after.
+
+    Important: the swap rebinds `p.data` instead of copying into `p`. The student's forward has already saved these
+    parameters for its backward pass; an in-place copy would bump their version counters and make that backward fail
+    ("modified by an inplace operation"). Rebinding leaves the saved tensors untouched, and the originals are back
+    before any backward runs.
+    """
+    saved = [p.data for p in params]
+    for p, r in zip(params, replacement):
+        p.data = r.detach().to(device=p.device, dtype=p.dtype)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
+        for p, s in zip(params, saved):
+            p.data = s
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:

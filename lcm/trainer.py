@@ -3,12 +3,18 @@
 Entry scripts (`train_lcm_lora.py`, later `train_lcd.py`) describe *what* to train as a `TrainingTask`; this module
 decides *how*. Checkpoints are written to a temporary folder and renamed, so a crash mid-write never leaves a broken
 latest checkpoint.
+
+Resuming is exact (tests/test_resume.py kills a run and compares bits): the shuffle order depends on (seed, epoch)
+only, crops/flips on (seed, epoch, item), noise/grid index/w on a generator per (seed, rank, step, micro-batch), LoRA
+dropout on the global RNG reseeded from that same key, and optimiser, LR schedule, EMA and accumulation counters are
+restored from the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -60,6 +66,22 @@ def step_generator(seed: int, rank: int, world_size: int, step: int, micro: int,
     return g
 
 
+def seed_global_rng_for_step(gen: torch.Generator) -> None:
+    """Reseed torch's global RNG from this micro-step's generator, for what cannot take a generator (LoRA dropout).
+
+    Dropout draws from the global RNG, so without this its masks would depend on everything that ran before in the
+    process (validation, a resume). The seed is scrambled (SplitMix64 finaliser) so the masks are not the same stream
+    as the step's noise, which `gen` draws from the same integer seed.
+    """
+    x = (gen.initial_seed() + 0x9E3779B97F4A7C15) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    torch.manual_seed((x ^ (x >> 31)) % 2**63)
+
+
+DETERMINISTIC_ENV = "LCM_DETERMINISTIC"  # "1": torch.use_deterministic_algorithms(True) for bit-exact reruns on GPU
+
+
 def make_accelerator(train_cfg) -> Accelerator:
     """accelerate does devices, mixed precision, accumulation, distribution and the tracker."""
     out = Path(train_cfg.output_dir)
@@ -69,7 +91,9 @@ def make_accelerator(train_cfg) -> Accelerator:
         log_with=None if train_cfg.report_to == "none" else train_cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         # Seedable sampler: the shuffle order of epoch e depends only on (seed, e), so resuming replays it exactly.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Important: pass data_seed. Without it accelerate seeds the sampler from torch.random.initial_seed(), which
+        # load_state's RNG restore changes, so a resumed run shuffled differently (and train.seed was ignored).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg.seed),
     )
 
 
@@ -136,13 +160,24 @@ def resolve_resume(output_dir, resume: Optional[str]) -> Optional[Path]:
     return path
 
 
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder so that a crash midway never leaves a half-deleted folder under a valid name:
+    rename it out of the `step-` namespace first (atomic), then remove it."""
+    trash = path.with_name(f".del-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(accelerator: Accelerator, task: TrainingTask, cfg, step: int) -> Optional[Path]:
     """accelerate state + our counters + extra tensors, written to `.tmp-step-N` then renamed (atomic on POSIX)."""
     root = checkpoint_dir(cfg.train.output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
     tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in [*root.glob(".tmp-*"), *root.glob(".del-*")]:  # left behind by a crash mid-write or mid-delete
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # every rank takes part (RNG states per rank; sharded states under FSDP)
@@ -153,11 +188,11 @@ def save_checkpoint(accelerator: Accelerator, task: TrainingTask, cfg, step: int
         (tmp / "config.yaml").write_text(to_yaml(cfg))
         # counters.json is written last: its presence marks the folder complete.
         (tmp / "counters.json").write_text(json.dumps({"global_step": step}))
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # re-saving a step (a resume from an older checkpoint): the new state wins
+            _discard(final)
         os.replace(tmp, final)
         for old in list_checkpoints(cfg.train.output_dir)[: -cfg.train.checkpoints_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -194,6 +229,11 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
     """Run optimiser steps until `train.max_train_steps`; checkpoint, validate and export along the way."""
     tc = cfg.train
     out = Path(tc.output_dir)
+    if os.environ.get(DETERMINISTIC_ENV, "") == "1":
+        # CPU kernels here are already deterministic at a fixed thread count; CUDA ones (atomics in backward, cuBLAS
+        # workspaces) are not, and raise instead of silently differing once this is on.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -220,7 +260,10 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
         accelerator.init_trackers("lcm", config=_flat_hparams(cfg))
 
     batches_per_step = tc.gradient_accumulation_steps
-    steps_per_epoch = max(len(loader) // batches_per_step, 1)
+    # Important: accelerate also steps on an epoch's last, partial accumulation window (it syncs at the end of the
+    # dataloader), so an epoch is ceil(batches / accumulation) optimiser steps. Resume maps step → (epoch, batch) with
+    # this number; the floor would resume into the wrong epoch whenever the two differ.
+    steps_per_epoch = math.ceil(len(loader) / batches_per_step)
     rank, world = accelerator.process_index, accelerator.num_processes
     progress = tqdm(total=tc.max_train_steps, initial=global_step, desc="lcm", disable=not accelerator.is_main_process)
     model.train()
@@ -234,6 +277,7 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
         for micro, batch in enumerate(epoch_loader):
             with accelerator.accumulate(model):
                 gen = step_generator(tc.seed, rank, world, global_step, micro % batches_per_step, accelerator.device)
+                seed_global_rng_for_step(gen)
                 with accelerator.autocast():
                     per_sample, diagnostics = task.loss_fn(model, batch, gen)
                 loss = per_sample.mean()
