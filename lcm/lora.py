@@ -7,6 +7,7 @@ weights swapped in. Both are context managers so no caller toggles adapters inli
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterable, Iterator
 
 import torch
@@ -83,8 +84,57 @@ def save_lora(unet, out_dir, pipeline_cls) -> None:
                                    unet_lora_adapter_metadata=lora_metadata(unet), safe_serialization=True)
 
 
+# `[unet.]<module path>.lora_A|lora_B[.<adapter>].weight` (PEFT) or `.lora.down|.lora.up` (diffusers' legacy names).
+_LORA_KEY = re.compile(r"^(?:unet\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up)(?:\.[^.]+)?\.weight$")
+_OTHER_COMPONENTS = ("text_encoder.", "text_encoder_2.", "lora_te", "lora_unet_")  # not UNet keys in PEFT form
+
+
+def _expected_lora_shape(module, part: str, rank: int) -> tuple[int, ...] | None:
+    """The shape a LoRA tensor must have on `module`: its existing adapter's if it carries one, else from the base."""
+    down = part in ("lora_A", "lora.down")
+    existing = getattr(module, "lora_A" if down else "lora_B", None)
+    if isinstance(existing, torch.nn.ModuleDict) and "default" in existing:
+        return tuple(existing["default"].weight.shape)
+    base = getattr(module, "base_layer", module)
+    if isinstance(base, torch.nn.Linear):
+        return (rank, base.in_features) if down else (base.out_features, rank)
+    if isinstance(base, torch.nn.Conv2d):
+        return (rank, base.in_channels, *base.kernel_size) if down else (base.out_channels, rank, 1, 1)
+    return None  # another layer type: nothing to check against
+
+
+def check_lora_matches(unet, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise a ValueError naming the first UNet module (in model order) whose LoRA tensor does not fit.
+
+    A LoRA trained on another base (other widths, another architecture) otherwise fails deep inside PEFT with a list
+    of every mismatched tensor, or not at all where PEFT skips keys. Accepts our checkpoints (PEFT keys), diffusers
+    files (`unet.` prefix) and diffusers' legacy `.lora.down/.up` names; text-encoder and kohya keys are ignored.
+    Works on a plain UNet (sampling, before `load_lora_weights`) and on one already carrying the adapter (resume).
+    """
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        match = None if key.startswith(_OTHER_COMPONENTS) else _LORA_KEY.match(key)
+        if match:
+            by_module.setdefault(match["module"], {})[match["part"]] = tensor
+    modules = dict(unet.named_modules())
+    for name, module in modules.items():
+        for part, tensor in by_module.get(name, {}).items():
+            rank = tensor.shape[0] if part in ("lora_A", "lora.down") else tensor.shape[1]
+            want = _expected_lora_shape(module, part, rank)
+            if want is not None and tuple(tensor.shape) != want:
+                raise ValueError(
+                    f"LoRA does not match this UNet (trained on a different base model, or another lora.rank?): "
+                    f"first mismatch at module {name!r}: {part} has shape {tuple(tensor.shape)}, this UNet needs "
+                    f"{want}")
+    missing = [name for name in by_module if name not in modules]
+    if missing:
+        raise ValueError(f"LoRA does not match this UNet: it adapts {len(missing)} module(s) the UNet does not have, "
+                         f"first: {missing[0]!r}")
+
+
 def load_lora_into_training_unet(unet, state_dict: dict[str, torch.Tensor]) -> None:
     """Load adapter tensors saved by `get_peft_model_state_dict` back into a UNet carrying the "default" adapter."""
+    check_lora_matches(unet, state_dict)
     result = set_peft_model_state_dict(unet, state_dict, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:

@@ -174,6 +174,13 @@ def save_checkpoint(accelerator: Accelerator, task: TrainingTask, cfg, step: int
     root = checkpoint_dir(cfg.train.output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
     tmp = root / f".tmp-{final.name}"
+    # Never let non-finite weights become the latest checkpoint. Summed over ranks, so that all of them stop together
+    # even when each holds only a shard (FSDP).
+    bad = torch.tensor(sum(int(not torch.isfinite(p.detach()).all()) for p in task.params), device=accelerator.device)
+    bad = int(accelerator.reduce(bad, reduction="sum"))
+    if bad:
+        raise FloatingPointError(f"{bad} trainable tensor(s) are not finite at step {step}; not writing a checkpoint, "
+                                 f"so the last good one stays the latest in {root}")
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         for stale in [*root.glob(".tmp-*"), *root.glob(".del-*")]:  # left behind by a crash mid-write or mid-delete
@@ -282,9 +289,11 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
                     per_sample, diagnostics = task.loss_fn(model, batch, gen)
                 loss = per_sample.mean()
                 if not torch.isfinite(loss):
+                    kept = list_checkpoints(out)
                     raise FloatingPointError(
-                        f"loss is {loss.item()} at step {global_step}; stopping. The last good checkpoint is kept in "
-                        f"{checkpoint_dir(out)} — lower optim.lr or try train.mixed_precision=no.")
+                        f"loss is {loss.item()} in step {global_step + 1} (after {global_step} completed steps); "
+                        f"stopping. Last good checkpoint: {kept[-1] if kept else f'none yet in {checkpoint_dir(out)}'}"
+                        " — lower optim.lr or try train.mixed_precision=no, then resume from it.")
                 accelerator.backward(loss)
                 grad_norm = clip_and_step(accelerator, task.params, optimizer, lr_scheduler, cfg.optim.max_grad_norm)
             if not accelerator.sync_gradients:
