@@ -19,8 +19,21 @@ Outputs: lcm/assets/mini_teacher/ (StableDiffusionXLPipeline.save_pretrained, sa
 lcm/assets/digit_classifier.safetensors. Deterministic: every random draw comes from seeded generators, torch uses
 2 threads. Run:  nice -n 10 python scripts/train_mini_teacher.py
 
-Results of the shipped run (2 shared CPU cores):
-  RESULTS-PLACEHOLDER
+Results of the shipped run (defaults; 2 CPU cores shared with other jobs, nice 10; 29.0 min wall for training:
+classifier 4.5 min, VAE 7 min, UNet 800 steps × batch 64 in 17 min at 1.2–2.6 s/step depending on the load; the
+evaluation below took another 6 min):
+  classifier: held-out real-digit accuracy 99.7 % (359 images); Fréchet(held-out real, train real) = 19.0
+  VAE: 0.66 M params, scaling_factor 0.4563, held-out reconstructions classified 99.7 %
+  UNet: 5.83 M params (64/128 channels); pipeline 13.4 MB (UNet + VAE stored fp16, text encoders fp32)
+  teacher, 500 samples (`eval_prompts`: 50 per digit, all 13 caption templates), DDIM 25 steps, Fréchet vs train real:
+      w = 0    accuracy 85.2 %   Fréchet  47.7
+      w = 0.5  accuracy 96.2 %   Fréchet  24.1     <- best Fréchet
+      w = 1    accuracy 98.4 %   Fréchet  61.3
+      w = 1.5  accuracy 99.0 %   Fréchet 115.8
+      w = 3    accuracy 99.6 %   Fréchet 270.4
+      w = 5    accuracy 100 %    Fréchet 446.8     (guidance trades diversity for fidelity, as usual)
+  DDIM at w = 1.5 with 1 / 2 / 4 / 8 steps: accuracy 98.8 / 99.2 / 99.0 / 99.0 %, Fréchet 491 / 263 / 175 / 139
+  (w is the LCM convention ε̂ = ε_c + w(ε_c − ε_u): diffusers guidance_scale = w + 1.)
 """
 
 from __future__ import annotations
@@ -384,7 +397,11 @@ def main():
     if out_dir.exists():
         shutil.rmtree(out_dir)
     if not args.fp32:
-        pipe.to(torch.float16)  # storage only: load with dtype=torch.float32 to run on CPU
+        # Storage only (halves the 27 MB). diffusers upcasts UNet/VAE to fp32 on a plain from_pretrained, but
+        # transformers keeps a text encoder's stored dtype, so the (tiny) text encoders stay fp32: then a plain
+        # from_pretrained gives an all-fp32 pipeline that runs on CPU.
+        pipe.unet.to(torch.float16)
+        pipe.vae.to(torch.float16)
     pipe.save_pretrained(out_dir)
     size_mb = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file()) / 1e6
     log(f"saved {out_dir} ({size_mb:.1f} MB)")
