@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--n", type=int, default=500, help="samples per cell")
     e.add_argument("--steps", default="1,2,4,8")
-    e.add_argument("--teacher-w", type=float, default=1.5, help="teacher CFG w (LCM convention; guidance_scale = w + 1)")
+    e.add_argument("--teacher-w", type=float, default=0.5, help="teacher CFG w (LCM convention; guidance_scale = w + 1)")
     e.add_argument("--guidance", type=float, default=1.0, help="student guidance_scale")
     e.add_argument("--methods", default=None, help="comma list of DDIM,DPM-Solver++,Euler,LCM-LoRA (default: all)")
     e.set_defaults(func=cmd_eval)
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--root", default=None, help="output folder (default runs/mini, or runs/demo with --tiny)")
     d.add_argument("--tiny", action="store_true", help="tiny random-weight teacher and shapes: a fast smoke run")
     d.add_argument("--eval-n", type=int, default=500, help="samples per cell of the quality table")
-    d.add_argument("--teacher-w", type=float, default=1.5, help="teacher CFG w for the table's baselines")
+    d.add_argument("--teacher-w", type=float, default=0.5, help="teacher CFG w for the table's baselines (the mini teacher's best FD)")
     d.add_argument("overrides", nargs="*", help="dotted config overrides for the training run")
     d.set_defaults(func=cmd_demo)
     return p

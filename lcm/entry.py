@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from accelerate.utils import set_seed
+
 from .config import load_config, to_yaml
 from .consistency import LCDSpec
 from .data import build_dataset, collate_fn, format_summary
@@ -50,10 +52,16 @@ def prepare_run(args: argparse.Namespace, schema) -> Optional[Run]:
         return None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     accelerator = make_accelerator(cfg.train)
+    # Important: seed everything that draws from the global RNGs (LoRA init, the student copy). torch's default
+    # generator starts from a random seed in every process, so without this two runs with the same train.seed differ.
+    set_seed(cfg.train.seed)
     # Data first: an empty or unusable folder fails here, before any model is loaded.
     dataset = build_dataset(cfg.data, seed=cfg.train.seed)
     summary = format_summary(dataset.summary)
-    accelerator.print(f"data: {summary}")
+    accelerator.print(summary)
+    if len(dataset) < cfg.train.batch_size:
+        raise ValueError(f"only {len(dataset)} usable image(s), fewer than train.batch_size={cfg.train.batch_size} "
+                         f"({summary})")
     pipe = load_pipeline(cfg.model.kind, cfg.model.pretrained, weight_dtype_for(cfg.train.mixed_precision),
                          cfg.model.revision, cfg.model.variant)
     pipe.to(accelerator.device)
@@ -75,3 +83,9 @@ def validation_grid(run: Run, replace: dict, step: int, out_dir: Path) -> None:
     images = generate(val, list(v.prompts), list(v.seeds), v.num_inference_steps, v.guidance_scale,
                       cfg.data.resolution, cfg.data.resolution)
     image_grid(images, len(v.seeds)).save(out_dir / f"step-{step:06d}.png")
+
+
+def report_decode_errors(run: Run) -> None:
+    """Files that passed the header check but failed to decode during training are counted; say so at the end."""
+    if run.dataset.summary.n_decode_errors:
+        run.accelerator.print(format_summary(run.dataset.summary))

@@ -30,6 +30,7 @@ def load_pipeline(kind: str, pretrained: str, torch_dtype=torch.float32, revisio
         raise ValueError(f"unknown model.kind {kind!r}; valid: {sorted(PIPELINES)}")
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd15" else {}
     pipe = PIPELINES[kind].from_pretrained(pretrained, torch_dtype=torch_dtype, revision=revision, variant=variant,
+                                           use_safetensors=True,
                                            **extra)
     pipe.vae.to(torch.float32)  # fp32 VAE encode/decode, whatever the weight dtype
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):

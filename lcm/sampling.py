@@ -12,6 +12,8 @@ import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 from PIL import Image
 
+from .lora import check_lora_matches
+
 from .presets import build_scheduler, get_preset
 
 logger = logging.getLogger("lcm")
@@ -77,7 +79,7 @@ def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (
     """Base pipeline (path or id) + LoRA(s) + the preset's scheduler (LCMScheduler by default), on device and dtype."""
     get_preset(preset)  # an unknown preset fails here, before any model is loaded
     device, torch_dtype = auto_device_dtype(device, dtype)
-    pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch_dtype)
+    pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch_dtype, use_safetensors=True)
     if hasattr(pipe, "safety_checker"):
         pipe.safety_checker = None
     scheduler_config = pipe.scheduler.config
@@ -85,10 +87,12 @@ def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (
     for i, (path, weight) in enumerate(loras):
         lora = resolve_lora_dir(path)
         name = f"lora{i}"
-        if lora.is_file():
-            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=name)
-        else:
-            pipe.load_lora_weights(str(lora), adapter_name=name)
+        where = {"pretrained_model_name_or_path_or_dict": str(lora.parent), "weight_name": lora.name} \
+            if lora.is_file() else {"pretrained_model_name_or_path_or_dict": str(lora)}
+        # A LoRA for another base fails here with the first mismatched module named, not deep inside PEFT.
+        check_lora_matches(pipe.unet, type(pipe).lora_state_dict(**where)[0])
+        pipe.load_lora_weights(**where, adapter_name=name)
+        if not lora.is_file():
             saved = lora / "scheduler" / "scheduler_config.json"
             if saved.is_file() and i == 0:
                 scheduler_config = LCMScheduler.load_config(str(lora / "scheduler"))

@@ -158,3 +158,12 @@ def test_lcm_demo_tiny_runs_the_whole_path(tmp_path):
                      "validation.every_n_steps=0", "train.checkpoint_every=0"]) == 0
     assert (root / "lcm-lora/final/pytorch_lora_weights.safetensors").is_file()
     assert Image.open(root / "grid.png").size == (8 * 32, 2 * 32)
+
+
+def test_lcm_sample_refuses_lora_of_another_base_naming_the_module(trained_run, tmp_path):
+    from lcm.tiny import save_tiny_pipeline
+
+    other = save_tiny_pipeline("sdxl", tmp_path / "narrow", block_out_channels=(16, 32))
+    with pytest.raises(ValueError, match=r"down_blocks\.0"):
+        lcm_main(["sample", "--base", str(other), "--lora", str(trained_run), "--prompt", "a", "--seeds", "0",
+                  "--steps", "1", "--height", "16", "--width", "16", "--out", str(tmp_path / "x.png")])
