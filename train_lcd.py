@@ -22,8 +22,8 @@ from lcm.encode import lcd_batch_from_data
 from lcm.export import export_unet_run
 from lcm.lora import swapped_weights
 from lcm.models import EMATarget, student_from_teacher, unet_role
-from lcm.entry import parse_train_args, prepare_run, report_decode_errors, validation_grid
-from lcm.trainer import TrainingTask, train
+from lcm.entry import parse_train_args, prepare_run, run_task, validation_grid
+from lcm.trainer import TrainingTask
 
 
 def main(argv=None):
@@ -63,10 +63,7 @@ def main(argv=None):
         validate=validate,
         export=lambda final: export_unet_run(final_unet(), pipe.scheduler.config, cfg, final, cfg.train.max_train_steps,
                                              run.summary))
-    train(cfg, accelerator, task)
-    report_decode_errors(run)
-    accelerator.print(f"done: {cfg.train.output_dir}/final")
-    return 0
+    return run_task(run, task)
 
 
 if __name__ == "__main__":

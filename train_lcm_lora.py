@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file
 from lcm.config import LCMLoraConfig
 from lcm.consistency import lcd_loss
 from lcm.encode import lcd_batch_from_data
-from lcm.entry import parse_train_args, prepare_run, report_decode_errors, validation_grid
+from lcm.entry import parse_train_args, prepare_run, run_task, validation_grid
 from lcm.export import export_lora_run
 from lcm.lora import add_lora, load_lora_into_training_unet
 from lcm.models import EMATarget, base_role, pipeline_class_of, unet_role
-from lcm.trainer import TrainingTask, train
+from lcm.trainer import TrainingTask
 
 ADAPTER_FILE = "lora_adapter.safetensors"
 
@@ -65,10 +65,7 @@ def main(argv=None):
         validate=lambda step, out_dir: validation_grid(run, {}, step, out_dir),
         export=lambda final: export_lora_run(unet, pipeline_class_of(pipe), pipe.scheduler.config, cfg, final,
                                              cfg.train.max_train_steps, run.summary))
-    train(cfg, accelerator, task)
-    report_decode_errors(run)
-    accelerator.print(f"done: {cfg.train.output_dir}/final")
-    return 0
+    return run_task(run, task)
 
 
 if __name__ == "__main__":

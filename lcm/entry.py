@@ -17,7 +17,7 @@ from .data import build_dataset, collate_fn, format_summary
 from .models import load_pipeline, noise_schedule_of, weight_dtype_for
 from .sampling import generate, image_grid, lcm_scheduler_for
 from .schedule import SolverGrid
-from .trainer import make_accelerator
+from .trainer import make_accelerator, train
 
 
 def parse_train_args(argv, doc: str, default_config: str) -> argparse.Namespace:
@@ -85,7 +85,10 @@ def validation_grid(run: Run, replace: dict, step: int, out_dir: Path) -> None:
     image_grid(images, len(v.seeds)).save(out_dir / f"step-{step:06d}.png")
 
 
-def report_decode_errors(run: Run) -> None:
-    """Files that passed the header check but failed to decode during training are counted; say so at the end."""
-    if run.dataset.summary.n_decode_errors:
+def run_task(run: Run, task) -> int:
+    """Train, then report what the data did during training and where the result is; the scripts' exit code."""
+    train(run.cfg, run.accelerator, task)
+    if run.dataset.summary.n_decode_errors:  # files that passed the header check but failed to decode mid-run
         run.accelerator.print(format_summary(run.dataset.summary))
+    run.accelerator.print(f"done: {run.cfg.train.output_dir}/final")
+    return 0

@@ -73,13 +73,8 @@ def heun_step(x, d_t, d_s, sigma_k_t, sigma_k_s):
     return x + (sigma_k_s - sigma_k_t) * (0.5 * d_t + 0.5 * d_s)
 
 
-def euler_solver(denoise: Denoiser, z_t, t, s, schedule: NoiseSchedule):
-    """First-order Euler step in Karras' (x = z/α, σ^K = σ/α) coordinates from t to s (one teacher evaluation).
-
-    For a consistent (x̂₀, ε̂) pair d = ε̂, so this is DDIM written in EDM's variables (Karras et al. §3 make the same
-    remark); it is kept as its own entry because it follows the EDM derivative form, which is what diffusers'
-    EulerDiscreteScheduler implements (its `sample` is our x), and differs from `ddim` only by rounding.
-    """
+def _karras_first_slope(denoise: Denoiser, z_t, t, s, schedule: NoiseSchedule):
+    """Shared start of Euler and Heun: x_t = z_t/α_t, σ^K at t and s, and the teacher's slope d_t at (z_t, t)."""
     work = _work_dtype(z_t)
     z = z_t.to(work)
     alpha_t, sigma_t = _alpha_sigma(schedule, t, z)
@@ -87,7 +82,17 @@ def euler_solver(denoise: Denoiser, z_t, t, s, schedule: NoiseSchedule):
     sk_t, sk_s = karras_sigma(alpha_t, sigma_t), karras_sigma(alpha_s, sigma_s)
     x_t = z / alpha_t
     x0_hat, _ = denoise(z_t, t)
-    d_t = karras_derivative(x_t, x0_hat.to(work), sk_t)
+    return x_t, karras_derivative(x_t, x0_hat.to(work), sk_t), alpha_s, sk_t, sk_s
+
+
+def euler_solver(denoise: Denoiser, z_t, t, s, schedule: NoiseSchedule):
+    """First-order Euler step in Karras' (x = z/α, σ^K = σ/α) coordinates from t to s (one teacher evaluation).
+
+    For a consistent (x̂₀, ε̂) pair d = ε̂, so this is DDIM written in EDM's variables (Karras et al. §3 make the same
+    remark); it is kept as its own entry because it follows the EDM derivative form, which is what diffusers'
+    EulerDiscreteScheduler implements (its `sample` is our x), and differs from `ddim` only by rounding.
+    """
+    x_t, d_t, alpha_s, sk_t, sk_s = _karras_first_slope(denoise, z_t, t, s, schedule)
     return (alpha_s * euler_step(x_t, d_t, sk_t, sk_s)).to(z_t.dtype)
 
 
@@ -102,15 +107,9 @@ def heun_solver(denoise: Denoiser, z_t, t, s, schedule: NoiseSchedule):
     high-noise step (999 → 499) it is *less* accurate (rel. error 0.26 vs 0.035): there the trajectory is nearly linear
     in σ^K, and z_s is a small difference of large terms that magnifies the corrector's slope error.
     """
-    work = _work_dtype(z_t)
-    z = z_t.to(work)
-    alpha_t, sigma_t = _alpha_sigma(schedule, t, z)
-    alpha_s, sigma_s = _alpha_sigma(schedule, s, z)
-    sk_t, sk_s = karras_sigma(alpha_t, sigma_t), karras_sigma(alpha_s, sigma_s)
-    x_t = z / alpha_t
     # 1. Euler predictor from the teacher at (z_t, t).
-    x0_hat, _ = denoise(z_t, t)
-    d_t = karras_derivative(x_t, x0_hat.to(work), sk_t)
+    x_t, d_t, alpha_s, sk_t, sk_s = _karras_first_slope(denoise, z_t, t, s, schedule)
+    work = x_t.dtype
     x_pred = euler_step(x_t, d_t, sk_t, sk_s)
     # 2. Second teacher evaluation at the predicted point (z = α_s x), timestep s; average the two slopes.
     x0_pred, _ = denoise((alpha_s * x_pred).to(z_t.dtype), s)

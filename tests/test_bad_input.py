@@ -2,7 +2,6 @@
 before training, an unusable folder fails before any model loads, and a file that only fails on full decode falls
 back during a real training run instead of crashing it."""
 
-import importlib.util
 import io
 import json
 import struct
@@ -16,6 +15,8 @@ from PIL import Image, ImageFile
 
 from lcm.data import build_dataset, check_image, format_summary, load_image
 from lcm.tiny import make_captioned_image_folder
+
+from _helpers import load_entry_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 16  # training resolution for the corpus; every good image is at least this big except small.png
@@ -160,11 +161,7 @@ def test_metadata_csv_bad_row_line_is_named(tmp_path):
 
 
 def _train_script():
-    spec = importlib.util.spec_from_file_location("train_lcm_lora", ROOT / "train_lcm_lora.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+    return load_entry_script("train_lcm_lora")
 
 def _args(teacher, data, out, *extra):
     return ["--config", "demo_lcm_lora", f"model.pretrained={teacher}", f"data.path={data}", f"train.output_dir={out}",
@@ -186,7 +183,7 @@ def test_unusable_dataset_fails_before_any_model_loads(case, tmp_path, monkeypat
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded for an unusable dataset")
 
-    monkeypatch.setattr(train, "load_pipeline", no_model)
+    monkeypatch.setattr("lcm.entry.load_pipeline", no_model)  # where the entry scripts' set-up loads the teacher
     message = {"empty": "no images", "all_bad": "no usable image", "fewer_than_batch": "fewer than train.batch_size"}
     with pytest.raises(ValueError, match=message[case]):
         train.main(_args(tmp_path / "no-teacher", data, tmp_path / "run", "train.max_train_steps=1"))

@@ -18,17 +18,12 @@ from lcm.export import (EXPORT_FORMATS, KOHYA_FILE, check_kohya_round_trip, expo
 from lcm.lora import add_lora
 from lcm.sampling import load_pipeline_for_sampling
 
+from _helpers import sdxl_unet_inputs
+
 RANK, ALPHA = 4, 8  # alpha ≠ rank, so a lost or misread alpha changes the output by a factor of 2
 
 
-def _unet_inputs(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = unet.config
-    text_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([999, 259]),
-                encoder_hidden_states=torch.randn(2, 77, c.cross_attention_dim, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(2, text_dim, generator=g),
-                                   "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)})
+_unet_inputs = sdxl_unet_inputs
 
 
 @torch.no_grad()

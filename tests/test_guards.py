@@ -2,7 +2,6 @@
 the first mismatched module named; weights load only through safe paths; no remote code anywhere."""
 
 import ast
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,15 +16,13 @@ from lcm.lora import add_lora, check_lora_matches, load_lora_into_training_unet,
 from lcm.tiny import build_tiny_sdxl_pipeline, make_captioned_image_folder
 from lcm.trainer import TrainingTask, list_checkpoints, resolve_resume, save_checkpoint
 
+from _helpers import load_entry_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train_script():
-    spec = importlib.util.spec_from_file_location("train_lcm_lora", ROOT / "train_lcm_lora.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+    return load_entry_script("train_lcm_lora")
 
 def _args(teacher, data, out, *extra):
     return ["--config", "demo_lcm_lora", f"model.pretrained={teacher}", f"data.path={data}", f"train.output_dir={out}",

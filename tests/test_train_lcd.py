@@ -1,6 +1,5 @@
 """Full LCD: zero-initialised guidance embedding, EMA target timing, smoke runs that export and reload in diffusers."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,13 @@ from lcm.tiny import make_captioned_image_folder, save_tiny_pipeline
 from lcm.trainer import TrainingTask, make_accelerator, train
 from lcm.config import load_config
 
+from _helpers import load_entry_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train_lcd():
-    spec = importlib.util.spec_from_file_location("train_lcd", ROOT / "train_lcd.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
-
+    return load_entry_script("train_lcd").main
 
 def _sdxl_cond(unet, B=3):
     c = unet.config

@@ -1,6 +1,5 @@
 """End-to-end smoke test of train_lcm_lora.py on a tiny SDXL teacher: train, resume, export, reload in diffusers."""
 
-import importlib.util
 import json
 import logging
 import warnings
@@ -17,14 +16,12 @@ from lcm.config import ConfigError
 from lcm.lora import add_lora, load_lora_into_training_unet
 from lcm.tiny import make_captioned_image_folder
 
+from _helpers import load_entry_script, sdxl_unet_inputs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_script = load_entry_script
 
 
 def _args(teacher, data, out, *extra, kind="sdxl"):
@@ -33,14 +30,7 @@ def _args(teacher, data, out, *extra, kind="sdxl"):
             "lora.rank=4", "lora.alpha=4", "validation.every_n_steps=0", *extra]
 
 
-def _unet_inputs(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = unet.config
-    text_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([999, 259]),
-                encoder_hidden_states=torch.randn(2, 77, c.cross_attention_dim, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(2, text_dim, generator=g),
-                                   "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)})
+_unet_inputs = sdxl_unet_inputs
 
 
 @pytest.fixture(scope="module")

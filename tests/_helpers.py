@@ -1,0 +1,27 @@
+"""Helpers shared by several test files (plain functions; fixtures live in conftest.py)."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_entry_script(name: str):
+    """Import a top-level entry script (train_lcm_lora.py, train_lcd.py) as a module, to call its `main(argv)`."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sdxl_unet_inputs(unet, seed: int = 0) -> dict:
+    """Seeded keyword inputs for a tiny SDXL UNet at 8×8 latents, batch 2, timesteps 999 and 259."""
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    text_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([999, 259]),
+                encoder_hidden_states=torch.randn(2, 77, c.cross_attention_dim, generator=g),
+                added_cond_kwargs={"text_embeds": torch.randn(2, text_dim, generator=g),
+                                   "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)})
