@@ -23,7 +23,7 @@ from lcm.encode import lcd_batch_from_data
 from lcm.entry import parse_train_args, prepare_run, run_task, validation_grid
 from lcm.export import export_lora_run
 from lcm.lora import add_lora, load_lora_into_training_unet
-from lcm.models import EMATarget, base_role, pipeline_class_of, unet_role
+from lcm.models import EMATarget, base_role, unet_role
 from lcm.trainer import TrainingTask
 
 ADAPTER_FILE = "lora_adapter.safetensors"
@@ -63,7 +63,7 @@ def main(argv=None):
         extra_state=ema.state if ema else dict, load_extra_state=ema.load if ema else (lambda state: None),
         save_model_hook=save_hook, load_model_hook=load_hook,
         validate=lambda step, out_dir: validation_grid(run, {}, step, out_dir),
-        export=lambda final: export_lora_run(unet, pipeline_class_of(pipe), pipe.scheduler.config, cfg, final,
+        export=lambda final: export_lora_run(unet, type(pipe), pipe.scheduler.config, cfg, final,
                                              cfg.train.max_train_steps, run.summary))
     return run_task(run, task)
 

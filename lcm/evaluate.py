@@ -19,7 +19,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from .guidance import guidance_scale_from_w
-from .sampling import image_grid, lcm_scheduler_for, resolve_lora_dir
+from .sampling import image_grid, lcm_scheduler_for, lora_load_args, resolve_lora_dir
 
 TEACHER_SOLVERS = {
     "DDIM": lambda c: DDIMScheduler.from_config(c, timestep_spacing="trailing", clip_sample=False,
@@ -67,7 +67,8 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
     seeds = list(range(n))
     pipe = DiffusionPipeline.from_pretrained(teacher)
     pipe.set_progress_bar_config(disable=True)
-    real, _ = load_digits_tensors("held_out", size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    real, _ = load_digits_tensors("held_out", size=size)
     real_feats = digit_features(real)
     base_config = pipe.scheduler.config
     methods = list(methods or [*TEACHER_SOLVERS, "LCM-LoRA"])
@@ -93,8 +94,7 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
             if lora is None:
                 continue
             path = resolve_lora_dir(lora)
-            pipe.load_lora_weights(str(path.parent if path.is_file() else path),
-                                   **({"weight_name": path.name} if path.is_file() else {}))
+            pipe.load_lora_weights(**lora_load_args(path))
             pipe.fuse_lora()
             pipe.scheduler = lcm_scheduler_for(base_config, original_inference_steps)
             for k in steps:
@@ -103,7 +103,7 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
             pipe.unload_lora_weights()
         else:
             raise ValueError(f"unknown method {name!r}; valid: {[*TEACHER_SOLVERS, 'LCM-LoRA']}")
-    real_vs_real = _real_vs_real()
+    real_vs_real = _real_vs_real(real_feats, size)
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "n": n, "teacher_w": teacher_w,
                                                   "real_vs_real_frechet": real_vs_real}, indent=2))
     (out / "table.md").write_text(markdown_table(rows, real_vs_real, n))
@@ -111,13 +111,12 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
     return rows
 
 
-def _real_vs_real() -> float:
-    """Reference floor: Fréchet distance between the real train and held-out splits."""
+def _real_vs_real(held_out_feats: torch.Tensor, size: int) -> float:
+    """Reference floor: Fréchet distance between the real train split and the held-out features already computed."""
     from .classifier import digit_features, frechet_distance
     from .digits import load_digits_tensors
 
-    return frechet_distance(digit_features(load_digits_tensors("train")[0]),
-                            digit_features(load_digits_tensors("held_out")[0]))
+    return frechet_distance(digit_features(load_digits_tensors("train", size=size)[0]), held_out_feats)
 
 
 def _to_pil(x: torch.Tensor):

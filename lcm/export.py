@@ -26,10 +26,7 @@ def export_lora_run(unet, pipeline_cls, teacher_scheduler_config, cfg, final_dir
     final_dir = Path(final_dir)
     final_dir.mkdir(parents=True, exist_ok=True)
     save_lora(unet, final_dir, pipeline_cls)
-    scheduler = lcm_scheduler_for(teacher_scheduler_config, cfg.distill.num_ddim_timesteps, cfg.distill.timestep_scaling)
-    scheduler.save_pretrained(str(final_dir / "scheduler"))
-    (final_dir / "README.md").write_text(model_card(cfg, steps_trained, data_summary))
-    return final_dir
+    return _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir, steps_trained, data_summary)
 
 
 def export_unet_run(unet, teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
@@ -38,6 +35,12 @@ def export_unet_run(unet, teacher_scheduler_config, cfg, final_dir: Path, steps_
     final_dir = Path(final_dir)
     final_dir.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(str(final_dir / "unet"), safe_serialization=True)
+    return _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir, steps_trained, data_summary)
+
+
+def _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
+                              data_summary: str) -> Path:
+    """`final/scheduler` (LCMScheduler on the teacher's betas, original_inference_steps = N) and `final/README.md`."""
     scheduler = lcm_scheduler_for(teacher_scheduler_config, cfg.distill.num_ddim_timesteps, cfg.distill.timestep_scaling)
     scheduler.save_pretrained(str(final_dir / "scheduler"))
     (final_dir / "README.md").write_text(model_card(cfg, steps_trained, data_summary))

@@ -7,7 +7,7 @@ the VAE always fp32 for encoding (SDXL's VAE overflows in fp16), trainable param
 from __future__ import annotations
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from .guidance import w_embedding
 from .ema import ema_update_
@@ -37,11 +37,6 @@ def load_pipeline(kind: str, pretrained: str, torch_dtype=torch.float32, revisio
         if module is not None:
             module.requires_grad_(False).eval()
     return pipe
-
-
-def pipeline_class_of(pipe) -> type:
-    """The pipeline's class, for class-level helpers such as `save_lora_weights`."""
-    return type(pipe) if isinstance(pipe, DiffusionPipeline) else StableDiffusionXLPipeline
 
 
 def noise_schedule_of(scheduler) -> NoiseSchedule:

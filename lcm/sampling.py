@@ -74,6 +74,13 @@ def resolve_lora_dir(path: str) -> Path:
                             "pytorch_lora_weights.safetensors, or a .safetensors file)")
 
 
+def lora_load_args(lora: Path) -> dict:
+    """Keyword arguments for diffusers' `load_lora_weights` / `lora_state_dict` from a resolved LoRA path."""
+    if lora.is_file():
+        return {"pretrained_model_name_or_path_or_dict": str(lora.parent), "weight_name": lora.name}
+    return {"pretrained_model_name_or_path_or_dict": str(lora)}
+
+
 def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (), fuse: bool = False,
                                device: Optional[str] = None, dtype: Optional[str] = None, preset: str = "lcm"):
     """Base pipeline (path or id) + LoRA(s) + the preset's scheduler (LCMScheduler by default), on device and dtype."""
@@ -87,8 +94,7 @@ def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (
     for i, (path, weight) in enumerate(loras):
         lora = resolve_lora_dir(path)
         name = f"lora{i}"
-        where = {"pretrained_model_name_or_path_or_dict": str(lora.parent), "weight_name": lora.name} \
-            if lora.is_file() else {"pretrained_model_name_or_path_or_dict": str(lora)}
+        where = lora_load_args(lora)
         # A LoRA for another base fails here with the first mismatched module named, not deep inside PEFT.
         check_lora_matches(pipe.unet, type(pipe).lora_state_dict(**where)[0])
         pipe.load_lora_weights(**where, adapter_name=name)
@@ -154,7 +160,6 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 4,
     if negative_prompt and guidance_scale <= 1.0:
         logger.warning("a negative prompt has no effect with guidance_scale <= 1 (no unconditional branch is run)")
     jobs = [(p, s) for p in prompts for s in seeds]
-    device = pipe._execution_device
     images: list[Image.Image] = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
@@ -170,7 +175,6 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 4,
         if negative_prompt:
             kwargs["negative_prompt"] = [negative_prompt] * len(chunk)
         images.extend(pipe(**kwargs).images)
-    del device
     return images
 
 
