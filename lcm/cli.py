@@ -91,9 +91,9 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _train(config: str, overrides: list[str]) -> None:
-    """Run train_lcm_lora.py in a child process, exactly as a user would."""
-    subprocess.run([sys.executable, str(REPO / "train_lcm_lora.py"), "--config", config, *overrides], check=True)
+def _train(config: str, overrides: list[str], script: str = "train_lcm_lora.py") -> None:
+    """Run a training script in a child process, exactly as a user would."""
+    subprocess.run([sys.executable, str(REPO / script), "--config", config, *overrides], check=True)
 
 
 def _sample_grid(base: str, lora: str, prompts: list[str], out: Path, size: int) -> None:
@@ -128,17 +128,23 @@ def cmd_demo(args) -> int:
     from .digits import export_digits_folder, prompt_for
 
     teacher, data = str(MINI_TEACHER), root / "digits"
+    lcd = root / "lcd" if args.lcd else None
     if not (data / "metadata.jsonl").is_file():
         print(f"[1/4] writing the digits as a captioned image folder to {data}")
         export_digits_folder(data)
     print(f"[2/4] distilling LCM-LoRA from the mini teacher into {run}")
     _train("mini_lcm_lora", [f"model.pretrained={teacher}", f"data.path={data}", f"train.output_dir={run}",
                              *args.overrides])
+    if lcd:
+        print(f"[2/4] full LCD (the whole UNet, with a guidance embedding) from the mini teacher into {lcd}")
+        _train("mini_lcd", [f"model.pretrained={teacher}", f"data.path={data}", f"train.output_dir={lcd}",
+                            *args.overrides], script="train_lcd.py")
     print(f"[3/4] sampling 4 steps with the LoRA into {root / 'grid.png'} (a row per digit, a column per seed)")
     _sample_grid(teacher, str(run), [prompt_for(d) for d in range(10)], root / "grid.png", 16)
     print(f"[4/4] the few-step quality table ({args.eval_n} samples per cell) into {root / 'eval'}")
-    return cmd_eval(argparse.Namespace(teacher=teacher, lora=str(run), out=str(root / "eval"), n=args.eval_n,
-                                       steps="1,2,4,8", teacher_w=args.teacher_w, guidance=1.0, methods=None))
+    return cmd_eval(argparse.Namespace(teacher=teacher, lora=str(run), lcd=str(lcd) if lcd else None,
+                                       out=str(root / "eval"), n=args.eval_n, steps="1,2,4,8",
+                                       teacher_w=args.teacher_w, guidance=1.0, methods=None))
 
 
 def cmd_data(args) -> int:
@@ -157,7 +163,7 @@ def cmd_eval(args) -> int:
 
     steps = [int(s) for s in args.steps.split(",")]
     evaluate(args.teacher, args.lora, args.out, n=args.n, steps=steps, teacher_w=args.teacher_w,
-             student_guidance=args.guidance, methods=args.methods.split(",") if args.methods else None)
+             student_guidance=args.guidance, methods=args.methods.split(",") if args.methods else None, lcd=args.lcd)
     print((Path(args.out) / "table.md").read_text())
     return 0
 
@@ -212,20 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="few-step quality table: teacher DDIM/DPM-Solver++/Euler vs LCM student")
     e.add_argument("--teacher", default=str(MINI_TEACHER), help="teacher pipeline folder (default: the mini teacher)")
     e.add_argument("--lora", default=None, help="the distilled LCM-LoRA (run folder or weights)")
+    e.add_argument("--lcd", default=None, help="the full-LCD student (train_lcd.py run folder or its UNet); sampled at "
+                   "guidance_scale = teacher w + 1 through its guidance embedding")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--n", type=int, default=500, help="samples per cell")
     e.add_argument("--steps", default="1,2,4,8")
     e.add_argument("--teacher-w", type=float, default=0.5, help="teacher CFG w (LCM convention; guidance_scale = w + 1)")
     e.add_argument("--guidance", type=float, default=1.0, help="student guidance_scale")
-    e.add_argument("--methods", default=None, help="comma list of DDIM,DPM-Solver++,Euler,LCM-LoRA (default: all)")
+    e.add_argument("--methods", default=None, help="comma list of DDIM,DPM-Solver++,Euler,LCM-LoRA,LCD (default: the "
+                   "teacher solvers and every student given)")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the main job: digits → LCM-LoRA from the mini teacher → grid → quality table")
     d.add_argument("--root", default=None, help="output folder (default runs/mini, or runs/demo with --tiny)")
     d.add_argument("--tiny", action="store_true", help="tiny random-weight teacher and shapes: a fast smoke run")
+    d.add_argument("--lcd", action="store_true", help="also distil the whole UNet (full LCD, configs/mini_lcd.yaml, "
+                   "~8 more minutes) and add its row to the table")
     d.add_argument("--eval-n", type=int, default=500, help="samples per cell of the quality table")
     d.add_argument("--teacher-w", type=float, default=0.5, help="teacher CFG w for the table's baselines (the mini teacher's best FD)")
-    d.add_argument("overrides", nargs="*", help="dotted config overrides for the training run")
+    d.add_argument("overrides", nargs="*", help="dotted config overrides for the training run(s)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -1,4 +1,8 @@
-"""The few-step quality table (LCM Table 1 in miniature): teacher solvers vs the distilled student at 1, 2, 4, 8 steps.
+"""The few-step quality table (LCM Table 1 in miniature): teacher solvers vs the distilled students at 1, 2, 4, 8 steps.
+
+Students: LCM-LoRA (adapters on the teacher's UNet, sampled at `student_guidance`) and full LCD (a whole UNet with a
+guidance embedding, sampled at guidance_scale = w + 1 with the teacher's w: the stock pipeline embeds guidance_scale − 1
+and runs no CFG pass for such a UNet).
 
 Metrics on the digits mini teacher: prompt accuracy (the shipped classifier recognises the prompted digit), the Fréchet
 distance between classifier-feature statistics of generated and real held-out digits (catches blur and lost diversity,
@@ -16,10 +20,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       UNet2DConditionModel)
 
 from .guidance import guidance_scale_from_w
-from .sampling import image_grid, lcm_scheduler_for, lora_load_args, resolve_lora_dir
+from .sampling import image_grid, lcm_scheduler_for, lora_load_args, resolve_lora_dir, resolve_unet_dir
 
 TEACHER_SOLVERS = {
     "DDIM": lambda c: DDIMScheduler.from_config(c, timestep_spacing="trailing", clip_sample=False,
@@ -28,6 +33,7 @@ TEACHER_SOLVERS = {
                                                                       algorithm_type="dpmsolver++", solver_order=2),
     "Euler": lambda c: EulerDiscreteScheduler.from_config(c, timestep_spacing="trailing"),
 }
+STUDENTS = ("LCM-LoRA", "LCD")
 
 
 @dataclass
@@ -55,8 +61,12 @@ def sample_tensors(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: in
 
 def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Sequence[int] = (1, 2, 4, 8),
              teacher_extra_steps: Sequence[int] = (25,), teacher_w: float = 1.5, student_guidance: float = 1.0,
-             original_inference_steps: int = 50, methods: Optional[Sequence[str]] = None) -> list[Row]:
-    """Run every (method, steps) cell; write results.json, table.md, one grid per row and plot.png to `out_dir`."""
+             original_inference_steps: int = 50, methods: Optional[Sequence[str]] = None,
+             lcd: Optional[str] = None) -> list[Row]:
+    """Run every (method, steps) cell; write results.json, table.md, one grid per row and plot.png to `out_dir`.
+
+    A student row runs only when its weights are given (`lora`, `lcd`); asking for it by name without them is an error.
+    """
     from .classifier import classify, digit_features, frechet_distance
     from .digits import eval_prompts, load_digits_tensors
 
@@ -71,7 +81,7 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
     real, _ = load_digits_tensors("held_out", size=size)
     real_feats = digit_features(real)
     base_config = pipe.scheduler.config
-    methods = list(methods or [*TEACHER_SOLVERS, "LCM-LoRA"])
+    methods = list(methods or [*TEACHER_SOLVERS, *(name for name, w in zip(STUDENTS, (lora, lcd)) if w)])
     rows: list[Row] = []
 
     def run(name: str, k: int, g: float):
@@ -92,7 +102,7 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
                 run(name, k, g_teacher)
         elif name == "LCM-LoRA":
             if lora is None:
-                continue
+                raise ValueError("the LCM-LoRA row needs --lora (a train_lcm_lora.py run folder or weights)")
             path = resolve_lora_dir(lora)
             pipe.load_lora_weights(**lora_load_args(path))
             pipe.fuse_lora()
@@ -101,8 +111,19 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
                 run(name, k, student_guidance)
             pipe.unfuse_lora()
             pipe.unload_lora_weights()
+        elif name == "LCD":
+            if lcd is None:
+                raise ValueError("the LCD row needs --lcd (a train_lcd.py run folder or its UNet)")
+            teacher_unet = pipe.unet
+            pipe.unet = UNet2DConditionModel.from_pretrained(resolve_unet_dir(lcd))
+            if pipe.unet.config.time_cond_proj_dim is None:
+                raise ValueError(f"{lcd}: this UNet has no guidance embedding (time_cond_proj_dim); not a full-LCD student")
+            pipe.scheduler = lcm_scheduler_for(base_config, original_inference_steps)
+            for k in steps:
+                run(name, k, g_teacher)  # the student embeds w = g − 1: the teacher's own w
+            pipe.unet = teacher_unet
         else:
-            raise ValueError(f"unknown method {name!r}; valid: {[*TEACHER_SOLVERS, 'LCM-LoRA']}")
+            raise ValueError(f"unknown method {name!r}; valid: {[*TEACHER_SOLVERS, *STUDENTS]}")
     real_vs_real = _real_vs_real(real_feats, size)
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "n": n, "teacher_w": teacher_w,
                                                   "real_vs_real_frechet": real_vs_real}, indent=2))

@@ -74,6 +74,16 @@ def resolve_lora_dir(path: str) -> Path:
                             "pytorch_lora_weights.safetensors, or a .safetensors file)")
 
 
+def resolve_unet_dir(path: str) -> Path:
+    """A full-LCD student given as a run folder (`final/unet`), its `final/` folder, or the UNet folder itself."""
+    p = Path(path)
+    for candidate in (p / "final" / "unet", p / "unet", p):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"no diffusers UNet at {path!r} (expected a train_lcd.py run folder, its final/ folder, "
+                            "or a folder with config.json + diffusion_pytorch_model.safetensors)")
+
+
 def lora_load_args(lora: Path) -> dict:
     """Keyword arguments for diffusers' `load_lora_weights` / `lora_state_dict` from a resolved LoRA path."""
     if lora.is_file():

@@ -3,6 +3,7 @@
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
@@ -11,6 +12,7 @@ from lcm.config import LCM_LORA_TARGETS
 from lcm.data import build_dataset
 from lcm.digits import load_digits_tensors
 from lcm.lora import add_lora, save_lora
+from lcm.models import student_from_teacher
 
 
 def test_digits_folder_round_trips_through_the_image_folder_loader(tmp_path):
@@ -32,17 +34,35 @@ def test_digits_folder_round_trips_through_the_image_folder_loader(tmp_path):
 
 def test_lcm_eval_tiny_budget_writes_table_json_grids_and_plot(tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(MINI_TEACHER)
+    student = student_from_teacher(pipe.unet, 8)  # a full-LCD student as train_lcd.py exports it (final/unet)
+    student.save_pretrained(tmp_path / "lcd" / "final" / "unet")
     params = add_lora(pipe.unet, 4, 4, LCM_LORA_TARGETS)
     with torch.no_grad():
         for p in params:
             p.add_(0.01 * torch.randn_like(p))
     save_lora(pipe.unet, tmp_path / "lora", StableDiffusionXLPipeline)
     out = tmp_path / "eval"
-    assert lcm_main(["eval", "--lora", str(tmp_path / "lora"), "--out", str(out), "--n", "10", "--steps", "1,2",
-                     "--methods", "DDIM,LCM-LoRA"]) == 0
+    assert lcm_main(["eval", "--lora", str(tmp_path / "lora"), "--lcd", str(tmp_path / "lcd"), "--out", str(out),
+                     "--n", "10", "--steps", "1,2", "--methods", "DDIM,LCM-LoRA,LCD", "--teacher-w", "0.5"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["method"], r["steps"]) for r in rows] == [("DDIM", 1), ("DDIM", 2), ("DDIM", 25),
-                                                         ("LCM-LoRA", 1), ("LCM-LoRA", 2)]
+                                                         ("LCM-LoRA", 1), ("LCM-LoRA", 2), ("LCD", 1), ("LCD", 2)]
     assert all(0 <= r["accuracy"] <= 1 and r["frechet"] >= 0 and r["sec_per_image"] > 0 for r in rows)
-    assert (out / "table.md").read_text().count("| LCM-LoRA |") == 2
-    assert len(list((out / "grids").glob("*.png"))) == 5 and (out / "plot.png").stat().st_size > 0
+    # The LCD student is sampled at the teacher's w through its embedding: guidance_scale = w + 1.
+    assert [r["guidance_scale"] for r in rows if r["method"] == "LCD"] == [1.5, 1.5]
+    table = (out / "table.md").read_text()
+    assert table.count("| LCM-LoRA |") == 2 and table.count("| LCD |") == 2
+    assert len(list((out / "grids").glob("*.png"))) == 7 and (out / "plot.png").stat().st_size > 0
+
+
+def test_lcm_eval_student_rows_need_their_weights(tmp_path):
+    for method, flag in (("LCM-LoRA", "--lora"), ("LCD", "--lcd")):
+        with pytest.raises(ValueError, match=flag):
+            lcm_main(["eval", "--out", str(tmp_path), "--n", "2", "--steps", "1", "--methods", method])
+
+
+def test_lcd_row_rejects_a_unet_without_guidance_embedding(tmp_path):
+    StableDiffusionXLPipeline.from_pretrained(MINI_TEACHER).unet.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="guidance embedding"):
+        lcm_main(["eval", "--lcd", str(tmp_path / "plain"), "--out", str(tmp_path / "e"), "--n", "2", "--steps", "1",
+                  "--methods", "LCD"])
