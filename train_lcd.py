@@ -6,7 +6,10 @@ Three roles (DESIGN.md §1):
     student = a trainable fp32 copy with a guidance-embedding input (time_cond_proj_dim), its projection zero-initialised
               so the student starts equal to the teacher; w reaches it through that embedding, not through CFG;
     target  = θ⁻, an EMA of the student (ema_decay, default 0.95), evaluated with θ⁻ swapped into the student's module.
-Output: final/unet (diffusers format; the stock pipeline embeds guidance_scale − 1 = w), final/scheduler, final/README.md.
+PixArt (PixArt-δ): the transformer has no guidance-embedding input, so the student is a plain copy; set w_min = w_max
+for a fixed w (as PixArt-δ), or give a range to average over it.
+Output: final/unet (diffusers format; the stock pipeline embeds guidance_scale − 1 = w) or final/transformer,
+final/scheduler, final/README.md.
 Run:  python train_lcd.py --config lcd_sdxl model.pretrained=PATH data.path=FOLDER
 """
 
@@ -21,7 +24,7 @@ from lcm.consistency import lcd_loss
 from lcm.encode import lcd_batch_from_data
 from lcm.export import export_unet_run
 from lcm.lora import swapped_weights
-from lcm.models import EMATarget, student_from_teacher, unet_role
+from lcm.models import EMATarget, denoiser_name, denoiser_role, student_from_teacher
 from lcm.entry import parse_train_args, prepare_run, run_task, validation_grid
 from lcm.trainer import TrainingTask
 
@@ -32,21 +35,22 @@ def main(argv=None):
         return 0
     cfg, accelerator, dataset, pipe, spec = run.cfg, run.accelerator, run.dataset, run.pipe, run.spec
 
-    teacher_unet = pipe.unet  # frozen, weight dtype
-    student = student_from_teacher(teacher_unet, cfg.distill.w_embed_dim)
+    name = denoiser_name(pipe)  # "unet", or "transformer" for PixArt
+    teacher_net = getattr(pipe, name)  # frozen, weight dtype
+    student = student_from_teacher(teacher_net, cfg.distill.w_embed_dim)
     if cfg.train.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     params = [p for p in student.parameters() if p.requires_grad]
     ema = EMATarget(dict(student.named_parameters()), cfg.distill.ema_decay,
                     device="cpu" if cfg.distill.ema_on_cpu else None)
-    teacher, target = unet_role(teacher_unet), ema.role(student)
+    teacher, target = denoiser_role(teacher_net), ema.role(student)
 
     def loss_fn(model, batch, gen):
         lcd = lcd_batch_from_data(pipe, batch, gen, cfg.distill, spec.grid, accelerator.device)
         # The student goes through the accelerate-prepared module (gradient sync); w enters via its embedding.
-        return lcd_loss(unet_role(model), target, teacher, lcd, spec)
+        return lcd_loss(denoiser_role(model), target, teacher, lcd, spec)
 
-    def final_unet():
+    def final_model():
         """The exported model is the EMA target θ⁻ (consistency models sample from the EMA weights)."""
         with torch.no_grad():
             for p, s in zip(ema.params, ema.shadow):
@@ -55,14 +59,14 @@ def main(argv=None):
 
     def validate(step, out_dir):
         with swapped_weights(ema.params, ema.shadow):  # validate what will be exported: θ⁻
-            validation_grid(run, {"unet": student}, step, out_dir)
+            validation_grid(run, {name: student}, step, out_dir)
 
     task = TrainingTask(
         model=student, params=params, dataset=dataset, collate_fn=run.collate_fn, loss_fn=loss_fn,
         after_optimizer_step=ema.update, extra_state=ema.state, load_extra_state=ema.load,
         validate=validate,
-        export=lambda final: export_unet_run(final_unet(), pipe.scheduler.config, cfg, final, cfg.train.max_train_steps,
-                                             run.summary))
+        export=lambda final: export_unet_run(final_model(), pipe.scheduler.config, cfg, final, cfg.train.max_train_steps,
+                                             run.summary, subfolder=name))
     return run_task(run, task)
 
 

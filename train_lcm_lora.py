@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """LCM-LoRA: distil a diffusion teacher into few-step LoRA adapters (Luo et al. 2023, arXiv:2311.05556).
 
-One UNet in memory plays three roles (DESIGN.md §1):
-    teacher = the UNet with adapters disabled (frozen base), queried with CFG at w ~ U[w_min, w_max];
-    student = the UNet with adapters on (trainable, fp32 LoRA tensors);
-    target  = the UNet with adapters on, under no_grad, carrying the online weights (ema_decay = 0, as LCM-LoRA does)
-              or an adapter-only EMA of them.
+One denoiser (the UNet, or PixArt's transformer) in memory plays three roles (DESIGN.md §1):
+    teacher = the denoiser with adapters disabled (frozen base), queried with CFG at w ~ U[w_min, w_max];
+    student = the denoiser with adapters on (trainable, fp32 LoRA tensors);
+    target  = the denoiser with adapters on, under no_grad, carrying the online weights (ema_decay = 0, as LCM-LoRA
+              does) or an adapter-only EMA of them.
 Run:  python train_lcm_lora.py --config lcm_lora_sdxl model.pretrained=PATH data.path=FOLDER
       accelerate launch train_lcm_lora.py --config …           (several GPUs / nodes)
 """
@@ -23,7 +23,7 @@ from lcm.encode import lcd_batch_from_data
 from lcm.entry import parse_train_args, prepare_run, run_task, validation_grid
 from lcm.export import export_lora_run
 from lcm.lora import add_lora, load_lora_into_training_unet
-from lcm.models import EMATarget, base_role, unet_role
+from lcm.models import EMATarget, base_role, denoiser_of, denoiser_role
 from lcm.trainer import TrainingTask
 
 ADAPTER_FILE = "lora_adapter.safetensors"
@@ -35,19 +35,19 @@ def main(argv=None):
         return 0
     cfg, accelerator, pipe, spec = run.cfg, run.accelerator, run.pipe, run.spec
 
-    unet = pipe.unet
-    params = add_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
+    net = denoiser_of(pipe)  # the UNet, or PixArt's transformer
+    params = add_lora(net, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
     if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    named = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        net.enable_gradient_checkpointing()
+    named = {n: p for n, p in net.named_parameters() if p.requires_grad}
     ema = EMATarget(named, cfg.distill.ema_decay) if cfg.distill.ema_decay > 0 else None
-    teacher = base_role(unet)  # frozen base: adapters disabled
-    target = ema.role(unet) if ema else unet_role(unet)  # lcd_loss evaluates it under no_grad
+    teacher = base_role(net)  # frozen base: adapters disabled
+    target = ema.role(net) if ema else denoiser_role(net)  # lcd_loss evaluates it under no_grad
 
     def loss_fn(model, batch, gen):
         lcd = lcd_batch_from_data(pipe, batch, gen, cfg.distill, spec.grid, accelerator.device)
         # The student goes through the accelerate-prepared module (gradient sync under DDP); teacher/target unwrapped.
-        return lcd_loss(unet_role(model), target, teacher, lcd, spec)
+        return lcd_loss(denoiser_role(model), target, teacher, lcd, spec)
 
     def save_hook(models, weights, out_dir):
         # Checkpoint the adapters only: the frozen base is the teacher's and never changes.
@@ -58,12 +58,12 @@ def main(argv=None):
         load_lora_into_training_unet(accelerator.unwrap_model(models.pop()), load_file(f"{in_dir}/{ADAPTER_FILE}"))
 
     task = TrainingTask(
-        model=unet, params=params, dataset=run.dataset, collate_fn=run.collate_fn, loss_fn=loss_fn,
+        model=net, params=params, dataset=run.dataset, collate_fn=run.collate_fn, loss_fn=loss_fn,
         after_optimizer_step=ema.update if ema else (lambda: None),
         extra_state=ema.state if ema else dict, load_extra_state=ema.load if ema else (lambda state: None),
         save_model_hook=save_hook, load_model_hook=load_hook,
         validate=lambda step, out_dir: validation_grid(run, {}, step, out_dir),
-        export=lambda final: export_lora_run(unet, type(pipe), pipe.scheduler.config, cfg, final,
+        export=lambda final: export_lora_run(net, type(pipe), pipe.scheduler.config, cfg, final,
                                              cfg.train.max_train_steps, run.summary))
     return run_task(run, task)
 

@@ -64,7 +64,7 @@ def cmd_sample(args) -> int:
         init_image = load_init_image(args.init_image, args.height, args.width)
     seeds = parse_seeds(args.seeds)
     pipe = load_pipeline_for_sampling(args.base, [_lora_arg(v) for v in args.lora or []], fuse=args.fuse,
-                                      device=args.device, dtype=args.dtype, preset=args.preset)
+                                      device=args.device, dtype=args.dtype, preset=args.preset, student=args.student)
     if init_image is not None:
         pipe = img2img_pipeline(pipe)
     images = generate(pipe, prompts, seeds, args.steps, args.guidance, args.height, args.width, args.negative_prompt,
@@ -97,9 +97,9 @@ def _train(config: str, overrides: list[str], script: str = "train_lcm_lora.py")
 
 
 def _sample_grid(base: str, lora: str, prompts: list[str], out: Path, size: int) -> None:
-    cmd_sample(argparse.Namespace(base=base, lora=[lora], prompt=prompts, prompts_file=None, seeds="0-7", steps=4,
-                                  guidance=1.0, height=size, width=size, out=str(out), fuse=True, device=None,
-                                  dtype=None, negative_prompt=None))
+    cmd_sample(argparse.Namespace(base=base, lora=[lora], student=None, prompt=prompts, prompts_file=None,
+                                  seeds="0-7", steps=4, guidance=1.0, height=size, width=size, out=str(out),
+                                  fuse=True, device=None, dtype=None, negative_prompt=None))
 
 
 def cmd_demo(args) -> int:
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", required=True, help="base pipeline: a local diffusers folder or a hub id")
     s.add_argument("--lora", action="append", help="LoRA run folder / weights folder / .safetensors, optional :WEIGHT;"
                    " repeat to stack")
+    s.add_argument("--student", default=None, help="a full-LCD student (train_lcd.py run folder): replaces the base's "
+                   "UNet/transformer; for a UNet with a guidance embedding, --guidance = w + 1")
     s.add_argument("--prompt", action="append", help="repeatable")
     s.add_argument("--prompts-file", help="one prompt per line")
     s.add_argument("--negative-prompt", default=None)

@@ -30,7 +30,7 @@ LCM_LORA_TARGETS = [
 @dataclass
 class ModelConfig:
     pretrained: str = MISSING  # a diffusers pipeline folder or a hub id
-    kind: str = "sdxl"  # sdxl | sd15
+    kind: str = "sdxl"  # sdxl (also SSD-1B) | sd15 (also SD2.x) | pixart (PixArt-α; full LCD on it is PixArt-δ)
     revision: Optional[str] = None
     variant: Optional[str] = None
 
@@ -143,7 +143,7 @@ class ConfigError(ValueError):
 
 
 CHOICES = {
-    "model.kind": ("sdxl", "sd15"),
+    "model.kind": ("sdxl", "sd15", "pixart"),
     "data.source": ("folder", "hf"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.report_to": ("tensorboard", "none"),

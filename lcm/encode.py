@@ -1,4 +1,5 @@
-"""Turn a data batch into model inputs: fp32 VAE latents and text conditioning (both SDXL encoders, or SD1.5's one)."""
+"""Turn a data batch into model inputs: fp32 VAE latents and text conditioning (both SDXL encoders, SD1.5's one, or
+PixArt's T5 with its attention mask)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,20 @@ def encode_text(pipe, captions: list[str], time_ids: torch.Tensor | None, device
     """(cond, uncond) dicts for the UNet role callables, through the pipeline's own `encode_prompt`.
 
     SDXL: the unconditional input is zeros for both the token embeddings and the pooled embedding, as SDXL's
-    `force_zeros_for_empty_prompt` does at inference; SD1.5 encodes the empty prompt.
+    `force_zeros_for_empty_prompt` does at inference; SD1.5 and PixArt encode the empty prompt. PixArt adds the T5
+    attention masks and, for the 1024-px model, its (height, width) / aspect-ratio micro-conditioning from
+    `time_ids`' target size.
     """
+    if getattr(pipe, "transformer", None) is not None:  # PixArt
+        embeds, mask, neg, neg_mask = pipe.encode_prompt(list(captions), do_classifier_free_guidance=True,
+                                                         negative_prompt="", device=device)
+        cond = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        uncond = {"encoder_hidden_states": neg, "encoder_attention_mask": neg_mask}
+        if pipe.transformer.use_additional_conditions:
+            hw = time_ids[:, 4:6].to(device=device, dtype=embeds.dtype)  # target (height, width) in pixels
+            extra = {"resolution": hw, "aspect_ratio": (hw[:, :1] / hw[:, 1:])}
+            cond, uncond = {**cond, **extra}, {**uncond, **extra}
+        return cond, uncond
     if hasattr(pipe, "text_encoder_2"):  # SDXL family
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=list(captions), device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)

@@ -73,6 +73,7 @@ def prepare_run(args: argparse.Namespace, schema) -> Optional[Run]:
 
 
 def validation_grid(run: Run, replace: dict, step: int, out_dir: Path) -> None:
+    """`replace` swaps pipeline components (e.g. {"unet": student}) for this grid only."""
     """A PNG grid (a row per prompt, a column per seed) from the current weights with LCMScheduler."""
     cfg, pipe = run.cfg, run.pipe
     out_dir.mkdir(parents=True, exist_ok=True)

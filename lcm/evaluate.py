@@ -24,7 +24,7 @@ from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepSched
                        UNet2DConditionModel)
 
 from .guidance import guidance_scale_from_w
-from .sampling import image_grid, lcm_scheduler_for, lora_load_args, resolve_lora_dir, resolve_unet_dir
+from .sampling import image_grid, lcm_scheduler_for, lora_load_args, resolve_lora_dir, resolve_student_dir
 
 TEACHER_SOLVERS = {
     "DDIM": lambda c: DDIMScheduler.from_config(c, timestep_spacing="trailing", clip_sample=False,
@@ -115,7 +115,7 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
             if lcd is None:
                 raise ValueError("the LCD row needs --lcd (a train_lcd.py run folder or its UNet)")
             teacher_unet = pipe.unet
-            pipe.unet = UNet2DConditionModel.from_pretrained(resolve_unet_dir(lcd))
+            pipe.unet = UNet2DConditionModel.from_pretrained(resolve_student_dir(lcd))
             if pipe.unet.config.time_cond_proj_dim is None:
                 raise ValueError(f"{lcd}: this UNet has no guidance embedding (time_cond_proj_dim); not a full-LCD student")
             pipe.scheduler = lcm_scheduler_for(base_config, original_inference_steps)

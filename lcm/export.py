@@ -20,21 +20,23 @@ from .models import PIPELINES
 from .sampling import lcm_scheduler_for
 
 
-def export_lora_run(unet, pipeline_cls, teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
+def export_lora_run(model, pipeline_cls, teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
                     data_summary: str = "") -> Path:
-    """Write `final/` so `pipe.load_lora_weights(final)` and `LCMScheduler.from_pretrained(final/'scheduler')` work."""
+    """Write `final/` so `pipe.load_lora_weights(final)` (PixArt: `PeftModel.from_pretrained(pipe.transformer, final)`)
+    and `LCMScheduler.from_pretrained(final/'scheduler')` work."""
     final_dir = Path(final_dir)
     final_dir.mkdir(parents=True, exist_ok=True)
-    save_lora(unet, final_dir, pipeline_cls)
+    save_lora(model, final_dir, pipeline_cls)
     return _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir, steps_trained, data_summary)
 
 
-def export_unet_run(unet, teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
-                    data_summary: str = "") -> Path:
-    """Full LCD: `final/unet` (a UNet with a guidance embedding, loadable into the stock pipeline) + scheduler + card."""
+def export_unet_run(model, teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
+                    data_summary: str = "", subfolder: str = "unet") -> Path:
+    """Full LCD: `final/unet` (a UNet with a guidance embedding; PixArt: `final/transformer`), loadable into the stock
+    pipeline, + scheduler + card."""
     final_dir = Path(final_dir)
     final_dir.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(str(final_dir / "unet"), safe_serialization=True)
+    model.save_pretrained(str(final_dir / subfolder), safe_serialization=True)
     return _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir, steps_trained, data_summary)
 
 
@@ -50,14 +52,23 @@ def _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir: Path, st
 def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
     """A short model card: base, data, training, and how to sample."""
     d = cfg.distill
-    lora = "lora" in cfg
-    what = f"rank {cfg.lora.rank}, alpha {cfg.lora.alpha}" if lora else f"whole UNet, w-embedding dim {d.w_embed_dim}"
+    lora, pixart = "lora" in cfg, cfg.model.kind == "pixart"
+    what = (f"rank {cfg.lora.rank}, alpha {cfg.lora.alpha}" if lora else "whole transformer (no w input)" if pixart
+            else f"whole UNet, w-embedding dim {d.w_embed_dim}")
+    g_student = 1.0 if lora or pixart else guidance_scale_from_w((d.w_min + d.w_max) / 2)
     guidance = ("`guidance_scale` 1.0–2.0 with `LCMScheduler`\n(the guidance was distilled in; values above 2 "
-                "over-saturate, and ≤ 1 makes negative prompts inert)" if lora else
+                "over-saturate, and ≤ 1 makes negative prompts inert)" if lora or pixart else
                 f"`guidance_scale` = w + 1 with w in the trained range [{d.w_min}, {d.w_max}]: the pipeline feeds "
                 "guidance_scale − 1 = w to the UNet's guidance embedding and runs no unconditional pass")
-    load = ('pipe.load_lora_weights("path/to/this/folder")' if lora else
-            'pipe.unet = UNet2DConditionModel.from_pretrained("path/to/this/folder", subfolder="unet")')
+    if pixart and lora:
+        load = ('from peft import PeftModel\n'
+                'pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "path/to/this/folder")')
+    elif lora:
+        load = 'pipe.load_lora_weights("path/to/this/folder")'
+    else:
+        sub, cls = ("transformer", "PixArtTransformer2DModel") if pixart else ("unet", "UNet2DConditionModel")
+        load = (f'from diffusers import {cls}\n'
+                f'pipe.{sub} = {cls}.from_pretrained("path/to/this/folder", subfolder="{sub}")')
     return f"""---
 library_name: diffusers
 base_model: {cfg.model.pretrained}
@@ -79,11 +90,11 @@ Distilled with [lcm-distill](https://pypi.org/project/lcm-distill/) by latent co
 **Recommended sampling:** 4 steps (2–8 work), {guidance}.
 
 ```python
-from diffusers import DiffusionPipeline, LCMScheduler, UNet2DConditionModel
+from diffusers import DiffusionPipeline, LCMScheduler
 pipe = DiffusionPipeline.from_pretrained("{cfg.model.pretrained}")
 {load}
 pipe.scheduler = LCMScheduler.from_pretrained("path/to/this/folder", subfolder="scheduler")
-image = pipe("a prompt", num_inference_steps=4, guidance_scale={1.0 if lora else guidance_scale_from_w((d.w_min + d.w_max) / 2)}).images[0]
+image = pipe("a prompt", num_inference_steps=4, guidance_scale={g_student}).images[0]
 ```
 """
 
@@ -223,8 +234,13 @@ def read_run(run) -> tuple[Path, DictConfig]:
     """A training run folder → (its `final/` folder, its resolved config.yaml)."""
     run = Path(run)
     final, config = run / "final", run / "config.yaml"
-    for needed in (final / LORA_FILE, config):
+    for needed in (config, final / LORA_FILE):
         if not needed.is_file():
+            if needed == final / LORA_FILE and OmegaConf.load(config).model.get("kind") == "pixart":
+                # kohya/ComfyUI naming and diffusers' fusing are UNet-only
+                raise ValueError(f"lcm export covers UNet LoRAs; {run} is a PixArt run, whose final/ is already in "
+                                 "PEFT's format (PeftModel.from_pretrained(pipe.transformer, final)); lcm sample "
+                                 "merges it")
             raise FileNotFoundError(f"{run} is not a finished training run: {needed} is missing")
     return final, OmegaConf.load(config)
 

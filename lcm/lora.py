@@ -1,7 +1,12 @@
-"""LoRA on the UNet through PEFT: add adapters, switch roles with named context managers, save and load.
+"""LoRA on the denoiser through PEFT: add adapters, switch roles with named context managers, save and load.
 
-The teacher of LCM-LoRA is the same UNet with its adapters disabled; the target is the same UNet with the EMA adapter
-weights swapped in. Both are context managers so no caller toggles adapters inline.
+The teacher of LCM-LoRA is the same network with its adapters disabled; the target is the same network with the EMA
+adapter weights swapped in. Both are context managers so no caller toggles adapters inline.
+
+UNets carry diffusers' PEFT integration (`add_adapter`, `load_lora_weights` on the pipeline). PixArt's transformer has
+none in diffusers, so there the adapter is injected with PEFT directly and saved in PEFT's own folder format
+(`adapter_config.json` + `adapter_model.safetensors`), which `PeftModel.from_pretrained(pipe.transformer, folder)`
+loads — the way PixArt's own LCM-LoRA is published.
 """
 
 from __future__ import annotations
@@ -11,22 +16,34 @@ import re
 from typing import Iterable, Iterator
 
 import torch
+from pathlib import Path
+
 from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+
+PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."  # how a PeftModel names the wrapped model's modules in its saved weights
 
 
-def add_lora(unet, rank: int, alpha: float, target_modules: Iterable[str], dropout: float = 0.0) -> list[torch.nn.Parameter]:
-    """Attach a PEFT LoRA adapter ("default") to a frozen UNet; returns the trainable LoRA parameters, kept in fp32."""
-    unet.requires_grad_(False)
+def add_lora(model, rank: int, alpha: float, target_modules: Iterable[str], dropout: float = 0.0) -> list[torch.nn.Parameter]:
+    """Attach a PEFT LoRA adapter ("default") to a frozen denoiser; returns the trainable LoRA parameters, in fp32."""
+    model.requires_grad_(False)
     config = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                             target_modules=list(target_modules))
     try:
-        unet.add_adapter(config)
+        if hasattr(model, "add_adapter"):  # diffusers' PeftAdapterMixin (UNets)
+            model.add_adapter(config)
+        else:  # no diffusers integration (PixArt): inject with PEFT and record the config where PEFT's utils look
+            inject_adapter_in_model(config, model, adapter_name="default")
+            model.peft_config = {"default": config}
     except ValueError as err:  # PEFT's message does not name our config key
         raise ValueError(f"lora.target_modules={list(target_modules)}: {err}") from err
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
     if not params:
-        raise ValueError(f"no UNet module matched lora.target_modules={list(target_modules)}")
+        raise ValueError(f"no module matched lora.target_modules={list(target_modules)}")
     for p in params:
         # Important: adapters train in fp32 even when the frozen base runs in fp16/bf16 (mixed-precision safety).
         p.data = p.data.float()
@@ -34,14 +51,21 @@ def add_lora(unet, rank: int, alpha: float, target_modules: Iterable[str], dropo
     return params
 
 
+def _set_adapters_enabled(model, enabled: bool) -> None:
+    # What diffusers' disable_adapters/enable_adapters do, for any module tree carrying PEFT layers.
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled=enabled)
+
+
 @contextlib.contextmanager
-def adapters_disabled(unet) -> Iterator[None]:
-    """Run the base model: the LCM-LoRA teacher is the UNet with its adapters switched off."""
-    unet.disable_adapters()
+def adapters_disabled(model) -> Iterator[None]:
+    """Run the base model: the LCM-LoRA teacher is the denoiser with its adapters switched off."""
+    _set_adapters_enabled(model, False)
     try:
         yield
     finally:
-        unet.enable_adapters()
+        _set_adapters_enabled(model, True)
 
 
 @contextlib.contextmanager
@@ -78,10 +102,16 @@ def lora_metadata(unet) -> dict:
     return unet.peft_config["default"].to_dict()
 
 
-def save_lora(unet, out_dir, pipeline_cls) -> None:
-    """Write `pytorch_lora_weights.safetensors` so `pipe.load_lora_weights(out_dir)` works unchanged."""
-    pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(unet),
-                                   unet_lora_adapter_metadata=lora_metadata(unet), safe_serialization=True)
+def save_lora(model, out_dir, pipeline_cls) -> None:
+    """UNet pipelines: `pytorch_lora_weights.safetensors`, so `pipe.load_lora_weights(out_dir)` works unchanged.
+    Pipelines without a LoRA loader (PixArt): PEFT's folder format, for `PeftModel.from_pretrained(model, out_dir)`."""
+    if hasattr(pipeline_cls, "save_lora_weights"):
+        pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(model),
+                                       unet_lora_adapter_metadata=lora_metadata(model), safe_serialization=True)
+        return
+    out_dir = Path(out_dir)
+    model.peft_config["default"].save_pretrained(str(out_dir))
+    save_file({PEFT_KEY_PREFIX + k: v for k, v in lora_state_dict(model).items()}, str(out_dir / PEFT_WEIGHTS_FILE))
 
 
 # `[unet.]<module path>.lora_A|lora_B[.<adapter>].weight` (PEFT) or `.lora.down|.lora.up` (diffusers' legacy names).

@@ -1,4 +1,7 @@
-"""Load teachers from a path or hub id, read their noise schedule, and wrap UNets as role callables.
+"""Load teachers from a path or hub id, read their noise schedule, and wrap denoisers as role callables.
+
+The denoiser is the pipeline's `unet` (SDXL, SSD-1B, SD1.5/2.x) or its `transformer` (PixArt-α); everything past this
+module sees only role callables `(z, t, cond, w=None) -> prediction`, so the loss never knows which backbone it trains.
 
 Dtype policy (one place): frozen networks in the weight dtype (fp32 on CPU; fp16/bf16 follow mixed precision on GPU),
 the VAE always fp32 for encoding (SDXL's VAE overflows in fp16), trainable parameters fp32, schedule tensors fp32.
@@ -6,15 +9,20 @@ the VAE always fp32 for encoding (SDXL's VAE overflows in fp16), trainable param
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from .guidance import w_embedding
 from .ema import ema_update_
 from .lora import adapters_disabled, swapped_weights
 from .schedule import NoiseSchedule, alphas_cumprod_from_config
 
-PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline}
+logger = logging.getLogger(__name__)
+
+PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline, "pixart": PixArtAlphaPipeline}
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -33,10 +41,29 @@ def load_pipeline(kind: str, pretrained: str, torch_dtype=torch.float32, revisio
                                            use_safetensors=True,
                                            **extra)
     pipe.vae.to(torch.float32)  # fp32 VAE encode/decode, whatever the weight dtype
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        if module is not None:
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()
     return pipe
+
+
+def denoiser_name(pipe) -> str:
+    """The pipeline component that denoises: "transformer" (PixArt) or "unet"."""
+    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+
+
+def denoiser_of(pipe):
+    return getattr(pipe, denoiser_name(pipe))
+
+
+def _config_of(model):
+    """The diffusers config, read through a DDP/FSDP wrapper (`.module`)."""
+    return getattr(getattr(model, "module", model), "config", None)
+
+
+def is_transformer(model) -> bool:
+    """PixArt's DiT (it consumes T5 captions through `caption_channels`) rather than a UNet."""
+    return "caption_channels" in (_config_of(model) or {})
 
 
 def noise_schedule_of(scheduler) -> NoiseSchedule:
@@ -45,15 +72,35 @@ def noise_schedule_of(scheduler) -> NoiseSchedule:
     return NoiseSchedule(alphas_cumprod_from_config(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end))
 
 
-def unet_role(unet):
-    """A diffusers UNet as a role callable `(z, t, cond, w=None) -> prediction`.
+def denoiser_role(model):
+    """A diffusers UNet or PixArt transformer as a role callable `(z, t, cond, w=None) -> prediction`."""
+    return _transformer_role(model) if is_transformer(model) else _unet_role(model)
 
-    `cond` holds `encoder_hidden_states` and, for SDXL, `text_embeds` and `time_ids`. `w` feeds the guidance
-    embedding only when the UNet has one (`time_cond_proj_dim`); LoRA students have none and ignore it.
-    """
+
+def _transformer_role(transformer):
+    """PixArt: `cond` holds T5 `encoder_hidden_states` and their `encoder_attention_mask` (padding is masked out of
+    cross-attention), plus `resolution`/`aspect_ratio` for the 1024-px model's micro-conditioning. The model has no
+    guidance-embedding input, so `w` is ignored (fixed-w or w-averaged distillation). With learned sigma the output
+    carries 2C channels; the prediction is the first C (what the pipeline keeps too)."""
+    config = _config_of(transformer)
+    learned_sigma = config.out_channels == 2 * config.in_channels
+
+    def call(z, t, cond, w=None):
+        dtype = next(transformer.parameters()).dtype
+        added = {k: (cond[k].to(dtype) if k in cond else None) for k in ("resolution", "aspect_ratio")}
+        out = transformer(z.to(dtype), encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                          encoder_attention_mask=cond["encoder_attention_mask"], timestep=t,
+                          added_cond_kwargs=added).sample
+        return (out[:, : z.shape[1]] if learned_sigma else out).float()
+
+    return call
+
+
+def _unet_role(unet):
+    """UNet: `cond` holds `encoder_hidden_states` and, for SDXL, `text_embeds` and `time_ids`. `w` feeds the guidance
+    embedding only when the UNet has one (`time_cond_proj_dim`); LoRA students have none and ignore it."""
     # Read the config through a DDP/FSDP wrapper: a wrapped student must still receive its w-embedding.
-    proj_dim = getattr(getattr(unet, "module", unet), "config", None)
-    proj_dim = getattr(proj_dim, "time_cond_proj_dim", None)
+    proj_dim = getattr(_config_of(unet), "time_cond_proj_dim", None)
 
     def call(z, t, cond, w=None):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]} if "text_embeds" in cond else None
@@ -68,12 +115,12 @@ def unet_role(unet):
     return call
 
 
-def base_role(unet):
-    """The LCM-LoRA teacher: the same UNet with its adapters disabled, as a `(z, t, cond) -> prediction` callable."""
-    inner = unet_role(unet)
+def base_role(model):
+    """The LCM-LoRA teacher: the same network with its adapters disabled, as a `(z, t, cond) -> prediction` callable."""
+    inner = denoiser_role(model)
 
     def call(z, t, cond, w=None):
-        with adapters_disabled(unet):
+        with adapters_disabled(model):
             return inner(z, t, cond)
 
     return call
@@ -84,8 +131,15 @@ def student_from_teacher(teacher, w_embed_dim: int = 256):
 
     The new projection `time_embedding.cond_proj` is zero-initialised, so at step 0 the student's output equals the
     teacher's for every w (a randomly initialised projection would start the student worse than its teacher).
+    A PixArt transformer has no such input (and the stock pipeline would not feed one): its student is a plain fp32
+    copy, distilled at a fixed w (PixArt-δ) or averaged over the w range.
     """
     from diffusers import UNet2DConditionModel
+
+    if is_transformer(teacher):
+        logger.info("PixArt student: no guidance-embedding input; w acts through the teacher's CFG only")
+        student = copy.deepcopy(teacher)
+        return student.to(device=teacher.device, dtype=torch.float32).train().requires_grad_(True)
 
     student = UNet2DConditionModel.from_config({**teacher.config, "time_cond_proj_dim": w_embed_dim})
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
@@ -118,9 +172,9 @@ class EMATarget:
         for n, t in zip(self.names, self.shadow):
             t.copy_(state[f"ema.{n}"])
 
-    def role(self, unet):
+    def role(self, model):
         """The target callable: the student's module evaluated with θ⁻ in place of θ."""
-        inner = unet_role(unet)
+        inner = denoiser_role(model)
 
         def call(z, t, cond, w=None):
             with swapped_weights(self.params, self.shadow):

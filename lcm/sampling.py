@@ -12,7 +12,7 @@ import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 from PIL import Image
 
-from .lora import check_lora_matches
+from .lora import PEFT_CONFIG_FILE, PEFT_KEY_PREFIX, PEFT_WEIGHTS_FILE, check_lora_matches
 
 from .presets import build_scheduler, get_preset
 
@@ -62,25 +62,26 @@ def lcm_scheduler_for(base_config, original_inference_steps: int = 50, timestep_
 
 
 def resolve_lora_dir(path: str) -> Path:
-    """A LoRA given as a run folder (its `final/`), a folder with the weights, or the .safetensors file itself."""
+    """A LoRA given as a run folder (its `final/`), a folder with the weights (diffusers' `pytorch_lora_weights.
+    safetensors`, or PEFT's `adapter_config.json` for PixArt), or the .safetensors file itself."""
     p = Path(path)
-    if (p / "final" / "pytorch_lora_weights.safetensors").is_file():
-        return p / "final"
-    if p.is_dir() and (p / "pytorch_lora_weights.safetensors").is_file():
-        return p
+    for folder in (p / "final", p):
+        if any((folder / name).is_file() for name in ("pytorch_lora_weights.safetensors", PEFT_CONFIG_FILE)):
+            return folder
     if p.is_file():
         return p
     raise FileNotFoundError(f"no LoRA weights at {path!r} (expected a run folder, a folder with "
-                            "pytorch_lora_weights.safetensors, or a .safetensors file)")
+                            f"pytorch_lora_weights.safetensors or {PEFT_CONFIG_FILE}, or a .safetensors file)")
 
 
-def resolve_unet_dir(path: str) -> Path:
-    """A full-LCD student given as a run folder (`final/unet`), its `final/` folder, or the UNet folder itself."""
+def resolve_student_dir(path: str) -> Path:
+    """A full-LCD student given as a run folder (`final/unet` or `final/transformer`), its `final/` folder, or the
+    model folder itself."""
     p = Path(path)
-    for candidate in (p / "final" / "unet", p / "unet", p):
+    for candidate in (p / "final" / "unet", p / "final" / "transformer", p / "unet", p / "transformer", p):
         if (candidate / "config.json").is_file():
             return candidate
-    raise FileNotFoundError(f"no diffusers UNet at {path!r} (expected a train_lcd.py run folder, its final/ folder, "
+    raise FileNotFoundError(f"no diffusers model at {path!r} (expected a train_lcd.py run folder, its final/ folder, "
                             "or a folder with config.json + diffusion_pytorch_model.safetensors)")
 
 
@@ -92,14 +93,27 @@ def lora_load_args(lora: Path) -> dict:
 
 
 def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (), fuse: bool = False,
-                               device: Optional[str] = None, dtype: Optional[str] = None, preset: str = "lcm"):
-    """Base pipeline (path or id) + LoRA(s) + the preset's scheduler (LCMScheduler by default), on device and dtype."""
+                               device: Optional[str] = None, dtype: Optional[str] = None, preset: str = "lcm",
+                               student: Optional[str] = None):
+    """Base pipeline (path or id) + LoRA(s) or a full-LCD `student` (it replaces the base's UNet/transformer) + the
+    preset's scheduler (LCMScheduler by default), on device and dtype."""
+    from .models import denoiser_name
+
     get_preset(preset)  # an unknown preset fails here, before any model is loaded
+    if student and loras:
+        raise ValueError("give either a full-LCD student or LoRA(s), not both")
     device, torch_dtype = auto_device_dtype(device, dtype)
     pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch_dtype, use_safetensors=True)
     if hasattr(pipe, "safety_checker"):
         pipe.safety_checker = None
     scheduler_config = pipe.scheduler.config
+    if student:
+        folder, name = resolve_student_dir(student), denoiser_name(pipe)
+        setattr(pipe, name, type(getattr(pipe, name)).from_pretrained(str(folder), torch_dtype=torch_dtype))
+        scheduler_config = _saved_scheduler_config(folder.parent) or scheduler_config
+    if loras and not hasattr(pipe, "load_lora_weights"):  # PixArt: no diffusers LoRA loader
+        scheduler_config = _load_peft_lora(pipe, loras) or scheduler_config
+        loras = ()
     names, weights = [], []
     for i, (path, weight) in enumerate(loras):
         lora = resolve_lora_dir(path)
@@ -108,10 +122,8 @@ def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (
         # A LoRA for another base fails here with the first mismatched module named, not deep inside PEFT.
         check_lora_matches(pipe.unet, type(pipe).lora_state_dict(**where)[0])
         pipe.load_lora_weights(**where, adapter_name=name)
-        if not lora.is_file():
-            saved = lora / "scheduler" / "scheduler_config.json"
-            if saved.is_file() and i == 0:
-                scheduler_config = LCMScheduler.load_config(str(lora / "scheduler"))
+        if i == 0:
+            scheduler_config = _saved_scheduler_config(lora) or scheduler_config
         names.append(name)
         weights.append(weight)
     if names:
@@ -123,6 +135,36 @@ def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (
     pipe.scheduler = build_scheduler(preset, scheduler_config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _saved_scheduler_config(lora: Path):
+    """The LCMScheduler config a run saved beside its LoRA (it carries the distillation grid N), or None."""
+    saved = lora / "scheduler" / "scheduler_config.json"
+    return LCMScheduler.load_config(str(saved.parent)) if lora.is_dir() and saved.is_file() else None
+
+
+def _load_peft_lora(pipe, loras: Sequence[tuple[str, float]]):
+    """PixArt: one LoRA in PEFT's folder format, scaled by its weight and merged into the transformer (which stays a
+    plain `PixArtTransformer2DModel`); returns the run's saved scheduler config, if any."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors.torch import load_file
+
+    if len(loras) > 1:
+        raise ValueError(f"{type(pipe).__name__} has no diffusers LoRA loader, so LoRAs cannot be stacked; give one")
+    (path, weight), = loras
+    lora = resolve_lora_dir(path)
+    if not (lora.is_dir() and (lora / PEFT_CONFIG_FILE).is_file()):
+        raise ValueError(f"{path}: {type(pipe).__name__} loads LoRAs in PEFT's folder format ({PEFT_CONFIG_FILE} + "
+                         f"{PEFT_WEIGHTS_FILE}), as train_lcm_lora.py writes them for PixArt")
+    state = load_file(str(lora / PEFT_WEIGHTS_FILE))
+    check_lora_matches(pipe.transformer, {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in state.items()})
+    model = PeftModel.from_pretrained(pipe.transformer, str(lora))
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.scale_layer(weight)
+    pipe.transformer = model.merge_and_unload()
+    return _saved_scheduler_config(lora)
 
 
 def img2img_steps(steps: int, strength: float) -> int:
@@ -170,6 +212,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 4,
     if negative_prompt and guidance_scale <= 1.0:
         logger.warning("a negative prompt has no effect with guidance_scale <= 1 (no unconditional branch is run)")
     jobs = [(p, s) for p in prompts for s in seeds]
+    accepted = inspect.signature(pipe.__call__).parameters
     images: list[Image.Image] = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
@@ -180,6 +223,10 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 4,
             kwargs.update(image=[init_image] * len(chunk), strength=strength)
         else:
             kwargs.update(height=height, width=width)
+            if height and "use_resolution_binning" in accepted:
+                kwargs["use_resolution_binning"] = False  # PixArt: honour the size asked for, not the nearest bin
+        if "clean_caption" in accepted:  # PixArt: prompts as training encoded them (and no bs4/ftfy needed)
+            kwargs["clean_caption"] = False
         if eta is not None:  # e.g. TCD's gamma: the pipeline's own default (0.0) would override the scheduler's
             kwargs["eta"] = eta
         if negative_prompt:

@@ -5,12 +5,15 @@ transformers class built from a small config, so the real code paths run: SDXL's
 states of both, pooled + projected output of the second), the `text_time` added conditioning, `save_pretrained` /
 `from_pretrained`. Weights are random but seeded: one seed per module, so a given `seed` always gives the same weights.
 
+PixArt-α at toy size has a real T5 encoder and a real `T5Tokenizer` built from a small in-memory unigram vocab.
+
 Default sizes (see `tests/test_tiny.py` for the checks): a 16 px image has 4x8x8 latents (VAE downscale 2).
 """
 
 from __future__ import annotations
 
 import json
+import string
 import tempfile
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -20,14 +23,25 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from PIL import Image, ImageDraw
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 EOW = "</w>"  # CLIP's BPE marks the last symbol of every word with this suffix
@@ -52,7 +66,7 @@ CAPTION_WORDS = (
 
 # Per-module seed offsets: each module gets its own stream, so changing one module's config (e.g. adding
 # `time_cond_proj_dim` to the UNet) leaves the other modules' weights unchanged.
-_SEED_OFFSET = {"unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3}
+_SEED_OFFSET = {"unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3, "transformer": 4}
 
 
 # ----------------------------------------------------------------------------------------------------------- tokenizer
@@ -122,6 +136,18 @@ def make_tokenizer(save_dir: str | Path, words: Iterable[str] = ()) -> CLIPToken
     )
     tokenizer.save_pretrained(save_dir)  # adds tokenizer.json / tokenizer_config.json (model_max_length, specials)
     return CLIPTokenizer.from_pretrained(save_dir)
+
+
+def make_t5_tokenizer(words: Iterable[str] = CAPTION_WORDS) -> T5Tokenizer:
+    """A real (unigram, SentencePiece-style) `T5Tokenizer` over a small vocab, built in memory.
+
+    Layout as T5's: `<pad>` 0, `</s>` 1, `<unk>` 2; then `▁word` for each whole word (a word-start piece, preferred by
+    the unigram scores) and single characters, so any ASCII text still tokenises. No `<extra_id_*>` sentinels.
+    """
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in dict.fromkeys(w.lower() for w in words)]
+    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
 # ------------------------------------------------------------------------------------------------------------- models
@@ -266,7 +292,45 @@ def build_tiny_sd15_pipeline(
     )
 
 
-TINY_PIPELINES: dict[str, Callable] = {"sdxl": build_tiny_sdxl_pipeline, "sd15": build_tiny_sd15_pipeline}
+def build_tiny_pixart_pipeline(
+    seed: int = 0,
+    sample_size: int = 8,
+    num_layers: int = 2,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 8,
+    t5_dim: int = 32,
+    prediction_type: str = "epsilon",
+    vae_scaling_factor: float = 0.18215,
+    words: Iterable[str] = CAPTION_WORDS,
+    transformer_kwargs: dict | None = None,
+) -> PixArtAlphaPipeline:
+    """PixArt-α structure at toy size: a T5 encoder (with its attention mask), a DiT with adaLN-single, learned sigma
+    (8 output channels: ε then the variance channels) and patch size 2; DPM-Solver++ on PixArt's linear betas
+    0.0001–0.02. No size micro-conditioning (as PixArt-α below 1024 px: it is on only for `sample_size` 128)."""
+    _check_prediction_type(prediction_type)
+    tokenizer = make_t5_tokenizer(words)
+    _seeded(seed, "text_encoder")
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=t5_dim, d_kv=t5_dim // 4, d_ff=2 * t5_dim, num_layers=2, num_heads=4,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0))
+    config = dict(
+        sample_size=sample_size, num_layers=num_layers, num_attention_heads=num_attention_heads,
+        attention_head_dim=attention_head_dim, in_channels=4, out_channels=8, patch_size=2,
+        cross_attention_dim=num_attention_heads * attention_head_dim, caption_channels=t5_dim, norm_num_groups=8,
+    )
+    config.update(transformer_kwargs or {})
+    _seeded(seed, "transformer")
+    transformer = PixArtTransformer2DModel(**config)
+    vae = _tiny_vae(seed, vae_scaling_factor, image_size=2 * sample_size)
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+        prediction_type=prediction_type, algorithm_type="dpmsolver++", solver_order=2)
+    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=scheduler)
+
+
+TINY_PIPELINES: dict[str, Callable] = {"sdxl": build_tiny_sdxl_pipeline, "sd15": build_tiny_sd15_pipeline,
+                                       "pixart": build_tiny_pixart_pipeline}
 
 
 def save_tiny_pipeline(kind: str, out_dir: str | Path, **kw) -> Path:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from lcm.config import ConfigError, LCDConfig, LCMLoraConfig, load_config, resolve_preset
@@ -31,10 +33,11 @@ def test_yaml11_words_stay_strings_and_bools_still_parse():
 
 
 def test_presets_resolve_and_load(tmp_path):
-    for name in ("lcm_lora_sdxl", "lcm_lora_sd15", "lcm_lora_sd21", "lcm_lora_ssd1b", "demo_lcm_lora", "mini_lcm_lora"):
-        load_config(name, ["data.path=y"])
-    for name in ("lcd_sdxl", "lcd_sd15"):
-        load_config(name, ["data.path=y"], schema=LCDConfig)
+    names = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert {"lcm_lora_pixart", "lcd_pixart", "lcd_sd21", "lcd_ssd1b", "mini_lcd"} <= set(names)
+    for name in names:  # every shipped preset validates against its script's schema
+        cfg = load_config(name, ["data.path=y"], schema=LCDConfig if "lcd" in name else LCMLoraConfig)
+        assert cfg.model.kind in ("sdxl", "sd15", "pixart")
     with pytest.raises(ConfigError, match="presets"):
         resolve_preset("no_such_preset")
     f = tmp_path / "mine.yaml"

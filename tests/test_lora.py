@@ -4,7 +4,7 @@ from diffusers import UNet2DConditionModel
 
 from lcm.config import LCM_LORA_TARGETS
 from lcm.lora import adapters_disabled, add_lora, swapped_weights
-from lcm.models import base_role, noise_schedule_of, unet_role
+from lcm.models import base_role, noise_schedule_of, denoiser_role
 
 
 @pytest.fixture
@@ -28,22 +28,22 @@ def _perturb(params):
 
 def test_lora_disabled_equals_base_and_enabled_differs(unet):
     z, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([999, 500]), _cond(unet)
-    base = unet_role(unet)(z, t, cond)
+    base = denoiser_role(unet)(z, t, cond)
     params = add_lora(unet, 4, 4, LCM_LORA_TARGETS)
     _perturb(params)  # B starts at zero; move it so the adapters matter
     with adapters_disabled(unet):
-        torch.testing.assert_close(unet_role(unet)(z, t, cond), base)
+        torch.testing.assert_close(denoiser_role(unet)(z, t, cond), base)
     torch.testing.assert_close(base_role(unet)(z, t, cond), base)
-    assert (unet_role(unet)(z, t, cond) - base).abs().max() > 1e-4
+    assert (denoiser_role(unet)(z, t, cond) - base).abs().max() > 1e-4
     # The context manager restored the adapters.
-    assert (unet_role(unet)(z, t, cond) - base).abs().max() > 1e-4
+    assert (denoiser_role(unet)(z, t, cond) - base).abs().max() > 1e-4
 
 
 def test_fresh_lora_starts_equal_to_base(unet):
     z, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), _cond(unet)
-    base = unet_role(unet)(z, t, cond)
+    base = denoiser_role(unet)(z, t, cond)
     add_lora(unet, 4, 4, LCM_LORA_TARGETS)
-    torch.testing.assert_close(unet_role(unet)(z, t, cond), base)
+    torch.testing.assert_close(denoiser_role(unet)(z, t, cond), base)
 
 
 def test_lora_targets_cover_attention_ff_convs_and_time_proj(unet):

@@ -8,9 +8,10 @@ from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPi
 
 from lcm.consistency import guided_denoiser
 from lcm.guidance import guidance_scale_from_w, w_embedding
-from lcm.models import EMATarget, noise_schedule_of, student_from_teacher, unet_role
+from lcm.models import EMATarget, noise_schedule_of, student_from_teacher, denoiser_role
 from lcm.tiny import make_captioned_image_folder, save_tiny_pipeline
 from lcm.trainer import TrainingTask, make_accelerator, train
+from lcm.cli import main as lcm_main
 from lcm.config import load_config
 
 from _helpers import load_entry_script
@@ -34,12 +35,12 @@ def test_zero_initialised_w_embedding_starts_equal_to_teacher(tiny_sdxl_dir):
     assert student.config.time_cond_proj_dim == 32
     z, t, cond = torch.randn(3, 4, 8, 8), torch.tensor([999, 500, 19]), _sdxl_cond(teacher)
     with torch.no_grad():
-        expected = unet_role(teacher)(z, t, cond)
+        expected = denoiser_role(teacher)(z, t, cond)
         for w in (0.0, 3.0, 15.0):
-            torch.testing.assert_close(unet_role(student)(z, t, cond, torch.full((3,), w)), expected)
+            torch.testing.assert_close(denoiser_role(student)(z, t, cond, torch.full((3,), w)), expected)
         # …and the embedding is live: a non-zero projection makes w matter.
         torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.1)
-        assert (unet_role(student)(z, t, cond, torch.full((3,), 5.0)) - expected).abs().max() > 1e-4
+        assert (denoiser_role(student)(z, t, cond, torch.full((3,), 5.0)) - expected).abs().max() > 1e-4
 
 
 def test_ema_target_moves_only_on_optimiser_steps_by_the_right_amount(tmp_path):
@@ -100,6 +101,9 @@ def test_train_lcd_exports_and_samples_in_stock_pipeline(kind, prediction_type, 
                  output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (16, 16, 3) and 0 <= image.min() and image.max() <= 1
     torch.testing.assert_close(seen["cond"][0], w_embedding(torch.tensor([w]), 32)[0])
+    assert lcm_main(["sample", "--base", str(teacher), "--student", str(out), "--prompt", "a red circle", "--seeds", "0",
+                     "--steps", "2", "--guidance", str(guidance_scale_from_w(w)), "--height", "16", "--width", "16",
+                     "--device", "cpu", "--out", str(tmp_path / "s.png")]) == 0
 
 
 def test_v_prediction_teacher_yields_consistent_x0_and_eps(tmp_path):
@@ -107,7 +111,7 @@ def test_v_prediction_teacher_yields_consistent_x0_and_eps(tmp_path):
     path = save_tiny_pipeline("sd15", tmp_path / "v", prediction_type="v_prediction")
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
     schedule = noise_schedule_of(pipe.scheduler)
-    role = unet_role(pipe.unet)
+    role = denoiser_role(pipe.unet)
     cond = {"encoder_hidden_states": torch.randn(2, 77, pipe.unet.config.cross_attention_dim)}
     uncond = {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"])}
     z, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 300])
