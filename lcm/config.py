@@ -37,7 +37,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "folder"  # folder | hf
+    source: str = "folder"  # folder | hf | webdataset
     path: str = MISSING
     split: str = "train"
     image_column: str = "image"
@@ -45,8 +45,12 @@ class DataConfig:
     resolution: int = 1024
     center_crop: bool = True
     random_flip: bool = False
+    buckets: bool = False  # SDXL aspect-ratio buckets of about resolution² pixels; a batch holds one bucket
+    bucket_step: int = 64  # bucket sides are multiples of this (64 for SDXL; the tiny models need smaller)
+    bucket_max_aspect: float = 2.0  # longest side / shortest side of the widest bucket
     max_samples: Optional[int] = None
     num_workers: int = 0
+    cache_dir: Optional[str] = None  # a folder written by `lcm cache`: train on it, without VAE or text encoders
 
 
 @dataclass
@@ -144,7 +148,7 @@ class ConfigError(ValueError):
 
 CHOICES = {
     "model.kind": ("sdxl", "sd15"),
-    "data.source": ("folder", "hf"),
+    "data.source": ("folder", "hf", "webdataset"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.report_to": ("tensorboard", "none"),
 }

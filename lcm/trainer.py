@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import to_yaml
+from .data import build_loader
 
 logger = logging.getLogger("lcm")
 
@@ -249,9 +250,7 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
     if task.load_model_hook:
         accelerator.register_load_state_pre_hook(task.load_model_hook)
 
-    loader = torch.utils.data.DataLoader(
-        task.dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, collate_fn=task.collate_fn,
-        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(tc.seed))
+    loader, bucket_sampler = build_loader(task.dataset, task.collate_fn, tc.batch_size, tc.seed, cfg.data.num_workers)
     if len(loader) == 0:
         raise ValueError(f"dataset has {len(task.dataset)} usable samples, fewer than train.batch_size={tc.batch_size}")
     optimizer = build_optimizer(task.params, cfg.optim)
@@ -277,6 +276,8 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
     while global_step < tc.max_train_steps:
         epoch = global_step // steps_per_epoch
         loader.set_epoch(epoch)
+        if bucket_sampler is not None:  # accelerate cannot reach it through its multi-process shard wrapper
+            bucket_sampler.set_epoch(epoch)
         if hasattr(task.dataset, "set_epoch"):
             task.dataset.set_epoch(epoch)  # per-item crop/flip randomness depends on (seed, epoch, index)
         skip = (global_step % steps_per_epoch) * batches_per_step
