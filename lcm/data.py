@@ -232,8 +232,9 @@ def cover_size(size_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[in
 
 
 def draw_crop_flip(resized_hw: tuple[int, int], target_hw: tuple[int, int], *, center_crop: bool, random_flip: bool,
-                   generator: torch.Generator) -> tuple[int, int, bool]:
-    """(top, left, flip) of a `target_hw` crop from a `resized_hw` image: centred or drawn, then a coin for the flip."""
+                   generator: torch.Generator | None) -> tuple[int, int, bool]:
+    """(top, left, flip) of a `target_hw` crop from a `resized_hw` image: centred or drawn, then a coin for the flip
+    (the generator is only drawn from when something is random)."""
     (h, w), (th, tw) = resized_hw, target_hw
     if center_crop:
         top, left = (h - th) // 2, (w - tw) // 2
@@ -379,6 +380,7 @@ class CaptionedImages(Dataset):
         # Buckets need every image's (h, w) from the index; without them every item is a resolution² square.
         if bucket_table is not None and sizes is None:
             raise ValueError("aspect-ratio buckets need the image sizes from indexing")
+        self.sizes = sizes
         self.buckets = None if bucket_table is None else [nearest_bucket(s, bucket_table) for s in sizes]
 
     def target_size(self, index: int) -> tuple[int, int]:

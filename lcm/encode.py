@@ -1,4 +1,5 @@
-"""Turn a data batch into model inputs: fp32 VAE latents and text conditioning (both SDXL encoders, or SD1.5's one)."""
+"""Turn a data batch into model inputs: fp32 VAE latents and text conditioning (both SDXL encoders, or SD1.5's one),
+encoded now or read from the latent cache (lcm/cache.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,17 @@ from .guidance import sample_w
 
 
 @torch.no_grad()
-def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z₀ = (sample of q(z|x) − shift) · scaling_factor, in fp32 (the VAE is kept fp32 by the dtype policy)."""
+def latent_moments(vae, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, σ) of the VAE posterior q(z|x) in the UNet's latent units, fp32 (the dtype policy keeps the VAE fp32):
+    z₀ = μ + σ·ε with μ = (mean − shift)·scaling_factor and σ = std·scaling_factor."""
     posterior = vae.encode(pixel_values.to(device=vae.device, dtype=torch.float32)).latent_dist
-    z = posterior.sample(generator=generator)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (z - shift) * vae.config.scaling_factor
+    return (posterior.mean - shift) * vae.config.scaling_factor, posterior.std * vae.config.scaling_factor
+
+
+def sample_latents(mu: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """z₀ ~ q(z|x): a fresh draw per step, whether (μ, σ) came from the VAE just now or from the latent cache."""
+    return mu + sigma * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
 
 
 @torch.no_grad()
@@ -36,14 +42,27 @@ def encode_text(pipe, captions: list[str], time_ids: torch.Tensor | None, device
     return {"encoder_hidden_states": embeds}, {"encoder_hidden_states": neg}
 
 
-def lcd_batch_from_data(pipe, batch: dict, generator: torch.Generator, distill_cfg, grid, device) -> LCDBatch:
-    """A data batch → LCDBatch: fp32 latents, text conditioning with SDXL (h, w) micro-conditioning, and every
-    random draw of the step (noise ε, grid index n, guidance w) from this step's generator."""
+def encode_batch(pipe, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    """A data batch → (μ, σ, cond, uncond): what `lcm cache` stores and what uncached training computes per step."""
     from .data import add_time_ids
 
-    z0 = encode_images(pipe.vae, batch["pixel_values"], generator)
+    mu, sigma = latent_moments(pipe.vae, batch["pixel_values"])
     time_ids = add_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
     cond, uncond = encode_text(pipe, batch["caption"], time_ids, device)
+    return mu, sigma, cond, uncond
+
+
+def lcd_batch_from_data(pipe, batch: dict, generator: torch.Generator, distill_cfg, grid, device) -> LCDBatch:
+    """A data batch → LCDBatch: fp32 latents, text conditioning with SDXL (h, w) micro-conditioning, and every
+    random draw of the step (latent sample, noise ε, grid index n, guidance w) from this step's generator.
+
+    A batch from the latent cache (`latent_mean` …) already holds (μ, σ, cond, uncond): no encoder runs."""
+    if "latent_mean" in batch:
+        mu, sigma = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        cond, uncond = ({k: v.to(device) for k, v in batch[part].items()} for part in ("cond", "uncond"))
+    else:
+        mu, sigma, cond, uncond = encode_batch(pipe, batch, device)
+    z0 = sample_latents(mu, sigma, generator)
     B = z0.shape[0]
     return LCDBatch(z0=z0, noise=torch.randn(z0.shape, generator=generator, device=device),
                     index=grid.sample_index(B, generator, device),
