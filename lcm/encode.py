@@ -9,8 +9,10 @@ from .guidance import sample_w
 
 
 @torch.no_grad()
-def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z₀ = (sample of q(z|x) − shift) · scaling_factor, in fp32 (the VAE is kept fp32 by the dtype policy)."""
+def encode_images(vae, pixel_values: torch.Tensor, generator=None) -> torch.Tensor:
+    """z₀ = (sample of q(z|x) − shift) · scaling_factor, in fp32 (the VAE is kept fp32 by the dtype policy).
+
+    `generator` may be a list, one per image (diffusers' `randn_tensor` draws each image's noise from its own)."""
     posterior = vae.encode(pixel_values.to(device=vae.device, dtype=torch.float32)).latent_dist
     z = posterior.sample(generator=generator)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -36,15 +38,20 @@ def encode_text(pipe, captions: list[str], time_ids: torch.Tensor | None, device
     return {"encoder_hidden_states": embeds}, {"encoder_hidden_states": neg}
 
 
-def lcd_batch_from_data(pipe, batch: dict, generator: torch.Generator, distill_cfg, grid, device) -> LCDBatch:
+def lcd_batch_from_data(pipe, batch: dict, generators: list[torch.Generator], distill_cfg, grid, device) -> LCDBatch:
     """A data batch → LCDBatch: fp32 latents, text conditioning with SDXL (h, w) micro-conditioning, and every
-    random draw of the step (noise ε, grid index n, guidance w) from this step's generator."""
+    random draw of the step (VAE noise, ε, grid index n, guidance w) from each sample's own CPU generator, so a sample
+    gets the same draws whatever batch, rank or device it lands in."""
+    from diffusers.utils.torch_utils import randn_tensor
+
     from .data import add_time_ids
 
-    z0 = encode_images(pipe.vae, batch["pixel_values"], generator)
+    if len(generators) != len(batch["caption"]):
+        raise ValueError(f"{len(generators)} generators for a batch of {len(batch['caption'])}: need one per sample")
+    z0 = encode_images(pipe.vae, batch["pixel_values"], generators)
     time_ids = add_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
     cond, uncond = encode_text(pipe, batch["caption"], time_ids, device)
-    B = z0.shape[0]
-    return LCDBatch(z0=z0, noise=torch.randn(z0.shape, generator=generator, device=device),
-                    index=grid.sample_index(B, generator, device),
-                    w=sample_w(B, distill_cfg.w_min, distill_cfg.w_max, generator, device), cond=cond, uncond=uncond)
+    return LCDBatch(z0=z0, noise=randn_tensor(z0.shape, generator=generators, device=z0.device, dtype=z0.dtype),
+                    index=torch.cat([grid.sample_index(1, g) for g in generators]).to(device),
+                    w=torch.cat([sample_w(1, distill_cfg.w_min, distill_cfg.w_max, g) for g in generators]).to(device),
+                    cond=cond, uncond=uncond)
