@@ -72,6 +72,7 @@ class DistillConfig:
     sigma_data: float = 0.5
     timestep_scaling: float = 10.0
     ema_decay: float = 0.0  # LoRA: 0 = target is the online adapters (LCM-LoRA); > 0 keeps an adapter-only EMA
+    teacher_batched: bool = True  # cond + uncond in one teacher call on 2B rows; false = two calls (benchmarks only)
 
 
 @dataclass
@@ -105,6 +106,9 @@ class TrainConfig:
     max_train_steps: int = 1000  # optimiser steps
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    channels_last: bool = False  # the trained network's 4-D weights in NHWC (faster convolutions on GPUs / oneDNN)
+    torch_compile: bool = False  # torch.compile the trained network in place (Module.compile)
+    compile_backend: str = "inductor"  # any torch.compile backend; "aot_eager" checks capture without code generation
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 3
     log_every: int = 10

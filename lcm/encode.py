@@ -18,9 +18,12 @@ def latent_moments(vae, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch
     return (posterior.mean - shift) * vae.config.scaling_factor, posterior.std * vae.config.scaling_factor
 
 
-def sample_latents(mu: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """z₀ ~ q(z|x): a fresh draw per step, whether (μ, σ) came from the VAE just now or from the latent cache."""
-    return mu + sigma * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+def sample_latents(mu: torch.Tensor, sigma: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """z₀ ~ q(z|x), each image's ε from its own generator (as diffusers' posterior.sample draws it): a fresh draw per
+    step, whether (μ, σ) came from the VAE just now or from the latent cache."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return mu + sigma * randn_tensor(mu.shape, generator=generators, device=mu.device, dtype=mu.dtype)
 
 
 @torch.no_grad()
@@ -52,18 +55,23 @@ def encode_batch(pipe, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor,
     return mu, sigma, cond, uncond
 
 
-def lcd_batch_from_data(pipe, batch: dict, generator: torch.Generator, distill_cfg, grid, device) -> LCDBatch:
+def lcd_batch_from_data(pipe, batch: dict, generators: list[torch.Generator], distill_cfg, grid, device) -> LCDBatch:
     """A data batch → LCDBatch: fp32 latents, text conditioning with SDXL (h, w) micro-conditioning, and every
-    random draw of the step (latent sample, noise ε, grid index n, guidance w) from this step's generator.
+    random draw of the step (VAE noise, ε, grid index n, guidance w) from each sample's own CPU generator, so a sample
+    gets the same draws whatever batch, rank or device it lands in.
 
     A batch from the latent cache (`latent_mean` …) already holds (μ, σ, cond, uncond): no encoder runs."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if len(generators) != len(batch["caption"]):
+        raise ValueError(f"{len(generators)} generators for a batch of {len(batch['caption'])}: need one per sample")
     if "latent_mean" in batch:
         mu, sigma = batch["latent_mean"].to(device), batch["latent_std"].to(device)
         cond, uncond = ({k: v.to(device) for k, v in batch[part].items()} for part in ("cond", "uncond"))
     else:
         mu, sigma, cond, uncond = encode_batch(pipe, batch, device)
-    z0 = sample_latents(mu, sigma, generator)
-    B = z0.shape[0]
-    return LCDBatch(z0=z0, noise=torch.randn(z0.shape, generator=generator, device=device),
-                    index=grid.sample_index(B, generator, device),
-                    w=sample_w(B, distill_cfg.w_min, distill_cfg.w_max, generator, device), cond=cond, uncond=uncond)
+    z0 = sample_latents(mu, sigma, generators)
+    return LCDBatch(z0=z0, noise=randn_tensor(z0.shape, generator=generators, device=z0.device, dtype=z0.dtype),
+                    index=torch.cat([grid.sample_index(1, g) for g in generators]).to(device),
+                    w=torch.cat([sample_w(1, distill_cfg.w_min, distill_cfg.w_max, g) for g in generators]).to(device),
+                    cond=cond, uncond=uncond)

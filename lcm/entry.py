@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from accelerate.utils import set_seed
 
 from .cache import CachedDataset
@@ -72,7 +73,7 @@ def prepare_run(args: argparse.Namespace, schema) -> Optional[Run]:
     sc = pipe.scheduler.config
     d = cfg.distill
     spec = LCDSpec(noise_schedule_of(pipe.scheduler), SolverGrid(sc.num_train_timesteps, d.num_ddim_timesteps),
-                   sc.prediction_type, d.solver, d.loss, d.huber_c, d.sigma_data, d.timestep_scaling)
+                   sc.prediction_type, d.solver, d.loss, d.huber_c, d.sigma_data, d.timestep_scaling, d.teacher_batched)
     return Run(cfg, accelerator, dataset, collate_fn, summary, pipe, spec)
 
 
@@ -88,6 +89,22 @@ def _with_encoders(run: Run):
         encoders.to(run.accelerator.device)
         run.pipe = type(pipe)(**{**encoders.components, **{n: pipe.components[n] for n in others}})
     return run.pipe
+
+
+def apply_speed_options(network, train_cfg) -> None:
+    """The trained network's speed options, in place: gradient checkpointing, channels_last weights, torch.compile.
+
+    In place matters: LoRA's teacher and target are the same UNet object, and accelerate wraps this same module, so
+    every role gets the faster network without re-wrapping. Attention needs nothing here: diffusers' default processor
+    (`AttnProcessor2_0`) already calls torch's scaled_dot_product_attention (tests/test_speed_options.py checks it).
+    """
+    if train_cfg.gradient_checkpointing:
+        network.enable_gradient_checkpointing()
+    if train_cfg.channels_last:
+        # Module.to rebinds each parameter's .data, so trainable-parameter lists taken before stay valid.
+        network.to(memory_format=torch.channels_last)
+    if train_cfg.torch_compile:
+        network.compile(backend=train_cfg.compile_backend)
 
 
 def validation_grid(run: Run, replace: dict, step: int, out_dir: Path) -> None:

@@ -76,8 +76,8 @@ def test_cached_batch_gives_the_uncached_loss(setup, tiny_sdxl_dir):
         assert any(flips) and not all(flips), "the check must cover flipped and unflipped items"
         for key in ("original_size", "crop_top_left", "target_size"):
             assert torch.equal(plain_batch[key], cached_batch[key]), key
-        lcds = [lcd_batch_from_data(pipe, batch, torch.Generator().manual_seed(7), cfg.distill, spec.grid, "cpu")
-                for batch in (plain_batch, cached_batch)]
+        lcds = [lcd_batch_from_data(pipe, batch, [torch.Generator().manual_seed(7 + i) for i in indices], cfg.distill,
+                                    spec.grid, "cpu") for batch in (plain_batch, cached_batch)]
         torch.testing.assert_close(lcds[1].z0, lcds[0].z0, atol=1e-5, rtol=1e-5)
         for part in ("cond", "uncond"):
             a, b = getattr(lcds[0], part), getattr(lcds[1], part)
