@@ -627,7 +627,7 @@ def _shard_paths(spec: str) -> list[Path]:
         raise ValueError(f"no .tar shards found for data.path {spec!r}")
     for path in paths:
         if not path.is_file():
-            raise ValueError(f"data.path {spec!r}: shard {str(path)!r} does not exist")
+            raise ValueError(f"data.path {spec!r}: shard {str(path)} does not exist")
     return paths
 
 
