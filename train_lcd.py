@@ -25,7 +25,7 @@ from lcm.encode import lcd_batch_from_data
 from lcm.export import export_unet_run
 from lcm.lora import swapped_weights
 from lcm.models import EMATarget, denoiser_name, denoiser_role, student_from_teacher
-from lcm.entry import parse_train_args, prepare_run, run_task, validation_grid
+from lcm.entry import apply_speed_options, parse_train_args, prepare_run, run_task, validation_grid
 from lcm.trainer import TrainingTask
 
 
@@ -38,15 +38,14 @@ def main(argv=None):
     name = denoiser_name(pipe)  # "unet", or "transformer" for PixArt
     teacher_net = getattr(pipe, name)  # frozen, weight dtype
     student = student_from_teacher(teacher_net, cfg.distill.w_embed_dim)
-    if cfg.train.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+    apply_speed_options(student, cfg.train)
     params = [p for p in student.parameters() if p.requires_grad]
     ema = EMATarget(dict(student.named_parameters()), cfg.distill.ema_decay,
                     device="cpu" if cfg.distill.ema_on_cpu else None)
     teacher, target = denoiser_role(teacher_net), ema.role(student)
 
-    def loss_fn(model, batch, gen):
-        lcd = lcd_batch_from_data(pipe, batch, gen, cfg.distill, spec.grid, accelerator.device)
+    def loss_fn(model, batch, gens):
+        lcd = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, accelerator.device)
         # The student goes through the accelerate-prepared module (gradient sync); w enters via its embedding.
         return lcd_loss(denoiser_role(model), target, teacher, lcd, spec)
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from lcm.config import LCMLoraConfig
 from lcm.consistency import lcd_loss
 from lcm.encode import lcd_batch_from_data
-from lcm.entry import parse_train_args, prepare_run, run_task, validation_grid
+from lcm.entry import apply_speed_options, parse_train_args, prepare_run, run_task, validation_grid
 from lcm.export import export_lora_run
 from lcm.lora import add_lora, load_lora_into_training_unet
 from lcm.models import EMATarget, base_role, denoiser_of, denoiser_role
@@ -37,15 +37,14 @@ def main(argv=None):
 
     net = denoiser_of(pipe)  # the UNet, or PixArt's transformer
     params = add_lora(net, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
-    if cfg.train.gradient_checkpointing:
-        net.enable_gradient_checkpointing()
+    apply_speed_options(net, cfg.train)
     named = {n: p for n, p in net.named_parameters() if p.requires_grad}
     ema = EMATarget(named, cfg.distill.ema_decay) if cfg.distill.ema_decay > 0 else None
     teacher = base_role(net)  # frozen base: adapters disabled
     target = ema.role(net) if ema else denoiser_role(net)  # lcd_loss evaluates it under no_grad
 
-    def loss_fn(model, batch, gen):
-        lcd = lcd_batch_from_data(pipe, batch, gen, cfg.distill, spec.grid, accelerator.device)
+    def loss_fn(model, batch, gens):
+        lcd = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, accelerator.device)
         # The student goes through the accelerate-prepared module (gradient sync under DDP); teacher/target unwrapped.
         return lcd_loss(denoiser_role(model), target, teacher, lcd, spec)
 

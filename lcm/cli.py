@@ -1,4 +1,5 @@
-"""`lcm` command line: sample from a base model + LCM-LoRA, run the built-in demo, make data folders."""
+"""`lcm` command line: sample from a base model + LCM-LoRA, cache a dataset's latents, run the built-in demo, make data
+folders."""
 
 from __future__ import annotations
 
@@ -88,6 +89,24 @@ def cmd_export(args) -> int:
 
     path = export_run(args.run, args.format, args.out, base=args.base)
     print(f"wrote {args.format} export to {path}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    """Encode the config's dataset once (VAE posterior moments + text conditioning) into `data.cache_dir`."""
+    from .cache import build_cache
+    from .config import ConfigError, LCDConfig, LCMLoraConfig, load_config
+
+    errors = []
+    for schema in (LCMLoraConfig, LCDConfig):  # a LoRA or a full-distillation config: both have model + data
+        try:
+            cfg = load_config(args.config, args.overrides, schema=schema)
+            break
+        except ConfigError as err:
+            errors.append(err)
+    else:
+        raise SystemExit(f"lcm cache: {errors[0]}")
+    print(build_cache(cfg, batch_size=args.batch_size, device=args.device, shard_mb=args.shard_mb))
     return 0
 
 
@@ -208,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default=None, help="output folder (default RUN/export/FORMAT)")
     x.add_argument("--base", default=None, help="base model (default: model.pretrained from RUN/config.yaml)")
     x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("cache", help="encode a dataset once into a latent + text-embedding cache (data.cache_dir)")
+    c.add_argument("--config", required=True, help="the training config (YAML file or preset name)")
+    c.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
+    c.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    c.add_argument("--shard-mb", type=float, default=1024.0, help="approximate size of each safetensors shard")
+    c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.cache_dir=runs/cache")
+    c.set_defaults(func=cmd_cache)
 
     dd = sub.add_parser("data", help="write a built-in data set as a captioned image folder")
     dd.add_argument("name", choices=["digits"], help="digits: scikit-learn's handwritten digits with captions")

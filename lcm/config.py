@@ -37,7 +37,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "folder"  # folder | hf
+    source: str = "folder"  # folder | hf | webdataset
     path: str = MISSING
     split: str = "train"
     image_column: str = "image"
@@ -45,8 +45,12 @@ class DataConfig:
     resolution: int = 1024
     center_crop: bool = True
     random_flip: bool = False
+    buckets: bool = False  # SDXL aspect-ratio buckets of about resolution² pixels; a batch holds one bucket
+    bucket_step: int = 64  # bucket sides are multiples of this (64 for SDXL; the tiny models need smaller)
+    bucket_max_aspect: float = 2.0  # longest side / shortest side of the widest bucket
     max_samples: Optional[int] = None
     num_workers: int = 0
+    cache_dir: Optional[str] = None  # a folder written by `lcm cache`: train on it, without VAE or text encoders
 
 
 @dataclass
@@ -68,6 +72,7 @@ class DistillConfig:
     sigma_data: float = 0.5
     timestep_scaling: float = 10.0
     ema_decay: float = 0.0  # LoRA: 0 = target is the online adapters (LCM-LoRA); > 0 keeps an adapter-only EMA
+    teacher_batched: bool = True  # cond + uncond in one teacher call on 2B rows; false = two calls (benchmarks only)
 
 
 @dataclass
@@ -101,6 +106,9 @@ class TrainConfig:
     max_train_steps: int = 1000  # optimiser steps
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    channels_last: bool = False  # the trained network's 4-D weights in NHWC (faster convolutions on GPUs / oneDNN)
+    torch_compile: bool = False  # torch.compile the trained network in place (Module.compile)
+    compile_backend: str = "inductor"  # any torch.compile backend; "aot_eager" checks capture without code generation
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 3
     log_every: int = 10
@@ -144,7 +152,7 @@ class ConfigError(ValueError):
 
 CHOICES = {
     "model.kind": ("sdxl", "sd15", "pixart"),
-    "data.source": ("folder", "hf"),
+    "data.source": ("folder", "hf", "webdataset"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.report_to": ("tensorboard", "none"),
 }

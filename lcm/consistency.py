@@ -58,6 +58,7 @@ class LCDSpec:
     huber_c: float = 0.001
     sigma_data: float = 0.5
     timestep_scaling: float = 10.0
+    teacher_batched: bool = True  # False: cond and uncond in two teacher calls (same result; for benchmarks)
 
     def __post_init__(self):
         get_solver(self.solver)
@@ -77,12 +78,17 @@ class LCDBatch:
     uncond: dict = field(default_factory=dict)
 
 
-def guided_denoiser(teacher, cond: dict, uncond: dict, w, schedule: NoiseSchedule, prediction_type: str):
-    """The teacher as `denoise(z, t) -> (x̂₀, ε̂)` with CFG in the LCM convention, one batched call per evaluation."""
-    both = cat_cond(cond, uncond)
+def guided_denoiser(teacher, cond: dict, uncond: dict, w, schedule: NoiseSchedule, prediction_type: str,
+                    batched: bool = True):
+    """The teacher as `denoise(z, t) -> (x̂₀, ε̂)` with CFG in the LCM convention, one batched call per evaluation
+    (`batched=False` makes two calls, cond then uncond: the reference scripts' way, kept to measure the difference)."""
+    both = cat_cond(cond, uncond) if batched else None
 
     def denoise(z, t):
-        pred = teacher(torch.cat([z, z]), torch.cat([t, t]), both)
+        if batched:
+            pred = teacher(torch.cat([z, z]), torch.cat([t, t]), both)
+        else:
+            pred = torch.cat([teacher(z, t, cond), teacher(z, t, uncond)])
         alpha, sigma = schedule.alpha_sigma(torch.cat([t, t]), z.ndim)
         x0, eps = to_x0_eps(pred, torch.cat([z, z]), alpha.to(pred.dtype), sigma.to(pred.dtype), prediction_type)
         x0_c, x0_u = x0.chunk(2)
@@ -112,7 +118,8 @@ def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
     f_student = predict_consistency(student, z_tnk, t_nk, batch.cond, batch.w, spec)
     with torch.no_grad():
         # 3. One teacher ODE step t_{n+k} → t_n with CFG at the sampled w.
-        denoise = guided_denoiser(teacher, batch.cond, batch.uncond, batch.w, spec.schedule, spec.prediction_type)
+        denoise = guided_denoiser(teacher, batch.cond, batch.uncond, batch.w, spec.schedule, spec.prediction_type,
+                                  spec.teacher_batched)
         z_tn_hat = get_solver(spec.solver)(denoise, z_tnk, t_nk, t_n, spec.schedule)
         # 4. Target's consistency output at t_n — the stop-gradient side of the loss.
         f_target = predict_consistency(target, z_tn_hat, t_n, batch.cond, batch.w, spec)

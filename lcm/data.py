@@ -1,7 +1,8 @@
 """Training data: captioned images → SDXL items (pixels in [-1, 1] + size/crop micro-conditioning).
 
-Sources: an image folder (captions from same-stem `.txt` files or a root `metadata.jsonl` / `metadata.csv`) or an
-HF `datasets` dataset (saved with `save_to_disk`, an image folder read by `imagefolder`, or a hub name).
+Sources: an image folder (captions from same-stem `.txt` files or a root `metadata.jsonl` / `metadata.csv`), an
+HF `datasets` dataset (saved with `save_to_disk`, an image folder read by `imagefolder`, or a hub name), or webdataset
+tar shards (`key.jpg`/`key.png` + `key.txt`; a folder of .tar files or a brace pattern, read by member offset).
 Bad files never stop a run: a cheap header check drops them at index time, and `__getitem__` falls back to another
 image if a file still fails to decode later. Every count ends up in one `DataSummary`, logged once.
 
@@ -23,7 +24,8 @@ What happens to each kind of bad input (all counted in the summary):
 - an empty folder, or one with no usable image → `ValueError` from `build_dataset`, before any model is loaded.
 
 SDXL micro-conditioning (Podell et al. 2023, arXiv:2307.01952 §2.2) is in **(height, width)** order throughout:
-`original_size` = (h, w) as loaded, `crop_top_left` = (top, left) in the resized image, `target_size` = (res, res).
+`original_size` = (h, w) as loaded, `crop_top_left` = (top, left) in the resized image, `target_size` = (res, res),
+or with `data.buckets` the (h, w) of the aspect-ratio bucket nearest the image's (batches then hold one bucket each).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import csv
 import io
 import json
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -39,12 +42,13 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+WDS_IMAGE_EXTENSIONS = tuple(e[1:] for e in IMAGE_EXTENSIONS)  # webdataset keys are extensions without the dot
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 _HF_SCAN_BATCH = 256  # rows read at a time during the HF header scan; keeps memory flat on large datasets
 
@@ -95,8 +99,34 @@ def format_summary(summary: DataSummary) -> str:
 # Reading images. A "ref" is a path, raw bytes, or an HF Image dict {"bytes": ..., "path": ...} (decode=False).
 
 
+@dataclass(frozen=True)
+class TarMember:
+    """One file inside an uncompressed tar shard, read by offset (random access without unpacking)."""
+
+    shard: str
+    name: str
+    offset: int  # of the member's data
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.shard, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self.shard}: member {self.name} is truncated ({len(data)} of {self.size} bytes)")
+        return data
+
+
+def read_bytes(ref: Any) -> bytes:
+    """The encoded file behind any ref (what the cache hashes: a changed file changes its key)."""
+    src = _source(ref)
+    return src.getvalue() if isinstance(src, io.BytesIO) else src.read_bytes()
+
+
 def _source(ref: Any) -> Path | io.BytesIO:
     """Something `Image.open` accepts, from any ref."""
+    if isinstance(ref, TarMember):
+        return io.BytesIO(ref.read())
     if isinstance(ref, dict):
         ref = ref["bytes"] if ref.get("bytes") is not None else ref.get("path")
     if isinstance(ref, (bytes, bytearray)):
@@ -108,6 +138,8 @@ def _source(ref: Any) -> Path | io.BytesIO:
 
 def _describe(ref: Any) -> str:
     """A short name for a ref in log messages: its path, or what kind of in-memory image it is."""
+    if isinstance(ref, TarMember):
+        return f"{ref.shard}:{ref.name}"
     if isinstance(ref, dict):
         return str(ref.get("path") or "<image bytes>")
     return "<image bytes>" if isinstance(ref, (bytes, bytearray)) else str(ref)
@@ -125,21 +157,26 @@ def _open_guarded(src) -> Image.Image:
 
 
 def inspect_image(ref: Any) -> tuple[str | None, tuple[int, int] | None]:
-    """Cheap index-time check (header + structure, no full decode): (None, (w, h)) if usable, else (reason, None)."""
+    """Cheap index-time check (header + structure, no full decode): (None, (h, w) upright) if usable, else
+    (reason, None). The size is the one `load_image` will give: EXIF rotations by 90° swap it."""
     try:
         src = _source(ref)
         if (src.getbuffer().nbytes if isinstance(src, io.BytesIO) else src.stat().st_size) == 0:
             return "empty_file", None
         with _open_guarded(src) as image:
-            size = image.size
+            w, h = image.size
             image.verify()
+        if isinstance(src, io.BytesIO):
+            src.seek(0)
+        with Image.open(src) as image:  # verify() must come first and leaves the image unusable: open it again
+            rotated = image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
     except FileNotFoundError:
         return "missing_file", None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return "too_large", None
     except Exception:  # PIL raises many types on bad input (OSError, SyntaxError, ValueError, ...): all mean "skip"
         return "unreadable", None
-    return None, size
+    return None, ((w, h) if rotated else (h, w))
 
 
 def check_image(ref: Any) -> str | None:
@@ -181,36 +218,123 @@ def load_image(ref: Any) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Transforms (PIL + torch; randomness only from the generator passed in)
+# Transforms (PIL + torch; randomness only from the generator passed in). Sizes are (h, w), SDXL's order.
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Scale so the shorter side equals `size`, keeping the aspect ratio (Lanczos)."""
-    w, h = image.size
-    scale = size / min(w, h)
-    new_size = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return image if new_size == (w, h) else image.resize(new_size, Image.Resampling.LANCZOS)
+def cover_size(size_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) after scaling an image of `size_hw` just enough to cover `target_hw`, keeping its aspect ratio.
+
+    For a square target this is "shorter side = resolution"; for a bucket it is the scale at which one side fits.
+    """
+    (h, w), (th, tw) = size_hw, target_hw
+    scale = max(th / h, tw / w)
+    return max(th, round(h * scale)), max(tw, round(w * scale))
 
 
-def transform_image(
-    image: Image.Image, resolution: int, *, center_crop: bool, random_flip: bool, generator: torch.Generator
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize, square-crop, maybe flip → ((3, res, res) float32 in [-1, 1], crop (top, left) in resized coords)."""
-    image = resize_shorter_side(image, resolution)
-    w, h = image.size
+def draw_crop_flip(resized_hw: tuple[int, int], target_hw: tuple[int, int], *, center_crop: bool, random_flip: bool,
+                   generator: torch.Generator | None) -> tuple[int, int, bool]:
+    """(top, left, flip) of a `target_hw` crop from a `resized_hw` image: centred or drawn, then a coin for the flip
+    (the generator is only drawn from when something is random)."""
+    (h, w), (th, tw) = resized_hw, target_hw
     if center_crop:
-        top, left = (h - resolution) // 2, (w - resolution) // 2
+        top, left = (h - th) // 2, (w - tw) // 2
     else:
-        top = int(torch.randint(0, h - resolution + 1, (), generator=generator))
-        left = int(torch.randint(0, w - resolution + 1, (), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and torch.rand((), generator=generator).item() < 0.5:
+        top = int(torch.randint(0, h - th + 1, (), generator=generator))
+        left = int(torch.randint(0, w - tw + 1, (), generator=generator))
+    flip = random_flip and torch.rand((), generator=generator).item() < 0.5
+    return top, left, flip
+
+
+def crop_conditioning(resized_hw: tuple[int, int], target_hw: tuple[int, int], top: int, left: int,
+                      flip: bool) -> tuple[int, int]:
+    """SDXL's crop_top_left for a crop at (top, left) of the resized image, as it sits after the optional flip.
+
+    Important: condition on the crop in the *flipped* image (as SDXL / diffusers do), else the model learns that
+    flipped crops come from the other side.
+    """
+    return top, (resized_hw[1] - left - target_hw[1]) if flip else left
+
+
+def transform_image(image: Image.Image, target_hw: tuple[int, int], top: int, left: int, flip: bool) -> torch.Tensor:
+    """Resize to cover `target_hw`, crop at (top, left), maybe flip → (3, h, w) float32 in [-1, 1]."""
+    (th, tw), (h, w) = target_hw, cover_size((image.height, image.width), target_hw)
+    if (h, w) != (image.height, image.width):
+        image = image.resize((w, h), Image.Resampling.LANCZOS)
+    image = image.crop((left, top, left + tw, top + th))
+    if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        # Important: condition on the crop as it sits in the *flipped* image (as SDXL / diffusers do), else the
-        # model learns that flipped crops come from the other side.
-        left = w - left - resolution
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0
-    return pixels, (top, left)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets (SDXL, arXiv:2307.01952 §2.3): each image trains at the bucket nearest its aspect ratio, with
+# about resolution² pixels; a batch holds one bucket only, so its tensors stack.
+
+
+def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
+    """(h, w) buckets, multiples of `step`, with h·w ≤ resolution² and the widest side at most `max_aspect` × the other;
+    for each height the widest such width (SDXL's table is this rule at 1024 with step 64)."""
+    if step < 1 or max_aspect < 1:
+        raise ValueError(f"data.bucket_step must be >= 1 and data.bucket_max_aspect >= 1, got {step}, {max_aspect}")
+    area, found = resolution * resolution, []
+    for h in range(step, area // step + 1, step):
+        w = area // h // step * step
+        if w >= step and max(h, w) <= max_aspect * min(h, w):
+            found.append((h, w))
+    if not found:
+        raise ValueError(f"no bucket of multiples of data.bucket_step={step} fits data.resolution={resolution}")
+    return found
+
+
+def nearest_bucket(size_hw: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log ratio) to that of `size_hw`; ties go to the first."""
+    ratio = math.log(size_hw[0] / size_hw[1])
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed seed per (run seed, epoch) for the batch order; disjoint from the per-item seeds (3 words)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of one bucket each, in an order that depends only on (seed, epoch): shuffle each bucket, cut it into
+    full batches (a bucket's remainder is dropped for the epoch), then shuffle the batches across buckets."""
+
+    def __init__(self, buckets: Sequence[Any], batch_size: int, seed: int = 0):
+        self.groups: dict[Any, list[int]] = {}
+        for index, bucket in enumerate(buckets):
+            self.groups.setdefault(bucket, []).append(index)
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(g) // self.batch_size for g in self.groups.values())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        batches = []
+        for bucket in sorted(self.groups):  # sorted: the order never depends on dict insertion
+            members = self.groups[bucket]
+            shuffled = [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
+            batches += [shuffled[i:i + self.batch_size] for i in range(0, len(shuffled) - self.batch_size + 1,
+                                                                        self.batch_size)]
+        yield from (batches[i] for i in torch.randperm(len(batches), generator=gen).tolist())
+
+
+def build_loader(dataset: Dataset, collate, batch_size: int, seed: int, num_workers: int = 0):
+    """(DataLoader, its bucket sampler or None). With buckets the batch sampler is ours; otherwise a plain shuffle
+    (accelerate's seedable sampler then replaces it with one seeded by (seed, epoch))."""
+    buckets = getattr(dataset, "buckets", None)
+    if buckets is not None:
+        sampler = BucketBatchSampler(buckets, batch_size, seed)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                           num_workers=num_workers), sampler
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                       collate_fn=collate, num_workers=num_workers,
+                                       generator=torch.Generator().manual_seed(seed)), None
 
 
 def add_time_ids(
@@ -232,7 +356,7 @@ def _item_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class CaptionedImages(Dataset):
-    """Indexed, pre-checked captioned images → SDXL training items."""
+    """Indexed, pre-checked captioned images → SDXL training items, square or in aspect-ratio buckets."""
 
     def __init__(
         self,
@@ -240,6 +364,8 @@ class CaptionedImages(Dataset):
         captions: Sequence[str],
         *,
         resolution: int,
+        sizes: Sequence[tuple[int, int]] | None = None,
+        bucket_table: Sequence[tuple[int, int]] | None = None,
         center_crop: bool = True,
         random_flip: bool = False,
         seed: int = 0,
@@ -251,6 +377,15 @@ class CaptionedImages(Dataset):
         self.seed, self.epoch = seed, 0
         self.summary = summary if summary is not None else DataSummary(n_ok=len(images))
         self._warned: set[int] = set()
+        # Buckets need every image's (h, w) from the index; without them every item is a resolution² square.
+        if bucket_table is not None and sizes is None:
+            raise ValueError("aspect-ratio buckets need the image sizes from indexing")
+        self.sizes = sizes
+        self.buckets = None if bucket_table is None else [nearest_bucket(s, bucket_table) for s in sizes]
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """The (h, w) this item trains at: its bucket, or the square resolution."""
+        return (self.resolution, self.resolution) if self.buckets is None else self.buckets[index]
 
     def set_epoch(self, epoch: int) -> None:
         """Change the augmentation draw per epoch (call before building the epoch's iterator; workers copy it)."""
@@ -263,9 +398,12 @@ class CaptionedImages(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(index)
         # A file that passed the header check can still fail to decode (truncated data, changed on disk):
-        # count it and move on deterministically to the next index instead of killing the run.
+        # count it and move on deterministically to the next index of the same bucket (so the batch still stacks)
+        # instead of killing the run.
         for j in (index + k for k in range(len(self))):
             j %= len(self)
+            if self.target_size(j) != self.target_size(index):
+                continue
             try:
                 image = load_image(self.images[j])
             except Exception as err:  # any PIL failure on one file; the transform below is outside this guard
@@ -278,29 +416,31 @@ class CaptionedImages(Dataset):
             return self._make_item(image, j)
         raise RuntimeError("data: no image in the dataset could be decoded")
 
+    def draw_transform(self, image_hw: tuple[int, int], index: int) -> tuple[tuple[int, int], int, int, bool]:
+        """(target (h, w), crop top, crop left, flip) for item `index` this epoch, from its own seeded generator."""
+        target = self.target_size(index)
+        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+        top, left, flip = draw_crop_flip(cover_size(image_hw, target), target, center_crop=self.center_crop,
+                                         random_flip=self.random_flip, generator=generator)
+        return target, top, left, flip
+
     def _make_item(self, image: Image.Image, index: int) -> dict[str, Any]:
         """Transform one decoded image and attach its caption and SDXL conditioning."""
-        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
-        pixels, crop_top_left = transform_image(
-            image, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip, generator=generator
-        )
+        size = (image.height, image.width)  # (h, w): SDXL's order, not PIL's (w, h)
+        target, top, left, flip = self.draw_transform(size, index)
         return {
-            "pixel_values": pixels,
+            "pixel_values": transform_image(image, target, top, left, flip),
             "caption": self.captions[index],
-            "original_size": torch.tensor((image.height, image.width)),  # (h, w): SDXL's order, not PIL's (w, h)
-            "crop_top_left": torch.tensor(crop_top_left),
-            "target_size": torch.tensor((self.resolution, self.resolution)),
+            "original_size": torch.tensor(size),
+            "crop_top_left": torch.tensor(crop_conditioning(cover_size(size, target), target, top, left, flip)),
+            "target_size": torch.tensor(target),
             "index": index,  # the item actually loaded (differs from the request only after a decode fallback)
         }
 
 
 def collate_fn(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors into a batch; captions stay a list of str."""
-    batch = {key: torch.stack([item[key] for item in items]) for key in
-             ("pixel_values", "original_size", "crop_top_left", "target_size")}
-    batch["caption"] = [item["caption"] for item in items]
-    batch["index"] = torch.tensor([item["index"] for item in items])
-    return batch
+    """Stack tensors into a batch (nested dicts too, e.g. cached text conditioning); captions stay a list of str."""
+    return torch.utils.data.default_collate(items)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -314,8 +454,9 @@ def _caption_text(value: Any) -> str:
 
 def _scan(candidates: Iterable[tuple[Any, Any, str]], max_samples: int | None, summary: DataSummary,
           resolution: int | None = None):
-    """Keep candidates whose header PIL can parse, up to `max_samples`; count the rest by reason."""
-    keys, captions = [], []
+    """Keep candidates whose header PIL can parse, up to `max_samples`; count the rest by reason.
+    Returns the kept keys, their captions and their upright (h, w) sizes (for buckets and cache keys)."""
+    keys, captions, sizes = [], [], []
     for key, ref, caption in candidates:
         if max_samples is not None and len(keys) >= max_samples:
             break
@@ -328,9 +469,10 @@ def _scan(candidates: Iterable[tuple[Any, Any, str]], max_samples: int | None, s
         summary.n_upscaled += resolution is not None and min(size) < resolution
         keys.append(key)
         captions.append(caption)
+        sizes.append(size)
         summary.n_missing_caption += not caption
     summary.n_ok = len(keys)
-    return keys, captions
+    return keys, captions, sizes
 
 
 def _decode_text(raw: bytes, summary: DataSummary) -> str:
@@ -471,11 +613,71 @@ def index_hf(cfg: Any, summary: DataSummary):
             for offset, (ref, caption) in enumerate(zip(batch[cfg.image_column], batch[cfg.caption_column])):
                 yield start + offset, ref, _caption_text(caption)
 
-    rows, captions = _scan(candidates(), cfg.max_samples, summary, cfg.resolution)
-    return _HFImageColumn(ds, cfg.image_column, rows), captions
+    rows, captions, sizes = _scan(candidates(), cfg.max_samples, summary, cfg.resolution)
+    return _HFImageColumn(ds, cfg.image_column, rows), captions, sizes
 
 
-SOURCES = {"folder": index_folder, "hf": index_hf}
+def _shard_paths(spec: str) -> list[Path]:
+    """Tar shards from a folder (every *.tar in it, sorted) or a brace pattern (`shards/{000..099}.tar`)."""
+    from braceexpand import braceexpand  # webdataset's own shard-list syntax
+
+    folder = Path(spec)
+    paths = sorted(folder.glob("*.tar")) if folder.is_dir() else [Path(p) for p in braceexpand(spec)]
+    if not paths:
+        raise ValueError(f"no .tar shards found for data.path {spec!r}")
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"data.path {spec!r}: shard {str(path)} does not exist")
+    return paths
+
+
+def _tar_samples(shard: Path, summary: DataSummary) -> Iterator[tuple[str, TarMember | None, str]]:
+    """(key, image member, caption) per sample of one shard, grouped as webdataset groups them: consecutive members
+    sharing a key (the path up to the first dot of the file name); an unreadable shard is skipped and counted."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    try:
+        with tarfile.open(shard, mode="r:") as tar:  # "r:": uncompressed only, so members have fixed offsets
+            members = [m for m in tar if m.isfile()]
+            groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+            for m in members:
+                key, ext = base_plus_ext(m.name)
+                if key is None:
+                    continue
+                if not groups or groups[-1][0] != key:
+                    groups.append((key, {}))
+                groups[-1][1].setdefault(ext.lower(), m)
+            for key, files in groups:
+                image = next((files[e] for e in WDS_IMAGE_EXTENSIONS if e in files), None)
+                caption = ""
+                if "txt" in files:
+                    caption = _caption_text(_decode_text(tar.extractfile(files["txt"]).read(), summary))
+                member = None if image is None else TarMember(str(shard), image.name, image.offset_data, image.size)
+                yield f"{shard.name}/{key}", member, caption
+    except (tarfile.TarError, OSError) as err:
+        logger.warning("data: cannot read shard %s (%s: %s); skipping it", shard, type(err).__name__, err)
+        summary.skip("unreadable_shard")
+
+
+def index_webdataset(cfg: Any, summary: DataSummary):
+    """Samples of webdataset tar shards (`key.jpg`/`key.png` + `key.txt`), indexed by member offset: the images stay
+    inside the shards and are read by random access, so shuffling, resuming, buckets and the cache work as for a
+    folder while the file system sees a few large files."""
+
+    def candidates() -> Iterator[tuple[TarMember, TarMember, str]]:
+        for shard in _shard_paths(cfg.path):
+            for _key, member, caption in _tar_samples(shard, summary):
+                if member is None:
+                    summary.skip("no_image")
+                    continue
+                yield member, member, caption
+
+    return _scan(candidates(), cfg.max_samples, summary, cfg.resolution)
+
+
+SOURCES = {"folder": index_folder, "hf": index_hf, "webdataset": index_webdataset}
 
 
 def build_dataset(cfg: Any, seed: int = 0) -> CaptionedImages:
@@ -485,12 +687,13 @@ def build_dataset(cfg: Any, seed: int = 0) -> CaptionedImages:
     if cfg.resolution <= 0:
         raise ValueError(f"data.resolution must be positive, got {cfg.resolution}")
     summary = DataSummary()
-    images, captions = SOURCES[cfg.source](cfg, summary)
+    images, captions, sizes = SOURCES[cfg.source](cfg, summary)
     if summary.n_ok == 0:
         raise ValueError(f"no usable image in {str(cfg.path)!r}: {format_summary(summary)}")
     problems = summary.n_skipped or summary.n_missing_caption or summary.n_caption_not_utf8 or summary.bad_metadata_lines
     logger.log(logging.WARNING if problems else logging.INFO, format_summary(summary))
+    table = bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_aspect) if cfg.buckets else None
     return CaptionedImages(
-        images, captions, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
-        seed=seed, summary=summary,
+        images, captions, resolution=cfg.resolution, sizes=sizes, bucket_table=table, center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip, seed=seed, summary=summary,
     )

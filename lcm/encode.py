@@ -1,5 +1,5 @@
 """Turn a data batch into model inputs: fp32 VAE latents and text conditioning (both SDXL encoders, SD1.5's one, or
-PixArt's T5 with its attention mask)."""
+PixArt's T5 with its attention mask), encoded now or read from the latent cache (lcm/cache.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,20 @@ from .guidance import sample_w
 
 
 @torch.no_grad()
-def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z₀ = (sample of q(z|x) − shift) · scaling_factor, in fp32 (the VAE is kept fp32 by the dtype policy)."""
+def latent_moments(vae, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, σ) of the VAE posterior q(z|x) in the UNet's latent units, fp32 (the dtype policy keeps the VAE fp32):
+    z₀ = μ + σ·ε with μ = (mean − shift)·scaling_factor and σ = std·scaling_factor."""
     posterior = vae.encode(pixel_values.to(device=vae.device, dtype=torch.float32)).latent_dist
-    z = posterior.sample(generator=generator)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (z - shift) * vae.config.scaling_factor
+    return (posterior.mean - shift) * vae.config.scaling_factor, posterior.std * vae.config.scaling_factor
+
+
+def sample_latents(mu: torch.Tensor, sigma: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """z₀ ~ q(z|x), each image's ε from its own generator (as diffusers' posterior.sample draws it): a fresh draw per
+    step, whether (μ, σ) came from the VAE just now or from the latent cache."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return mu + sigma * randn_tensor(mu.shape, generator=generators, device=mu.device, dtype=mu.dtype)
 
 
 @torch.no_grad()
@@ -49,15 +57,33 @@ def encode_text(pipe, captions: list[str], time_ids: torch.Tensor | None, device
     return {"encoder_hidden_states": embeds}, {"encoder_hidden_states": neg}
 
 
-def lcd_batch_from_data(pipe, batch: dict, generator: torch.Generator, distill_cfg, grid, device) -> LCDBatch:
-    """A data batch → LCDBatch: fp32 latents, text conditioning with SDXL (h, w) micro-conditioning, and every
-    random draw of the step (noise ε, grid index n, guidance w) from this step's generator."""
+def encode_batch(pipe, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    """A data batch → (μ, σ, cond, uncond): what `lcm cache` stores and what uncached training computes per step."""
     from .data import add_time_ids
 
-    z0 = encode_images(pipe.vae, batch["pixel_values"], generator)
+    mu, sigma = latent_moments(pipe.vae, batch["pixel_values"])
     time_ids = add_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
     cond, uncond = encode_text(pipe, batch["caption"], time_ids, device)
-    B = z0.shape[0]
-    return LCDBatch(z0=z0, noise=torch.randn(z0.shape, generator=generator, device=device),
-                    index=grid.sample_index(B, generator, device),
-                    w=sample_w(B, distill_cfg.w_min, distill_cfg.w_max, generator, device), cond=cond, uncond=uncond)
+    return mu, sigma, cond, uncond
+
+
+def lcd_batch_from_data(pipe, batch: dict, generators: list[torch.Generator], distill_cfg, grid, device) -> LCDBatch:
+    """A data batch → LCDBatch: fp32 latents, text conditioning with SDXL (h, w) micro-conditioning, and every
+    random draw of the step (VAE noise, ε, grid index n, guidance w) from each sample's own CPU generator, so a sample
+    gets the same draws whatever batch, rank or device it lands in.
+
+    A batch from the latent cache (`latent_mean` …) already holds (μ, σ, cond, uncond): no encoder runs."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if len(generators) != len(batch["caption"]):
+        raise ValueError(f"{len(generators)} generators for a batch of {len(batch['caption'])}: need one per sample")
+    if "latent_mean" in batch:
+        mu, sigma = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        cond, uncond = ({k: v.to(device) for k, v in batch[part].items()} for part in ("cond", "uncond"))
+    else:
+        mu, sigma, cond, uncond = encode_batch(pipe, batch, device)
+    z0 = sample_latents(mu, sigma, generators)
+    return LCDBatch(z0=z0, noise=randn_tensor(z0.shape, generator=generators, device=z0.device, dtype=z0.dtype),
+                    index=torch.cat([grid.sample_index(1, g) for g in generators]).to(device),
+                    w=torch.cat([sample_w(1, distill_cfg.w_min, distill_cfg.w_max, g) for g in generators]).to(device),
+                    cond=cond, uncond=uncond)

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from accelerate.utils import set_seed
 
+from .cache import CachedDataset
 from .config import load_config, to_yaml
 from .consistency import LCDSpec
 from .data import build_dataset, collate_fn, format_summary
-from .models import load_pipeline, noise_schedule_of, weight_dtype_for
+from .models import encoder_names, load_pipeline, module_names, noise_schedule_of, weight_dtype_for
 from .sampling import generate, image_grid, lcm_scheduler_for
 from .schedule import SolverGrid
 from .trainer import make_accelerator, train
@@ -55,27 +57,60 @@ def prepare_run(args: argparse.Namespace, schema) -> Optional[Run]:
     # Important: seed everything that draws from the global RNGs (LoRA init, the student copy). torch's default
     # generator starts from a random seed in every process, so without this two runs with the same train.seed differ.
     set_seed(cfg.train.seed)
-    # Data first: an empty or unusable folder fails here, before any model is loaded.
-    dataset = build_dataset(cfg.data, seed=cfg.train.seed)
+    # Data first: an empty or unusable folder (or a stale cache) fails here, before any model is loaded.
+    dataset = CachedDataset(cfg, seed=cfg.train.seed) if cfg.data.cache_dir else build_dataset(cfg.data,
+                                                                                              seed=cfg.train.seed)
     summary = format_summary(dataset.summary)
     accelerator.print(summary)
     if len(dataset) < cfg.train.batch_size:
         raise ValueError(f"only {len(dataset)} usable image(s), fewer than train.batch_size={cfg.train.batch_size} "
                          f"({summary})")
+    # From a cache, the VAE and text encoders stay on disk; validation loads them when it first needs them.
     pipe = load_pipeline(cfg.model.kind, cfg.model.pretrained, weight_dtype_for(cfg.train.mixed_precision),
-                         cfg.model.revision, cfg.model.variant)
+                         cfg.model.revision, cfg.model.variant,
+                         without=encoder_names(cfg.model.kind) if cfg.data.cache_dir else ())
     pipe.to(accelerator.device)
     sc = pipe.scheduler.config
     d = cfg.distill
     spec = LCDSpec(noise_schedule_of(pipe.scheduler), SolverGrid(sc.num_train_timesteps, d.num_ddim_timesteps),
-                   sc.prediction_type, d.solver, d.loss, d.huber_c, d.sigma_data, d.timestep_scaling)
+                   sc.prediction_type, d.solver, d.loss, d.huber_c, d.sigma_data, d.timestep_scaling, d.teacher_batched)
     return Run(cfg, accelerator, dataset, collate_fn, summary, pipe, spec)
+
+
+def _with_encoders(run: Run):
+    """The teacher pipeline with its VAE and text encoders: loaded on first use when training from a latent cache,
+    sharing the training UNet and scheduler (never reloading or re-freezing them)."""
+    cfg, pipe = run.cfg, run.pipe
+    if pipe.vae is None:
+        names = encoder_names(cfg.model.kind)
+        others = tuple(n for n in module_names(cfg.model.kind) if n not in names and getattr(pipe, n) is not None)
+        encoders = load_pipeline(cfg.model.kind, cfg.model.pretrained, weight_dtype_for(cfg.train.mixed_precision),
+                                 cfg.model.revision, cfg.model.variant, without=others)
+        encoders.to(run.accelerator.device)
+        run.pipe = type(pipe)(**{**encoders.components, **{n: pipe.components[n] for n in others}})
+    return run.pipe
+
+
+def apply_speed_options(network, train_cfg) -> None:
+    """The trained network's speed options, in place: gradient checkpointing, channels_last weights, torch.compile.
+
+    In place matters: LoRA's teacher and target are the same UNet object, and accelerate wraps this same module, so
+    every role gets the faster network without re-wrapping. Attention needs nothing here: diffusers' default processor
+    (`AttnProcessor2_0`) already calls torch's scaled_dot_product_attention (tests/test_speed_options.py checks it).
+    """
+    if train_cfg.gradient_checkpointing:
+        network.enable_gradient_checkpointing()
+    if train_cfg.channels_last:
+        # Module.to rebinds each parameter's .data, so trainable-parameter lists taken before stay valid.
+        network.to(memory_format=torch.channels_last)
+    if train_cfg.torch_compile:
+        network.compile(backend=train_cfg.compile_backend)
 
 
 def validation_grid(run: Run, replace: dict, step: int, out_dir: Path) -> None:
     """`replace` swaps pipeline components (e.g. {"unet": student}) for this grid only."""
     """A PNG grid (a row per prompt, a column per seed) from the current weights with LCMScheduler."""
-    cfg, pipe = run.cfg, run.pipe
+    cfg, pipe = run.cfg, _with_encoders(run)
     out_dir.mkdir(parents=True, exist_ok=True)
     scheduler = lcm_scheduler_for(pipe.scheduler.config, cfg.distill.num_ddim_timesteps, cfg.distill.timestep_scaling)
     val = type(pipe)(**{**pipe.components, **replace, "scheduler": scheduler})

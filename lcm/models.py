@@ -32,15 +32,34 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
     return WEIGHT_DTYPES[mixed_precision]
 
 
-def load_pipeline(kind: str, pretrained: str, torch_dtype=torch.float32, revision=None, variant=None):
-    """The teacher pipeline via diffusers' own `from_pretrained` (a local folder, or a hub id when online)."""
+# What turns data into model inputs (and is all a latent cache replaces): the VAE, text encoders and tokenizers.
+ENCODER_PREFIXES = ("vae", "text_encoder", "tokenizer")
+
+
+def module_names(kind: str) -> tuple[str, ...]:
+    """The pipeline components of `kind` (modules, tokenizers, scheduler), as its constructor names them."""
+    cls = PIPELINES[kind]
+    return tuple(cls._get_signature_keys(cls)[0])
+
+
+def encoder_names(kind: str) -> tuple[str, ...]:
+    """The components of `kind` that encode images or text (`vae`, `text_encoder_2`, `tokenizer`, …)."""
+    return tuple(n for n in module_names(kind) if n.startswith(ENCODER_PREFIXES))
+
+
+def load_pipeline(kind: str, pretrained: str, torch_dtype=torch.float32, revision=None, variant=None,
+                  without: tuple[str, ...] = ()):
+    """The teacher pipeline via diffusers' own `from_pretrained` (a local folder, or a hub id when online).
+
+    Components named in `without` are not loaded (left None): training from a latent cache needs no encoders.
+    """
     if kind not in PIPELINES:
         raise ValueError(f"unknown model.kind {kind!r}; valid: {sorted(PIPELINES)}")
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd15" else {}
     pipe = PIPELINES[kind].from_pretrained(pretrained, torch_dtype=torch_dtype, revision=revision, variant=variant,
-                                           use_safetensors=True,
-                                           **extra)
-    pipe.vae.to(torch.float32)  # fp32 VAE encode/decode, whatever the weight dtype
+                                           use_safetensors=True, **extra, **{name: None for name in without})
+    if pipe.vae is not None:
+        pipe.vae.to(torch.float32)  # fp32 VAE encode/decode, whatever the weight dtype
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()

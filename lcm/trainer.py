@@ -5,8 +5,9 @@ decides *how*. Checkpoints are written to a temporary folder and renamed, so a c
 latest checkpoint.
 
 Resuming is exact (tests/test_resume.py kills a run and compares bits): the shuffle order depends on (seed, epoch)
-only, crops/flips on (seed, epoch, item), noise/grid index/w on a generator per (seed, rank, step, micro-batch), LoRA
-dropout on the global RNG reseeded from that same key, and optimiser, LR schedule, EMA and accumulation counters are
+only, crops/flips on (seed, epoch, item), VAE noise/ε/grid index/w on a generator per sample keyed by its position in
+the run's sample stream (so they also do not depend on the number of ranks), LoRA dropout on the global RNG reseeded
+per (seed, rank, step, micro-batch), and optimiser, LR schedule, EMA and accumulation counters are
 restored from the checkpoint.
 """
 
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import to_yaml
+from .data import build_loader
 
 logger = logging.getLogger("lcm")
 
@@ -37,7 +39,8 @@ CHECKPOINT_PREFIX = "step-"
 
 @dataclass
 class TrainingTask:
-    """What an entry script hands the loop. `loss_fn(model, batch, generator)` returns (per-sample loss, diagnostics)."""
+    """What an entry script hands the loop. `loss_fn(model, batch, generators)` returns (per-sample loss, diagnostics);
+    `generators` holds one per sample of the micro-batch (`sample_generators`)."""
 
     model: torch.nn.Module  # holds the trainable parameters; prepared (DDP-wrapped) by accelerate
     params: list  # the trainable parameters (LoRA tensors or the whole student)
@@ -59,6 +62,14 @@ def rank_seed(seed: int, rank: int, world_size: int) -> int:
     return seed * world_size + rank
 
 
+def _splitmix64(x: int) -> int:
+    """SplitMix64's finaliser: scrambles an integer key so nearby keys give unrelated seeds."""
+    x = (x + 0x9E3779B97F4A7C15) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return x ^ (x >> 31)
+
+
 def step_generator(seed: int, rank: int, world_size: int, step: int, micro: int, device) -> torch.Generator:
     """A fresh generator per (rank, optimiser step, micro-batch): the noise of step s never depends on resuming."""
     g = torch.Generator(device=device)
@@ -70,13 +81,27 @@ def seed_global_rng_for_step(gen: torch.Generator) -> None:
     """Reseed torch's global RNG from this micro-step's generator, for what cannot take a generator (LoRA dropout).
 
     Dropout draws from the global RNG, so without this its masks would depend on everything that ran before in the
-    process (validation, a resume). The seed is scrambled (SplitMix64 finaliser) so the masks are not the same stream
-    as the step's noise, which `gen` draws from the same integer seed.
+    process (validation, a resume). The seed is scrambled so the masks are not the same stream as one drawn from
+    `gen`'s integer seed.
     """
-    x = (gen.initial_seed() + 0x9E3779B97F4A7C15) % 2**64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
-    torch.manual_seed((x ^ (x >> 31)) % 2**63)
+    torch.manual_seed(_splitmix64(gen.initial_seed()) % 2**63)
+
+
+def sample_position(step: int, micro: int, rank: int, world_size: int, accumulation: int, batch_size: int) -> int:
+    """Where this micro-batch's first sample sits in the run's stream of samples (counted over all ranks).
+
+    accelerate shards a map-style loader by whole batches, round-robin over ranks, so rank r's micro-batch m of
+    optimiser step s is batch (s·A + m)·W + r of the shuffled stream. The position is therefore the same for a sample
+    whether the global batch of step s is one rank × W·b, W ranks × b, or one rank × b with W·A micro-batches.
+    """
+    return ((step * accumulation + micro) * world_size + rank) * batch_size
+
+
+def sample_generators(seed: int, first: int, n: int) -> list[torch.Generator]:
+    """One CPU generator per sample, keyed by (seed, stream position): a sample's VAE noise, ε, grid index and w do
+    not depend on how the global batch is split over ranks and micro-batches, nor on the device (EDM's per-image
+    generators). This is what lets 2 ranks × B/2 reproduce 1 rank × B (tests/test_distributed.py)."""
+    return [torch.Generator().manual_seed(_splitmix64(seed * 2**40 + first + i) % 2**63) for i in range(n)]
 
 
 DETERMINISTIC_ENV = "LCM_DETERMINISTIC"  # "1": torch.use_deterministic_algorithms(True) for bit-exact reruns on GPU
@@ -249,9 +274,7 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
     if task.load_model_hook:
         accelerator.register_load_state_pre_hook(task.load_model_hook)
 
-    loader = torch.utils.data.DataLoader(
-        task.dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, collate_fn=task.collate_fn,
-        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(tc.seed))
+    loader, bucket_sampler = build_loader(task.dataset, task.collate_fn, tc.batch_size, tc.seed, cfg.data.num_workers)
     if len(loader) == 0:
         raise ValueError(f"dataset has {len(task.dataset)} usable samples, fewer than train.batch_size={tc.batch_size}")
     optimizer = build_optimizer(task.params, cfg.optim)
@@ -272,21 +295,27 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
     # this number; the floor would resume into the wrong epoch whenever the two differ.
     steps_per_epoch = math.ceil(len(loader) / batches_per_step)
     rank, world = accelerator.process_index, accelerator.num_processes
+    accelerator.print(f"{world} process(es) × batch {tc.batch_size} × accumulation {batches_per_step} = global batch "
+                      f"{world * tc.batch_size * batches_per_step}")
     progress = tqdm(total=tc.max_train_steps, initial=global_step, desc="lcm", disable=not accelerator.is_main_process)
     model.train()
     while global_step < tc.max_train_steps:
         epoch = global_step // steps_per_epoch
         loader.set_epoch(epoch)
+        if bucket_sampler is not None:  # accelerate cannot reach it through its multi-process shard wrapper
+            bucket_sampler.set_epoch(epoch)
         if hasattr(task.dataset, "set_epoch"):
             task.dataset.set_epoch(epoch)  # per-item crop/flip randomness depends on (seed, epoch, index)
         skip = (global_step % steps_per_epoch) * batches_per_step
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         for micro, batch in enumerate(epoch_loader):
             with accelerator.accumulate(model):
-                gen = step_generator(tc.seed, rank, world, global_step, micro % batches_per_step, accelerator.device)
-                seed_global_rng_for_step(gen)
+                m = micro % batches_per_step
+                seed_global_rng_for_step(step_generator(tc.seed, rank, world, global_step, m, accelerator.device))
+                first = sample_position(global_step, m, rank, world, batches_per_step, tc.batch_size)
+                gens = sample_generators(tc.seed, first, tc.batch_size)
                 with accelerator.autocast():
-                    per_sample, diagnostics = task.loss_fn(model, batch, gen)
+                    per_sample, diagnostics = task.loss_fn(model, batch, gens)
                 loss = per_sample.mean()
                 if not torch.isfinite(loss):
                     kept = list_checkpoints(out)

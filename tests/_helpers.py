@@ -25,3 +25,12 @@ def sdxl_unet_inputs(unet, seed: int = 0) -> dict:
                 encoder_hidden_states=torch.randn(2, 77, c.cross_attention_dim, generator=g),
                 added_cond_kwargs={"text_embeds": torch.randn(2, text_dim, generator=g),
                                    "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)})
+
+
+def data_cfg(path, **overrides):
+    """A real, typed `data:` config section (DataConfig defaults) for `path`, with field overrides."""
+    from omegaconf import OmegaConf
+
+    from lcm.config import DataConfig
+
+    return OmegaConf.structured(DataConfig(path=str(path), **overrides))

@@ -7,7 +7,6 @@ import json
 import struct
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,16 +15,14 @@ from PIL import Image, ImageFile
 from lcm.data import build_dataset, check_image, format_summary, load_image
 from lcm.tiny import make_captioned_image_folder
 
-from _helpers import load_entry_script
+from _helpers import data_cfg, load_entry_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 16  # training resolution for the corpus; every good image is at least this big except small.png
 
 
 def _cfg(path, **overrides):
-    fields = dict(source="folder", path=str(path), split="train", image_column="image", caption_column="text",
-                  resolution=RES, center_crop=True, random_flip=False, max_samples=None)
-    return SimpleNamespace(**{**fields, **overrides})
+    return data_cfg(path, **{"resolution": RES, **overrides})
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -3,7 +3,6 @@
 import csv
 import json
 import logging
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,13 +11,11 @@ from PIL import Image
 
 from lcm.data import add_time_ids, build_dataset, collate_fn, format_summary, to_rgb
 
+from _helpers import data_cfg
+
 
 def make_cfg(path, **overrides):
-    """Local stand-in for lcm.config.DataConfig (same fields and defaults)."""
-    fields = dict(source="folder", path=str(path), split="train", image_column="image", caption_column="text",
-                  resolution=32, center_crop=True, random_flip=False, max_samples=None)
-    fields.update(overrides)
-    return SimpleNamespace(**fields)
+    return data_cfg(path, **{"resolution": 32, **overrides})
 
 
 def save_rgb(path, width=40, height=30, color=(200, 30, 10)):

@@ -1,7 +1,6 @@
 """`lcm data digits` round-trips through the image-folder loader; `lcm eval` on a tiny budget writes its outputs."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,11 +13,12 @@ from lcm.digits import load_digits_tensors
 from lcm.lora import add_lora, save_lora
 from lcm.models import student_from_teacher
 
+from _helpers import data_cfg
+
 
 def test_digits_folder_round_trips_through_the_image_folder_loader(tmp_path):
     assert lcm_main(["data", "digits", "--out", str(tmp_path / "d"), "--split", "held_out"]) == 0
-    cfg = SimpleNamespace(source="folder", path=str(tmp_path / "d"), split="train", image_column="image",
-                          caption_column="text", resolution=16, center_crop=True, random_flip=False, max_samples=None)
+    cfg = data_cfg(tmp_path / "d", resolution=16)
     ds = build_dataset(cfg)
     images, labels = load_digits_tensors("held_out")
     assert len(ds) == len(images) and ds.summary.n_missing_caption == 0

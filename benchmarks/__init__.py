@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (not run in CI): see benchmarks/harness.py and README."""

@@ -1,0 +1,447 @@
+"""The latent cache (`lcm cache`): encode a dataset once, then train without the VAE or the text encoders.
+
+What is stored, per training item, in safetensors shards under `data.cache_dir`:
+- the VAE posterior's moments (μ, σ) in latent units, not one sample: training draws z₀ = μ + σ·ε afresh each step
+  from the step's generator, exactly as the uncached path does, so caching changes no random draw;
+- the text conditioning dicts (cond, uncond) that `encode.encode_text` returns, whatever keys the model family uses
+  (SDXL: token + pooled embeddings + time_ids; SD1.5: token embeddings). Unconditional tensors that are equal to the
+  empty caption's (SDXL's zeros, SD1.5's empty-prompt encoding) are stored once, not per item.
+
+Keys. A latent record is keyed by (image file digest, target size, crop, flip, VAE identity); a text record by
+(caption, micro-conditioning numbers, text-encoder identity). An identity is the digest of the files of those
+components in the model folder (memoised by size + mtime, so a training start only stats them), or `id@revision` for
+a hub id. Re-running `lcm cache` re-encodes exactly the records whose key changed: a new image, caption, crop size,
+VAE or text encoder; everything else is reused after its checksum is verified.
+
+Augmentation: random crops cannot be cached (a new crop per epoch), so caching needs `data.center_crop=true`;
+with `data.random_flip=true` both flips are cached and training picks one per (seed, epoch, item) with the same coin
+as the uncached loader. Buckets are cached at each image's bucket.
+
+Integrity: every record carries a digest of its bytes, checked on every read; a damaged or missing shard raises
+`CacheError` naming the file and the fix (re-run `lcm cache`, which re-encodes what is damaged), never wrong data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .data import (DataSummary, _item_seed, add_time_ids, build_dataset, cover_size, crop_conditioning,
+                   draw_crop_flip, format_summary, load_image, read_bytes, transform_image)
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when what a record holds changes: every key changes with it
+MANIFEST = "manifest.json"
+# Data keys that do not change what is encoded (so may differ between `lcm cache` and training).
+_RUNTIME_DATA_KEYS = ("num_workers", "cache_dir")
+
+
+class CacheError(ValueError):
+    """The cache cannot be used as it is: damaged, or made for other data settings or encoders."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Digests and identities
+
+
+def _digest(*parts: Any) -> str:
+    """A short stable digest of JSON-able parts."""
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _file_digest(path: Path, memo: dict) -> str:
+    """Content digest of a file, memoised by (path, size, mtime): unchanged weights are hashed once, not every run."""
+    st = path.stat()
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if stamp not in memo:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        memo[stamp] = h.hexdigest()
+    return memo[stamp]
+
+
+def encoder_identity(model_cfg, memo: dict) -> dict[str, str]:
+    """{"latent": VAE identity, "text": text encoders + tokenizers identity} for `model_cfg`.
+
+    A local pipeline folder is identified by the contents of those components' files; a hub id by id@revision
+    (pin `model.revision` to a commit for a cache that cannot go stale).
+    """
+    from .models import encoder_names
+
+    names, root = encoder_names(model_cfg.kind), Path(model_cfg.pretrained)
+
+    def identity(prefixes: tuple[str, ...]) -> str:
+        parts = [n for n in names if n.startswith(prefixes)]
+        if not root.is_dir():
+            return _digest(FORMAT, model_cfg.kind, model_cfg.pretrained, model_cfg.revision or "main",
+                           model_cfg.variant, parts)
+        files = sorted(p for n in parts if (root / n).is_dir() for p in (root / n).rglob("*") if p.is_file())
+        return _digest(FORMAT, model_cfg.kind, [(p.relative_to(root).as_posix(), _file_digest(p, memo)) for p in files])
+
+    return {"latent": identity(("vae",)), "text": identity(("text_encoder", "tokenizer"))}
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Digest of a record's names, dtypes, shapes and bytes: what a read checks before handing tensors out."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _data_settings(data_cfg) -> dict:
+    """The data config that decides what is encoded (everything but runtime knobs)."""
+    settings = OmegaConf.to_container(data_cfg, resolve=True) if OmegaConf.is_config(data_cfg) else dict(data_cfg)
+    return {k: v for k, v in settings.items() if k not in _RUNTIME_DATA_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+class _Shards:
+    """Open safetensors shards of one cache, per process (handles are not picklable, so DataLoader workers reopen)."""
+
+    def __init__(self, root: Path, records: dict):
+        self.root, self.records, self._open = root, records, {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": {}}
+
+    def _handle(self, shard: str):
+        if shard not in self._open:
+            path = self.root / shard
+            try:
+                self._open[shard] = safe_open(str(path), framework="pt")
+            except Exception as err:  # missing file, truncated or garbled header: safetensors raises several types
+                raise CacheError(f"cache shard {path} cannot be read ({type(err).__name__}: {err}); re-run "
+                                 f"`lcm cache` with the same config to re-encode what it held") from err
+        return self._open[shard]
+
+    def read(self, key: str) -> dict[str, torch.Tensor]:
+        """A record's tensors, after checking them against the digest written with them."""
+        record = self.records[key]
+        path = self.root / record["shard"]
+        try:
+            handle = self._handle(record["shard"])
+            tensors = {name: handle.get_tensor(f"{key}/{name}") for name in record["tensors"]}
+        except CacheError:
+            raise
+        except Exception as err:
+            raise CacheError(f"cache shard {path}: record {key} cannot be read ({type(err).__name__}: {err}); "
+                             f"re-run `lcm cache` with the same config to re-encode it") from err
+        if _tensor_digest(tensors) != record["digest"]:
+            raise CacheError(f"cache shard {path}: record {key} fails its checksum (the file is damaged); re-run "
+                             f"`lcm cache` with the same config to re-encode it")
+        return tensors
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    """The manifest of a cache folder; CacheError if there is none or it is not one this version wrote."""
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"data.cache_dir={str(cache_dir)!r} holds no {MANIFEST}; create it with "
+                         f"`lcm cache --config …` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise CacheError(f"{path} is not valid JSON ({err}); re-run `lcm cache`") from err
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{path} has cache format {manifest.get('format')!r}, this version reads {FORMAT}; "
+                         f"re-run `lcm cache`")
+    return manifest
+
+
+def check_cache_matches(manifest: dict, cfg, cache_dir) -> None:
+    """Refuse a cache made with other data settings or other encoders than `cfg` would train with."""
+    cached, wanted = manifest["data"], _data_settings(cfg.data)
+    changed = sorted(k for k in set(cached) | set(wanted) if cached.get(k) != wanted.get(k))
+    if changed:
+        diffs = ", ".join(f"data.{k}: cache {cached.get(k)!r} vs config {wanted.get(k)!r}" for k in changed)
+        raise CacheError(f"cache {cache_dir} was made with other data settings ({diffs}); re-run `lcm cache` "
+                         f"with this config (unchanged entries are reused)")
+    identity = encoder_identity(cfg.model, dict(manifest["files"]))
+    for part, what in (("latent", "VAE"), ("text", "text encoders")):
+        if identity[part] != manifest["identity"][part]:
+            raise CacheError(f"cache {cache_dir} was encoded with another {what} than model.pretrained="
+                             f"{cfg.model.pretrained!r}; re-run `lcm cache` with this config")
+
+
+class CachedDataset(Dataset):
+    """Training items from a latent cache: (μ, σ, cond, uncond) + the item's size conditioning; no image decoding."""
+
+    def __init__(self, cfg, seed: int = 0):
+        root = Path(cfg.data.cache_dir)
+        manifest = read_manifest(root)
+        check_cache_matches(manifest, cfg, root)
+        self.items, self.seed, self.epoch = manifest["items"], seed, 0
+        self.random_flip = cfg.data.random_flip
+        self.shards = _Shards(root, manifest["records"])
+        self.uncond_ref = manifest["uncond_ref"]
+        self.summary = DataSummary(**manifest["summary"])
+        self.buckets = [tuple(v[0]["target_size"]) for v in self.items] if cfg.data.buckets else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        variants = self.items[index]
+        variant = variants[self._flip(variants[0], index)]
+        latent, text = self.shards.read(variant["latent"]), self.shards.read(variant["text"])
+        shared = self.shards.read(self.uncond_ref)
+        parts = {"cond": {}, "uncond": {}}
+        for name, tensor in {**shared, **text}.items():  # the item's own tensors win over the shared ones
+            part, _, key = name.partition(".")
+            parts[part][key] = tensor
+        return {"latent_mean": latent["mean"], "latent_std": latent["std"], **parts, "caption": variant["caption"],
+                **{k: torch.tensor(variant[k]) for k in ("original_size", "crop_top_left", "target_size")},
+                "index": index}
+
+    def _flip(self, variant: dict, index: int) -> int:
+        """The coin the uncached loader would toss for this (seed, epoch, item): 1 = the flipped variant."""
+        if not self.random_flip:
+            return 0
+        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+        target = tuple(variant["target_size"])
+        resized = cover_size(tuple(variant["original_size"]), target)
+        return int(draw_crop_flip(resized, target, center_crop=True, random_flip=True, generator=generator)[2])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+class _ShardWriter:
+    """Collects records and writes them as new, immutable shards of at most ~`max_bytes` (tmp file + rename)."""
+
+    def __init__(self, root: Path, records: dict, max_bytes: int):
+        self.root, self.records, self.max_bytes = root, records, max_bytes
+        taken = [int(p.stem.split("-")[1]) for p in root.glob("shard-*.safetensors") if p.stem.split("-")[1].isdigit()]
+        self.next_id, self.pending, self.size = max(taken, default=-1) + 1, {}, 0
+
+    def add(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}
+        self.pending[key] = tensors
+        self.size += sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.size >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"shard-{self.next_id:06d}.safetensors"
+        tmp = self.root / f".tmp-{name}"
+        save_file({f"{key}/{n}": t for key, ts in self.pending.items() for n, t in ts.items()}, str(tmp),
+                  metadata={"format": str(FORMAT)})
+        os.replace(tmp, self.root / name)
+        for key, ts in self.pending.items():
+            self.records[key] = {"shard": name, "tensors": sorted(ts), "digest": _tensor_digest(ts)}
+        self.next_id, self.pending, self.size = self.next_id + 1, {}, 0
+
+
+@dataclasses.dataclass
+class CacheReport:
+    items: int
+    latents_encoded: int
+    texts_encoded: int
+    reused: int
+    damaged: int  # records found damaged and re-encoded
+    shards_removed: int
+    summary: str
+
+    def __str__(self) -> str:
+        return (f"cache: {self.items} items; encoded {self.latents_encoded} latent and {self.texts_encoded} text "
+                f"record(s), reused {self.reused}, re-encoded {self.damaged} damaged, removed {self.shards_removed} "
+                f"stale shard(s). {self.summary}")
+
+
+def _verified(shards: _Shards, keys: Iterable[str]) -> tuple[set, int]:
+    """The keys whose records read back intact, and how many did not."""
+    good, bad = set(), 0
+    for key in keys:
+        try:
+            shards.read(key)
+            good.add(key)
+        except CacheError as err:
+            bad += 1
+            logger.warning("%s", err)
+    return good, bad
+
+
+def _center_crop(size: tuple[int, int], target: tuple[int, int]) -> tuple[tuple[int, int], int, int]:
+    """(resized (h, w), top, left) of the centred crop, the only crop a cache can hold."""
+    resized = cover_size(size, target)
+    top, left, _ = draw_crop_flip(resized, target, center_crop=True, random_flip=False, generator=None)
+    return resized, top, left
+
+
+def _plan(dataset, identity: dict, ref_key: str, flips: tuple[bool, ...]) -> list[list[dict]]:
+    """Every item's variants (one per flip) with their record keys, from image bytes and header sizes alone."""
+    plan = []
+    for i in range(len(dataset)):
+        image_digest = hashlib.blake2b(read_bytes(dataset.images[i]), digest_size=16).hexdigest()
+        size, target = tuple(dataset.sizes[i]), dataset.target_size(i)
+        resized, top, left = _center_crop(size, target)
+        variants = []
+        for flip in flips:
+            crop = crop_conditioning(resized, target, top, left, flip)
+            time_ids = add_time_ids(torch.tensor(size), torch.tensor(crop), torch.tensor(target))[0].tolist()
+            variants.append({
+                "latent": _digest("latent", identity["latent"], image_digest, target, (top, left), flip),
+                # The text record omits tensors equal to the shared reference's, so it depends on that reference.
+                "text": _digest("text", identity["text"], dataset.captions[i], time_ids, ref_key),
+                "caption": dataset.captions[i], "original_size": list(size), "crop_top_left": list(crop),
+                "target_size": list(target), "flip": flip})
+        plan.append(variants)
+    return plan
+
+
+def _time_ids(variants: list[dict]) -> torch.Tensor:
+    return add_time_ids(*(torch.tensor([v[k] for v in variants])
+                          for k in ("original_size", "crop_top_left", "target_size")))
+
+
+class _Encoder:
+    """Encodes batches of one target size and hands the missing records to the shard writer."""
+
+    def __init__(self, pipe, writer: _ShardWriter, present: set, shared: dict, device):
+        self.pipe, self.writer, self.present, self.shared, self.device = pipe, writer, present, shared, device
+        self.n_latent = self.n_text = 0
+
+    def __call__(self, group: list[tuple[dict, torch.Tensor]]) -> None:
+        from .encode import encode_batch
+
+        variants = [v for v, _ in group]
+        batch = {"pixel_values": torch.stack([p for _, p in group]), "caption": [v["caption"] for v in variants],
+                 **{k: torch.tensor([v[k] for v in variants])
+                    for k in ("original_size", "crop_top_left", "target_size")}}
+        mu, sigma, cond, uncond = encode_batch(self.pipe, batch, self.device)
+        for r, v in enumerate(variants):
+            if v["latent"] not in self.present:
+                self.writer.add(v["latent"], {"mean": mu[r], "std": sigma[r]})
+                self.present.add(v["latent"])
+                self.n_latent += 1
+            if v["text"] not in self.present:
+                own = {f"cond.{k}": t[r] for k, t in cond.items()}
+                own.update({f"uncond.{k}": t[r] for k, t in uncond.items()
+                            if not torch.equal(t[r].float().cpu(), self.shared[f"uncond.{k}"])})
+                self.writer.add(v["text"], own)
+                self.present.add(v["text"])
+                self.n_text += 1
+
+
+def build_cache(cfg, batch_size: int = 16, device: Optional[str] = None, shard_mb: float = 1024.0) -> CacheReport:
+    """Bring `cfg.data.cache_dir` up to date with `cfg.data` and `cfg.model`, encoding only what is missing.
+
+    Items with any missing record run through the encoders (both: one batched call each); only missing records are
+    written. The new manifest is the commit point; shards no live record uses are then removed.
+    """
+    from .encode import encode_text
+    from .models import load_pipeline
+
+    if not cfg.data.cache_dir:
+        raise CacheError("set data.cache_dir=FOLDER: where `lcm cache` writes and training reads the cache")
+    if not cfg.data.center_crop:
+        raise CacheError("data.center_crop=false draws a new random crop every epoch, which cannot be cached; set "
+                         "data.center_crop=true to cache (random flips are cached both ways)")
+    root = Path(cfg.data.cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    old = read_manifest(root) if (root / MANIFEST).is_file() else {"records": {}, "files": {}}
+    memo = dict(old["files"])
+    identity = encoder_identity(cfg.model, memo)
+    dataset = build_dataset(cfg.data, seed=cfg.train.seed)  # the same index (and skips) as uncached training
+    shards = _Shards(root, dict(old["records"]))
+
+    # 1. The shared unconditional reference: the old one if intact and from the same text encoders, else a new one.
+    first = dataset.sizes[0], dataset.target_size(0)
+    ref_key = old.get("uncond_ref")
+    if ref_key is None or old["identity"]["text"] != identity["text"] or not _verified(shards, [ref_key])[0]:
+        ref_key = _digest("uncond", identity["text"], first)
+
+    # 2. Keys of every variant; reuse what is present and intact, encode the rest.
+    plan = _plan(dataset, identity, ref_key, (False, True) if cfg.data.random_flip else (False,))
+    wanted = {v[k] for variants in plan for v in variants for k in ("latent", "text")} | {ref_key}
+    present, damaged = _verified(shards, [k for k in wanted if k in old["records"]])
+    reused = set(present)
+    records = {k: old["records"][k] for k in present}
+    writer = _ShardWriter(root, records, int(shard_mb * 2**20))
+    todo = [(i, v) for i, variants in enumerate(plan) for v in variants
+            if v["latent"] not in present or v["text"] not in present]
+    failed: set[int] = set()
+    encoder = None
+    if todo or ref_key not in present:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load_pipeline(cfg.model.kind, cfg.model.pretrained, torch.float32, cfg.model.revision,
+                             cfg.model.variant).to(device)
+        if ref_key in present:
+            shared = shards.read(ref_key)
+        else:
+            size, target = first
+            resized, top, left = _center_crop(size, target)
+            ref = {"original_size": list(size), "crop_top_left": [top, left], "target_size": list(target)}
+            _, uncond = encode_text(pipe, [""], _time_ids([ref]), device)
+            shared = {f"uncond.{k}": t[0].float().cpu() for k, t in uncond.items()}
+            writer.add(ref_key, shared)
+            present.add(ref_key)
+        encoder = _Encoder(pipe, writer, present, shared, device)
+        groups: dict[tuple, list] = {}
+        for i, v in tqdm(todo, desc="lcm cache"):
+            try:
+                image = load_image(dataset.images[i])
+            except Exception as err:  # counted as the loader counts it; the item is left out of the cache
+                dataset.summary.n_decode_errors += 1
+                failed.add(i)
+                logger.warning("cache: cannot decode item %d (%s: %s); leaving it out", i, type(err).__name__, err)
+                continue
+            target = tuple(v["target_size"])
+            _, top, left = _center_crop(tuple(v["original_size"]), target)
+            group = groups.setdefault(target, [])
+            group.append((v, transform_image(image, target, top, left, v["flip"])))
+            if len(group) == batch_size:
+                encoder(group)
+                group.clear()
+        for group in groups.values():
+            if group:
+                encoder(group)
+    writer.flush()
+
+    # 3. The manifest names exactly the live records; shards holding none of them are removed.
+    items = [variants for i, variants in enumerate(plan) if i not in failed]
+    if not items:
+        raise CacheError(f"no item of {cfg.data.path!r} could be encoded: {format_summary(dataset.summary)}")
+    live = {v[k] for variants in items for v in variants for k in ("latent", "text")} | {ref_key}
+    records = {k: r for k, r in records.items() if k in live}
+    summary = {**dataclasses.asdict(dataset.summary), "n_ok": len(items)}
+    manifest = {"format": FORMAT, "data": _data_settings(cfg.data), "identity": identity,
+                "model": OmegaConf.to_container(cfg.model, resolve=True), "files": memo, "summary": summary,
+                "uncond_ref": ref_key, "records": records, "items": items}
+    tmp = root / f".tmp-{MANIFEST}"
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, root / MANIFEST)  # the commit point: a crash before it leaves the old cache as it was
+    used = {r["shard"] for r in records.values()}
+    stale = [p for p in root.glob("shard-*.safetensors") if p.name not in used]
+    for p in stale:
+        p.unlink()
+    return CacheReport(len(items), encoder.n_latent if encoder else 0, encoder.n_text if encoder else 0,
+                       len(live & reused), damaged,
+                       len(stale), format_summary(DataSummary(**summary)))
