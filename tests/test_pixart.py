@@ -177,3 +177,32 @@ def test_pixart_lora_rejects_stacking_and_diffusers_format(tiny_pixart_dir, tmp_
     (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="PEFT"):
         load_pipeline_for_sampling(str(tiny_pixart_dir), [(str(tmp_path), 1.0)], device="cpu", dtype="fp32")
+
+
+def test_pixart_trains_from_the_latent_cache_with_its_t5_masks(tiny_pixart_dir, pixart_data, tmp_path):
+    """The cache is generic over the conditioning dicts: PixArt's T5 states and attention masks round-trip."""
+    from lcm.cache import CachedDataset, build_cache
+    from lcm.config import load_config
+    from lcm.data import build_dataset, collate_fn
+    from lcm.encode import lcd_batch_from_data
+    from lcm.models import load_pipeline
+    from lcm.schedule import SolverGrid
+
+    cache = tmp_path / "cache"
+    args = _train_args(tiny_pixart_dir, pixart_data, tmp_path / "run", f"data.cache_dir={cache}")
+    cfg = load_config("lcm_lora_pixart", args)
+    assert build_cache(cfg, batch_size=2).items == 4
+    pipe = load_pipeline("pixart", str(tiny_pixart_dir))
+    plain, cached = build_dataset(cfg.data, seed=cfg.train.seed), CachedDataset(cfg, seed=cfg.train.seed)
+    lcds = [lcd_batch_from_data(pipe, collate_fn([ds[i] for i in range(2)]),
+                                [torch.Generator().manual_seed(i) for i in range(2)], cfg.distill, SolverGrid(1000, 50),
+                                "cpu") for ds in (plain, cached)]
+    torch.testing.assert_close(lcds[1].z0, lcds[0].z0, atol=1e-5, rtol=1e-5)
+    for part in ("cond", "uncond"):
+        a, b = getattr(lcds[0], part), getattr(lcds[1], part)
+        assert a.keys() == b.keys() and "encoder_attention_mask" in a
+        for k in a:
+            torch.testing.assert_close(b[k].float(), a[k].float(), atol=1e-5, rtol=1e-5)
+    assert load_entry_script("train_lcm_lora").main(["--config", "lcm_lora_pixart", *args,
+                                                     f"lora.target_modules={PIXART_TARGETS}"]) == 0
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
