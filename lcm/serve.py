@@ -336,25 +336,34 @@ def image_src(page, elem_id: str = "distilled") -> Optional[str]:
     return page.evaluate(f"() => document.querySelector('#{elem_id} img')?.getAttribute('src') ?? null")
 
 
-def edit_and_wait(page, text: str, replace: bool = False, timeout_ms: float = 60_000) -> tuple[float, str]:
-    """Type `text` at the end of the prompt (or replace the prompt with it), then wait until the image changes.
-
-    Returns (seconds from the first key press to the new image, the new image's src): with one character this is the
-    keystroke-to-image latency a user sees, browser and server included.
-    """
+def _timed_change(page, act, timeout_ms: float) -> tuple[float, str]:
+    """Run `act()` (key presses), then wait until the shown image changes: (seconds from the first key, new src)."""
     before = image_src(page)
-    box = page.locator("#prompt textarea")
-    if not replace:
-        box.press("End")
     start = time.perf_counter()
-    if replace:
-        box.fill(text)
-    else:
-        box.press_sequentially(text)
+    act()
     page.wait_for_function("(old) => { const i = document.querySelector('#distilled img');"
                            " return i !== null && i.getAttribute('src') !== old; }", arg=before, timeout=timeout_ms,
                            polling="raf")
     return time.perf_counter() - start, image_src(page)
+
+
+def edit_and_wait(page, text: str, replace: bool = False, timeout_ms: float = 60_000) -> tuple[float, str]:
+    """Type `text` at the end of the prompt (or replace the prompt with it) and wait for the new image.
+
+    Returns (seconds from the first key press to the new image, its src): with one character this is the
+    keystroke-to-image latency a user sees, browser and server included.
+    """
+    box = page.locator("#prompt textarea")
+    if replace:
+        return _timed_change(page, lambda: box.fill(text), timeout_ms)
+    box.press("End")
+    return _timed_change(page, lambda: box.press_sequentially(text), timeout_ms)
+
+
+def press_and_wait(page, key: str, timeout_ms: float = 60_000) -> tuple[float, str]:
+    """Press one named key in the prompt box ("Backspace", "a", …) and wait for the new image, as `edit_and_wait`."""
+    box = page.locator("#prompt textarea")
+    return _timed_change(page, lambda: box.press(key), timeout_ms)
 
 
 def status_text(page) -> str:
