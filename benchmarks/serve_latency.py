@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
 
+    load_before = os.getloadavg()[0]
     with running_server(args.serve_args, free_port(), env=env, cwd=str(ROOT)) as server, \
             browser_page(server.url, chromium) as page:
         latencies, generation = measure(page, args.prompt, args.edits, args.warmup)
@@ -104,13 +105,15 @@ def main(argv=None) -> int:
         "server_generation_median_ms": statistics.median(generation),
         "latencies_ms": [round(x, 1) for x in ms],
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "omp_num_threads": env.get("OMP_NUM_THREADS"), "chromium": chromium},
+                    "omp_num_threads": env.get("OMP_NUM_THREADS"), "chromium": chromium,
+                    "load_avg_1min_before_after": [load_before, os.getloadavg()[0]]},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = (f"# {result['what']}\n\n`{result['command']}` on {result['machine']['cpus']} CPU cores "
-          f"({result['date']}), page: {title}\n\n"
+          f"({result['date']}; 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after: a shared "
+          f"machine), page: {title}\n\n"
           "| edits | median | p10 | p90 | server generation (median) |\n|---|---|---|---|---|\n"
           f"| {len(ms)} | {result['median_ms']:.0f} ms | {result['p10_ms']:.0f} ms | {result['p90_ms']:.0f} ms | "
           f"{result['server_generation_median_ms']:.0f} ms |\n")
