@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from _helpers import ROOT
 from lcm import cli
 from lcm.lora import add_lora, save_lora
 from lcm.sampling import generate, load_pipeline_for_sampling
@@ -146,9 +147,9 @@ def test_page_in_headless_chromium(tiny_sdxl_dir, random_lora_dir):
     chromium = find_chromium()
     if chromium is None:
         pytest.skip("no system Chromium (Debian: apt-get install chromium; .ci/run installs it)")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     args = ["--base", str(tiny_sdxl_dir), "--lora", str(random_lora_dir), "--teacher-steps", "3"]
-    with running_server(args, free_port(), env=env) as server, browser_page(server.url, chromium) as page:
+    with running_server(args, free_port(), env=env, cwd=str(ROOT)) as server, browser_page(server.url, chromium) as page:
         _, first = edit_and_wait(page, "a red", replace=True)
         assert first and " ms" in status_text(page)
         _, second = edit_and_wait(page, " circle")
