@@ -1,5 +1,5 @@
-"""`lcm` command line: sample from a base model + LCM-LoRA, cache a dataset's latents, run the built-in demo, make data
-folders."""
+"""`lcm` command line: sample with a base model + LCM-LoRA or a full-LCD student, serve a live page, cache a
+dataset's latents, run the demo, make data folders."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MINI_TEACHER = Path(__file__).resolve().parent / "assets" / "mini_teacher"
+MINI_RUN_ROOT = Path("runs/mini")  # where `lcm demo` (the README's main job) writes, relative to the current folder
+MINI_LORA_RUN = MINI_RUN_ROOT / "lcm-lora"
 # Choice lists spelled out here so `lcm --help` does not import torch/diffusers; tests check they match the registries.
 PRESET_NAMES = ("hyper", "lcm", "lightning", "lightning-1step", "tcd", "turbo")
 EXPORT_FORMAT_NAMES = ("diffusers", "fused", "kohya")
@@ -65,7 +67,8 @@ def cmd_sample(args) -> int:
         init_image = load_init_image(args.init_image, args.height, args.width)
     seeds = parse_seeds(args.seeds)
     pipe = load_pipeline_for_sampling(args.base, [_lora_arg(v) for v in args.lora or []], fuse=args.fuse,
-                                      device=args.device, dtype=args.dtype, preset=args.preset, student=args.student)
+                                      device=args.device, dtype=args.dtype, preset=args.preset,
+                                      student=args.student)
     if init_image is not None:
         pipe = img2img_pipeline(pipe)
     images = generate(pipe, prompts, seeds, args.steps, args.guidance, args.height, args.width, args.negative_prompt,
@@ -80,6 +83,39 @@ def cmd_sample(args) -> int:
         for (p, s), im in zip(jobs, images):
             im.save(out / f"prompt{p:02d}_seed{s}.png")
     print(f"wrote {len(images)} image(s) to {out}")
+    return 0
+
+
+def default_model(base: str | None, loras: list[tuple[str, float]]) -> tuple[str, list[tuple[str, float]]]:
+    """`lcm serve` with no --base: the mini teacher, plus the LoRA `lcm demo` distilled from it when there is one.
+
+    Without that LoRA the page serves the teacher alone (and says how to make the LoRA) rather than refusing to start.
+    """
+    if base is not None:
+        return base, loras
+    if not loras:
+        if (MINI_LORA_RUN / "final" / "pytorch_lora_weights.safetensors").is_file():
+            loras = [(str(MINI_LORA_RUN), 1.0)]
+        else:
+            print(f"lcm serve: no LoRA at {MINI_LORA_RUN}/final (relative to this folder). `lcm demo` (or `bash run.sh`)"
+                  " distils one from the mini teacher in about 10 minutes on 2 CPU cores; `--lora PATH` uses another."
+                  " Serving the mini teacher alone for now: without the LoRA, few-step images are blurry.")
+    return str(MINI_TEACHER), loras
+
+
+def cmd_serve(args) -> int:
+    """The live page: the image follows the prompt as you type (see lcm/serve.py)."""
+    from .serve import host_warning, serve
+
+    args = _with_preset_defaults(args)
+    base, loras = default_model(args.base, [_lora_arg(v) for v in args.lora or []])
+    if not 1 <= args.steps <= 8:
+        raise SystemExit(f"lcm serve: --steps must be in [1, 8] (the page's range), got {args.steps}")
+    if warning := host_warning(args.host):
+        print(warning, file=sys.stderr)
+    serve(base, loras, args.preset, args.steps, args.guidance, args.eta, args.height, args.width, host=args.host,
+          port=args.port, teacher_steps=args.teacher_steps, teacher_guidance=args.teacher_guidance,
+          device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -126,8 +162,8 @@ def cmd_demo(args) -> int:
 
     `--tiny` runs the same path on a tiny random-weight SDXL teacher and generated shapes (a fast smoke run).
     """
-    root = Path(args.root or ("runs/demo" if args.tiny else "runs/mini"))
-    run = root / "lcm-lora"
+    root = Path(args.root or ("runs/demo" if args.tiny else MINI_RUN_ROOT))
+    run = root / MINI_LORA_RUN.name
     if args.tiny:
         from .tiny import make_captioned_image_folder, save_tiny_pipeline
 
@@ -187,37 +223,53 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """The model and sampling options `sample` and `serve` share (what `load_pipeline_for_sampling` takes)."""
+    p.add_argument("--lora", action="append", help="LoRA run folder / weights folder / .safetensors, optional :WEIGHT;"
+                   " repeat to stack")
+    p.add_argument("--preset", default="lcm", choices=sorted(PRESET_NAMES),
+                   help="scheduler + default steps/guidance for the weights' family (default lcm)")
+    p.add_argument("--steps", type=int, default=None, help="default: the preset's (lcm: 4)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="diffusers guidance_scale (= LCM w + 1); default: the preset's (lcm: 1.0; 1.0–2.0 suits "
+                   "LCM-LoRA)")
+    p.add_argument("--height", type=int, default=None, help="default: the preset's size, else the model's")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, …")
+    p.add_argument("--dtype", default=None, help="auto (default: cuda → bf16/fp16, cpu → fp32), fp32, fp16, bf16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lcm", description="Latent consistency distillation toolkit.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="generate images in a few steps with LCMScheduler (+ LoRA)")
     s.add_argument("--base", required=True, help="base pipeline: a local diffusers folder or a hub id")
-    s.add_argument("--lora", action="append", help="LoRA run folder / weights folder / .safetensors, optional :WEIGHT;"
-                   " repeat to stack")
+    _add_pipeline_args(s)
     s.add_argument("--student", default=None, help="a full-LCD student (train_lcd.py run folder): replaces the base's "
                    "UNet/transformer; for a UNet with a guidance embedding, --guidance = w + 1")
     s.add_argument("--prompt", action="append", help="repeatable")
     s.add_argument("--prompts-file", help="one prompt per line")
     s.add_argument("--negative-prompt", default=None)
-    s.add_argument("--preset", default="lcm", choices=sorted(PRESET_NAMES),
-                   help="scheduler + default steps/guidance for the weights' family (default lcm)")
-    s.add_argument("--steps", type=int, default=None, help="default: the preset's (lcm: 4)")
-    s.add_argument("--guidance", type=float, default=None,
-                   help="diffusers guidance_scale (= LCM w + 1); default: the preset's (lcm: 1.0; 1.0–2.0 suits "
-                   "LCM-LoRA)")
     s.add_argument("--eta", type=float, default=None, help="stochasticity passed to the pipeline (tcd: gamma, 0.3)")
     s.add_argument("--init-image", default=None, help="image-to-image: start from this picture")
     s.add_argument("--strength", type=float, default=None,
                    help="img2img noise level in (0, 1]; int(steps × strength) steps run (default 1.0)")
     s.add_argument("--seeds", default="0-3", help="e.g. 0-7 or 1,5,9; one generator per image")
-    s.add_argument("--height", type=int, default=None, help="default: the preset's size, else the model's")
-    s.add_argument("--width", type=int, default=None)
     s.add_argument("--out", default="samples.png", help="a .png path (grid: prompts × seeds) or a folder")
     s.add_argument("--fuse", action="store_true", help="fuse the LoRA into the UNet before sampling")
-    s.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, …")
-    s.add_argument("--dtype", default=None, help="auto (default: cuda → bf16/fp16, cpu → fp32), fp32, fp16, bf16")
     s.set_defaults(func=cmd_sample)
+
+    v = sub.add_parser("serve", help="a local web page whose image follows the prompt as you type")
+    v.add_argument("--base", default=None, help="base pipeline (default: the shipped mini teacher, with the LoRA "
+                   f"`lcm demo` writes to {MINI_LORA_RUN} when it exists)")
+    _add_pipeline_args(v)
+    v.add_argument("--teacher-steps", type=int, default=25, help="compare mode: the teacher's steps (default 25)")
+    v.add_argument("--teacher-guidance", type=float, default=1.5,
+                   help="compare mode: the teacher's guidance_scale (default 1.5, the mini teacher's best; SDXL: 5–8)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=7860)
+    v.set_defaults(func=cmd_serve, eta=None)
 
     x = sub.add_parser("export", help="write a finished run's LoRA as diffusers, kohya (ComfyUI/A1111) or fused UNet")
     x.add_argument("run", help="training run folder (holds final/ and config.yaml)")
