@@ -29,10 +29,8 @@ from lcm.trainer import TrainingTask
 ADAPTER_FILE = "lora_adapter.safetensors"
 
 
-def main(argv=None):
-    run = prepare_run(parse_train_args(argv, __doc__, default_config="lcm_lora_sdxl"), LCMLoraConfig)
-    if run is None:  # --dry-run
-        return 0
+def build_task(run) -> TrainingTask:
+    """The three roles on one denoiser with adapters, as a TrainingTask (benchmarks/train_speed.py times its loss_fn)."""
     cfg, accelerator, pipe, spec = run.cfg, run.accelerator, run.pipe, run.spec
 
     net = denoiser_of(pipe)  # the UNet, or PixArt's transformer
@@ -56,7 +54,7 @@ def main(argv=None):
     def load_hook(models, in_dir):
         load_lora_into_training_unet(accelerator.unwrap_model(models.pop()), load_file(f"{in_dir}/{ADAPTER_FILE}"))
 
-    task = TrainingTask(
+    return TrainingTask(
         model=net, params=params, dataset=run.dataset, collate_fn=run.collate_fn, loss_fn=loss_fn,
         after_optimizer_step=ema.update if ema else (lambda: None),
         extra_state=ema.state if ema else dict, load_extra_state=ema.load if ema else (lambda state: None),
@@ -64,7 +62,13 @@ def main(argv=None):
         validate=lambda step, out_dir: validation_grid(run, {}, step, out_dir),
         export=lambda final: export_lora_run(net, type(pipe), pipe.scheduler.config, cfg, final,
                                              cfg.train.max_train_steps, run.summary))
-    return run_task(run, task)
+
+
+def main(argv=None):
+    run = prepare_run(parse_train_args(argv, __doc__, default_config="lcm_lora_sdxl"), LCMLoraConfig)
+    if run is None:  # --dry-run
+        return 0
+    return run_task(run, build_task(run))
 
 
 if __name__ == "__main__":

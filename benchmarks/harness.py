@@ -52,8 +52,18 @@ class Ratio:
     target_min: Optional[float] = None
 
 
-def _peak_rss_mib() -> float:
-    """This process's peak resident set (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+def _rss_mib(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident set in MiB.
+
+    Linux: read from /proc, which counts this process image only. ru_maxrss is not used there: it survives exec, so a
+    spawned child would report its parent's peak whenever the parent was the bigger one. Elsewhere ru_maxrss is all
+    there is (macOS reports it in bytes, others in KiB).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
@@ -64,7 +74,7 @@ def _child(build, params: dict, warmup: int, repeats: int, threads: int, queue) 
         import torch
 
         torch.set_num_threads(threads)
-        rss_start = _peak_rss_mib()
+        rss_start = _rss_mib("VmRSS")  # the interpreter with torch imported: the floor under every case
         t0 = time.perf_counter()
         step = build(**params)
         setup_s = time.perf_counter() - t0
@@ -75,7 +85,7 @@ def _child(build, params: dict, warmup: int, repeats: int, threads: int, queue) 
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        queue.put({"times": times, "setup_s": setup_s, "peak_rss_mib": _peak_rss_mib(), "rss_at_start_mib": rss_start})
+        queue.put({"times": times, "setup_s": setup_s, "peak_rss_mib": _rss_mib(), "rss_at_start_mib": rss_start})
     except BaseException as err:  # report, so the parent names the failing case instead of hanging
         queue.put({"error": f"{type(err).__name__}: {err}"})
 
@@ -169,17 +179,17 @@ def to_markdown(report: dict) -> str:
              + (f", GPU {env['cuda']}" if env["cuda"] else "") + ". "
              f"Median of {report['repeats'] * report['rounds']} timed runs after {report['warmup']} warm-up run(s), "
              f"each case in a fresh process.", "",
-             "| case | median s | IQR s | rate | peak RSS MiB |", "|---|---|---|---|---|"]
+             "| case | median s | IQR s | rate | peak RSS MiB | RSS after imports MiB |", "|---|---|---|---|---|---|"]
     for c in report["cases"]:
         lines.append(f"| {c['name']} | {c['median_s']:.4f} | {c['iqr_s']:.4f} | {c['rate']:.3g} {c['unit']}/s | "
-                     f"{c['peak_rss_mib']:.0f} |")
+                     f"{c['peak_rss_mib']:.0f} | {c['rss_at_start_mib']:.0f} |")
     if report["ratios"]:
         lines += ["", "| ratio | metric | value | target | met |", "|---|---|---|---|---|"]
         for r in report["ratios"]:
             target = " and ".join(s for s in (f">= {r['target_min']}" if r["target_min"] is not None else "",
                                               f"<= {r['target_max']}" if r["target_max"] is not None else "") if s)
             met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
-            lines.append(f"| {r['name']} ({r['num']} / {r['den']}) | {r['metric']} | {r['value']:.3f} | "
+            lines.append(f"| {r['name']} | {r['metric']} | {r['value']:.3f} | "
                          f"{target or '—'} | {met} |")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,86 @@
+"""Training speed and memory of one LCM-LoRA optimiser step: one batched teacher call (2B rows) vs two calls, and
+with vs without gradient checkpointing, on the mini teacher and on tiny SDXL UNets at two sizes.
+
+    python -m benchmarks.train_speed [--repeats 5] [--rounds 1]
+
+A step is what the training loop does per optimiser step (trainer.train): per-sample generators, the loss under
+accelerate's autocast (VAE + text encoders + student + CFG teacher + target), backward, AdamW step. The batch is built
+once per case, so image decoding is not timed. Each case runs in a fresh process (benchmarks/harness.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from pathlib import Path
+
+from benchmarks.harness import Case, Ratio, bench_arg_parser, run_benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI_TEACHER = ROOT / "lcm" / "assets" / "mini_teacher"
+VARIANTS = {"batched": [], "two calls": ["distill.teacher_batched=false"],
+            "grad ckpt": ["train.gradient_checkpointing=true"]}
+
+
+def build_train_step(pretrained: str, data: str, resolution: int, batch_size: int, overrides: list[str]):
+    """Set up the real LCM-LoRA task (train_lcm_lora.build_task) and return one optimiser step as a callable."""
+    from lcm.config import LCMLoraConfig
+    from lcm.entry import parse_train_args, prepare_run
+    from lcm.trainer import build_optimizer, sample_generators
+
+    from tests._helpers import load_entry_script
+
+    args = parse_train_args(["--config", "demo_lcm_lora", f"model.pretrained={pretrained}", f"data.path={data}",
+                             f"data.resolution={resolution}", f"train.batch_size={batch_size}",
+                             "train.report_to=none", "lora.rank=16", "lora.alpha=16", *overrides], "", "")
+    run = prepare_run(args, LCMLoraConfig)
+    task = load_entry_script("train_lcm_lora").build_task(run)
+    accelerator = run.accelerator
+    model, optimizer = accelerator.prepare(task.model, build_optimizer(task.params, run.cfg.optim))
+    model.train()
+    batch = run.collate_fn([run.dataset[i] for i in range(batch_size)])
+    steps = itertools.count()
+
+    def step():
+        gens = sample_generators(run.cfg.train.seed, next(steps) * batch_size, batch_size)
+        with accelerator.autocast():
+            per_sample, _ = task.loss_fn(model, batch, gens)
+        accelerator.backward(per_sample.mean())
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def main(argv=None) -> dict:
+    from lcm.tiny import make_captioned_image_folder, save_tiny_pipeline
+
+    p = bench_arg_parser(__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="lcm-bench-train-"))
+    # name → (pretrained folder, image resolution). Tiny sizes: the test default, and 2× the widths at 2× the pixels.
+    models = {
+        "mini teacher 16px": (MINI_TEACHER, 16),
+        "tiny SDXL S 16px": (save_tiny_pipeline("sdxl", tmp / "s", seed=0), 16),
+        "tiny SDXL M 32px": (save_tiny_pipeline("sdxl", tmp / "m", seed=0, sample_size=16,
+                                                block_out_channels=(64, 128), cross_attention_dim=128), 32),
+    }
+    cases, ratios = [], []
+    for model, (path, res) in models.items():
+        data = make_captioned_image_folder(tmp / f"data{res}", n=args.batch_size, size=res)
+        for variant, overrides in VARIANTS.items():
+            cases.append(Case(f"{model}, {variant}", build_train_step,
+                              dict(pretrained=str(path), data=str(data), resolution=res, batch_size=args.batch_size,
+                                   overrides=overrides), units=args.batch_size, unit="sample"))
+        ratios += [Ratio(f"{model}: two calls / batched, time", f"{model}, two calls", f"{model}, batched"),
+                   Ratio(f"{model}: grad ckpt / off, time", f"{model}, grad ckpt", f"{model}, batched"),
+                   Ratio(f"{model}: grad ckpt / off, peak RSS", f"{model}, grad ckpt", f"{model}, batched",
+                         metric="peak_rss_mib")]
+    return run_benchmark(f"LCM-LoRA training step, batch {args.batch_size}", cases, ratios, repeats=args.repeats,
+                         warmup=args.warmup, rounds=args.rounds, threads=args.threads, out_dir=args.out,
+                         slug="train_speed")
+
+
+if __name__ == "__main__":
+    main()
