@@ -310,11 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "teacher solvers and every student given)")
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("demo", help="the main job: digits → LCM-LoRA from the mini teacher → grid → quality table")
+    d = sub.add_parser("demo", help="the main job: digits → LCM-LoRA and full LCD from the mini teacher → grid → "
+                       "quality table")
     d.add_argument("--root", default=None, help="output folder (default runs/mini, or runs/demo with --tiny)")
     d.add_argument("--tiny", action="store_true", help="tiny random-weight teacher and shapes: a fast smoke run")
-    d.add_argument("--lcd", action="store_true", help="also distil the whole UNet (full LCD, configs/mini_lcd.yaml, "
-                   "~8 more minutes) and add its row to the table")
+    d.add_argument("--lcd", action=argparse.BooleanOptionalAction, default=True,
+                   help="also distil the whole UNet (full LCD, configs/mini_lcd.yaml, ~8 minutes) and add its row to "
+                   "the table (default on; --no-lcd skips it)")
     d.add_argument("--eval-n", type=int, default=500, help="samples per cell of the quality table")
     d.add_argument("--teacher-w", type=float, default=0.5, help="teacher CFG w for the table's baselines (the mini teacher's best FD)")
     d.add_argument("overrides", nargs="*", help="dotted config overrides for the training run(s)")
