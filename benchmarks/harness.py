@@ -85,7 +85,10 @@ def _child(build, params: dict, warmup: int, repeats: int, threads: int, queue) 
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        queue.put({"times": times, "setup_s": setup_s, "peak_rss_mib": _rss_mib(), "rss_at_start_mib": rss_start})
+        result = {"times": times, "setup_s": setup_s, "peak_rss_mib": _rss_mib(), "rss_at_start_mib": rss_start}
+        if torch.cuda.is_available():  # the accelerator's peak: weights, activations, optimiser state, workspaces
+            result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        queue.put(result)
     except BaseException as err:  # report, so the parent names the failing case instead of hanging
         queue.put({"error": f"{type(err).__name__}: {err}"})
 
@@ -113,6 +116,7 @@ def _summarise(case: Case, runs: list[dict]) -> dict:
         "setup_s": statistics.median(r["setup_s"] for r in runs),
         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
         "rss_at_start_mib": statistics.median(r["rss_at_start_mib"] for r in runs),
+        **({"peak_cuda_mib": max(r["peak_cuda_mib"] for r in runs)} if "peak_cuda_mib" in runs[0] else {}),
     }
 
 
@@ -179,10 +183,12 @@ def to_markdown(report: dict) -> str:
              + (f", GPU {env['cuda']}" if env["cuda"] else "") + ". "
              f"Median of {report['repeats'] * report['rounds']} timed runs after {report['warmup']} warm-up run(s), "
              f"each case in a fresh process.", "",
-             "| case | median s | IQR s | rate | peak RSS MiB | RSS after imports MiB |", "|---|---|---|---|---|---|"]
+             "| case | median s | IQR s | rate | peak RSS MiB | RSS after imports MiB |"
+             + (" peak GPU MiB |" if env["cuda"] else ""), "|---|---|---|---|---|---|" + ("---|" if env["cuda"] else "")]
     for c in report["cases"]:
         lines.append(f"| {c['name']} | {c['median_s']:.4f} | {c['iqr_s']:.4f} | {c['rate']:.3g} {c['unit']}/s | "
-                     f"{c['peak_rss_mib']:.0f} | {c['rss_at_start_mib']:.0f} |")
+                     f"{c['peak_rss_mib']:.0f} | {c['rss_at_start_mib']:.0f} |"
+                     + (f" {c.get('peak_cuda_mib', 0):.0f} |" if env["cuda"] else ""))
     if report["ratios"]:
         lines += ["", "| ratio | metric | value | target | met |", "|---|---|---|---|---|"]
         for r in report["ratios"]:
