@@ -7,6 +7,7 @@ import torch
 
 from .consistency import LCDBatch
 from .guidance import sample_w
+from .models import denoiser_name
 
 
 @torch.no_grad()
@@ -35,7 +36,7 @@ def encode_text(pipe, captions: list[str], time_ids: torch.Tensor | None, device
     attention masks and, for the 1024-px model, its (height, width) / aspect-ratio micro-conditioning from
     `time_ids`' target size.
     """
-    if getattr(pipe, "transformer", None) is not None:  # PixArt
+    if denoiser_name(pipe) == "transformer":  # PixArt
         embeds, mask, neg, neg_mask = pipe.encode_prompt(list(captions), do_classifier_free_guidance=True,
                                                          negative_prompt="", device=device)
         cond = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}

@@ -108,8 +108,8 @@ def apply_speed_options(network, train_cfg) -> None:
 
 
 def validation_grid(run: Run, replace: dict, step: int, out_dir: Path) -> None:
-    """`replace` swaps pipeline components (e.g. {"unet": student}) for this grid only."""
-    """A PNG grid (a row per prompt, a column per seed) from the current weights with LCMScheduler."""
+    """A PNG grid (a row per prompt, a column per seed) from the current weights with LCMScheduler; `replace` swaps
+    pipeline components (e.g. {"unet": student}) for this grid only."""
     cfg, pipe = run.cfg, _with_encoders(run)
     out_dir.mkdir(parents=True, exist_ok=True)
     scheduler = lcm_scheduler_for(pipe.scheduler.config, cfg.distill.num_ddim_timesteps, cfg.distill.timestep_scaling)

@@ -234,15 +234,15 @@ def read_run(run) -> tuple[Path, DictConfig]:
     """A training run folder → (its `final/` folder, its resolved config.yaml)."""
     run = Path(run)
     final, config = run / "final", run / "config.yaml"
-    for needed in (config, final / LORA_FILE):
-        if not needed.is_file():
-            if needed == final / LORA_FILE and OmegaConf.load(config).model.get("kind") == "pixart":
-                # kohya/ComfyUI naming and diffusers' fusing are UNet-only
-                raise ValueError(f"lcm export covers UNet LoRAs; {run} is a PixArt run, whose final/ is already in "
-                                 "PEFT's format (PeftModel.from_pretrained(pipe.transformer, final)); lcm sample "
-                                 "merges it")
-            raise FileNotFoundError(f"{run} is not a finished training run: {needed} is missing")
-    return final, OmegaConf.load(config)
+    if not config.is_file():
+        raise FileNotFoundError(f"{run} is not a finished training run: {config} is missing")
+    cfg = OmegaConf.load(config)
+    if cfg.model.get("kind") == "pixart":  # kohya/ComfyUI naming and diffusers' fusing are UNet-only
+        raise ValueError(f"lcm export covers UNet LoRAs; {run} is a PixArt run, whose final/ is already in PEFT's "
+                         "format (PeftModel.from_pretrained(pipe.transformer, final)); lcm sample merges it")
+    if not (final / LORA_FILE).is_file():
+        raise FileNotFoundError(f"{run} is not a finished training run: {final / LORA_FILE} is missing")
+    return final, cfg
 
 
 def export_diffusers(final: Path, cfg, base: str, out: Path) -> Path:
