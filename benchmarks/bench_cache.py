@@ -5,8 +5,10 @@ crop; cached: read and checksum shard records), `lcd_batch_from_data` (uncached:
 consistency loss (student, target and one batched teacher call), backward, AdamW step. Set-up goes through the real
 `prepare_run` (so the cached case really loads no VAE or text encoder), and `lcm cache` runs during set-up, untimed.
 
-Models: the tiny SDXL-architecture teacher (`lcm/tiny.py`) on generated shapes whose source files are 128 px (trained at
-16 px, as real photos are larger than the training size), and the shipped mini teacher on the 16 px digits.
+Models: tiny SDXL-architecture teachers (`lcm/tiny.py`) at two sizes on generated shapes whose source files are 8× the
+training size (as real photos are larger than the training size): "tiny" (the test model, 16 px from 128 px files)
+and "tiny-M" (2× the widths, 32 px from 256 px files, as in `benchmarks/train_speed.py`); and the shipped mini teacher
+on the 16 px digits.
 
 Run:  python benchmarks/bench_cache.py [--repeats 5 --rounds 2 --batch-size 16]
 """
@@ -22,20 +24,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import Case, Ratio, bench_arg_parser, run_benchmark  # noqa: E402
 
-MODELS = ("tiny", "mini")
+MODELS = ("tiny", "tiny-M", "mini")
+TINY_M = dict(sample_size=16, block_out_channels=(64, 128), cross_attention_dim=128)  # as train_speed.py's M
 
 
-def _teacher_and_data(model: str, root: Path) -> tuple[str, str, str]:
-    """(preset, teacher folder, data folder) for a model name."""
-    if model == "tiny":
+def _teacher_and_data(model: str, root: Path) -> tuple[str, str, str, int]:
+    """(preset, teacher folder, data folder, training resolution) for a model name."""
+    if model in ("tiny", "tiny-M"):
         from lcm.tiny import make_captioned_image_folder, save_tiny_pipeline
 
-        return ("demo_lcm_lora", str(save_tiny_pipeline("sdxl", root / "teacher")),
-                str(make_captioned_image_folder(root / "data", n=64, size=128)))
+        resolution = 16 if model == "tiny" else 32
+        teacher = save_tiny_pipeline("sdxl", root / "teacher", **({} if model == "tiny" else TINY_M))
+        return ("demo_lcm_lora", str(teacher),
+                str(make_captioned_image_folder(root / "data", n=64, size=8 * resolution)), resolution)
     from lcm.cli import MINI_TEACHER
     from lcm.digits import export_digits_folder
 
-    return "mini_lcm_lora", str(MINI_TEACHER), str(export_digits_folder(root / "digits"))
+    return "mini_lcm_lora", str(MINI_TEACHER), str(export_digits_folder(root / "digits")), 16
 
 
 def build(model: str, cache: bool, batch_size: int):
@@ -51,8 +56,8 @@ def build(model: str, cache: bool, batch_size: int):
     from lcm.trainer import build_optimizer, sample_generators
 
     root = Path(tempfile.mkdtemp(prefix="bench_cache_"))
-    preset, teacher, data = _teacher_and_data(model, root)
-    overrides = [f"model.pretrained={teacher}", f"data.path={data}", "data.resolution=16",
+    preset, teacher, data, resolution = _teacher_and_data(model, root)
+    overrides = [f"model.pretrained={teacher}", f"data.path={data}", f"data.resolution={resolution}",
                  f"train.batch_size={batch_size}", f"train.output_dir={root / 'run'}", "train.report_to=none",
                  "lora.rank=8", "lora.alpha=8"] + ([f"data.cache_dir={root / 'cache'}"] if cache else [])
     if cache:
@@ -76,6 +81,7 @@ def build(model: str, cache: bool, batch_size: int):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step
 

@@ -9,8 +9,8 @@ the UNet may run in bf16, which makes the VAE's share of *time* larger than its 
 Both steps are the trainer's own code: `lcd_batch_from_data` (a batch of images + captions, or the cached μ, σ and
 text conditioning) then `lcd_loss` (student with LoRA, one batched CFG teacher call, target) and the backward pass.
 
-- tiny / mini: the tiny SDXL-architecture teacher and the shipped mini teacher, at the settings of
-  `benchmarks/bench_cache.py` (16 px, batch 16, LoRA rank 8), counted on CPU tensors; the ceiling printed beside the
+- tiny / tiny-M / mini: the tiny SDXL-architecture teachers at two sizes and the shipped mini teacher, at the
+  settings of `benchmarks/bench_cache.py` (16 or 32 px, batch 16, LoRA rank 8), counted on CPU tensors; the ceiling printed beside the
   speed-up that benchmark measured checks the model.
 - full: SDXL at its published sizes (UNet and VAE from `configs/sdxl_*.json`, the two CLIP text encoders from
   `configs/sdxl_text_encoder*.json`) on the `meta` device, which carries shapes and no data, so nothing is allocated
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.bench_cache import TINY_M
 from benchmarks.harness import RESULTS_DIR, environment
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -123,10 +124,10 @@ def main(argv=None) -> dict:
     from lcm.tiny import build_tiny_sdxl_pipeline
 
     torch.manual_seed(0)
-    cases = [("tiny", lambda: build_tiny_sdxl_pipeline(), dict(batch=16, resolution=16, rank=8, checkpointing=False,
-                                                               device="cpu")),
-             ("mini", lambda: load_pipeline("sdxl", str(MINI_TEACHER)),
-              dict(batch=16, resolution=16, rank=8, checkpointing=False, device="cpu")),
+    small = dict(batch=16, rank=8, checkpointing=False, device="cpu")  # bench_cache.py's settings
+    cases = [("tiny", lambda: build_tiny_sdxl_pipeline(), dict(small, resolution=16)),
+             ("tiny-M", lambda: build_tiny_sdxl_pipeline(**TINY_M), dict(small, resolution=32)),
+             ("mini", lambda: load_pipeline("sdxl", str(MINI_TEACHER)), dict(small, resolution=16)),
              ("full SDXL 1024²", full_size_sdxl, dict(batch=4, resolution=1024, rank=64, checkpointing=True,
                                                       device="meta")),
              ("full SDXL 512²", full_size_sdxl, dict(batch=4, resolution=512, rank=64, checkpointing=True,
