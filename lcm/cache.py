@@ -17,6 +17,10 @@ Augmentation: random crops cannot be cached (a new crop per epoch), so caching n
 with `data.random_flip=true` both flips are cached and training picks one per (seed, epoch, item) with the same coin
 as the uncached loader. Buckets are cached at each image's bucket.
 
+Several processes: `accelerate launch --num_processes N -m lcm.cli cache …` shares the work out (each process encodes
+a share on its own device into its own shards; the main process commits the manifest after all have finished) and
+writes the records one process would write.
+
 Integrity: every record carries a digest of its bytes, checked on every read; a damaged or missing shard raises
 `CacheError` naming the file and the fix (re-run `lcm cache`, which re-encodes what is damaged), never wrong data.
 """
@@ -33,7 +37,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -311,7 +315,7 @@ def _verified(shards: _Shards, keys: Iterable[str], state: PartialState) -> tupl
 
 def _image_digests(dataset, state: PartialState) -> list[str]:
     """Every image file's content digest, in dataset order; each process reads and hashes a share (a collective)."""
-    with state.split_between_processes(range(len(dataset))) as mine:
+    with state.split_between_processes(list(range(len(dataset)))) as mine:
         own = [hashlib.blake2b(read_bytes(dataset.images[i]), digest_size=16).hexdigest() for i in mine]
     return [d for part in gather_object([own]) for d in part]
 
@@ -460,7 +464,8 @@ def build_cache(cfg, batch_size: int = 16, device: Optional[str] = None, shard_m
     if not cfg.data.center_crop:
         raise CacheError("data.center_crop=false draws a new random crop every epoch, which cannot be cached; set "
                          "data.center_crop=true to cache (random flips are cached both ways)")
-    state = PartialState()
+    # As `Accelerator` does: ACCELERATE_USE_CPU (`accelerate launch --cpu`, or CPU ranks) makes the processes gloo ones.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if device is not None and state.num_processes > 1:
         raise CacheError(f"--device={device} is for one process; under accelerate launch each of the "
                          f"{state.num_processes} processes encodes on its own device: drop --device")
