@@ -183,3 +183,26 @@ def test_training_from_cache_loads_no_vae_or_text_encoder(tiny_sdxl_dir, tmp_pat
             f"train.output_dir={out}"]
     assert load_entry_script("train_lcm_lora").main(args) == 0
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_undecodable_image_is_left_out_and_its_shared_text_record_still_written(tiny_sdxl_dir, tmp_path):
+    """A JPEG whose header is fine but whose data is cut passes the index and fails to decode. It is listed before
+    image 0000 and has its caption and size, so it is planned to write the text records 0000 also reads."""
+    import io
+
+    data = mixed_size_image_folder(tmp_path / "data")
+    buffer = io.BytesIO()
+    Image.open(data / "0000.png").save(buffer, "JPEG")
+    (data / "00.jpg").write_bytes(buffer.getvalue()[:-10])
+    (data / "00.txt").write_text((data / "0000.txt").read_text())
+    cfg = _cfg(tiny_sdxl_dir, data, tmp_path / "cache", "data.random_flip=true")
+    assert build_dataset(cfg.data).images[0].name == "00.jpg"
+    report = build_cache(cfg, batch_size=4)
+    manifest = read_manifest(cfg.data.cache_dir)
+    assert report.items == len(SIZES) and manifest["summary"]["n_decode_errors"] == 1  # one image, both flips
+    # Every live text record encoded once, 0000's by the failed entries of 00.jpg (a square: both flips share one).
+    assert report.texts_encoded == len({v["text"] for variants in manifest["items"] for v in variants})
+    ds = CachedDataset(cfg)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        assert [ds[i]["caption"] for i in range(len(ds))] == [v[0]["caption"] for v in manifest["items"]]
