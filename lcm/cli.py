@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="encode a dataset once into a latent + text-embedding cache (data.cache_dir)")
     c.add_argument("--config", required=True, help="the training config (YAML file or preset name)")
     c.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
-    c.add_argument("--device", default=None, help="one process only; default: accelerate's device (cuda if available, else "
-                   "cpu; under `accelerate launch` each process's own)")
+    c.add_argument("--device", default=None, help="one process only; default: accelerate's device (cuda if "
+                   "available, else cpu; under `accelerate launch`, each process's own)")
     c.add_argument("--shard-mb", type=float, default=1024.0, help="approximate size of each safetensors shard")
     c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.cache_dir=runs/cache")
     c.set_defaults(func=cmd_cache)
