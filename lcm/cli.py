@@ -130,6 +130,8 @@ def cmd_export(args) -> int:
 
 def cmd_cache(args) -> int:
     """Encode the config's dataset once (VAE posterior moments + text conditioning) into `data.cache_dir`."""
+    from accelerate import PartialState
+
     from .cache import build_cache
     from .config import ConfigError, LCDConfig, LCMLoraConfig, load_config
 
@@ -142,7 +144,9 @@ def cmd_cache(args) -> int:
             errors.append(err)
     else:
         raise SystemExit(f"lcm cache: {errors[0]}")
-    print(build_cache(cfg, batch_size=args.batch_size, device=args.device, shard_mb=args.shard_mb))
+    report = build_cache(cfg, batch_size=args.batch_size, device=args.device, shard_mb=args.shard_mb)
+    if PartialState().is_main_process:  # under `accelerate launch`, every process returns the same report
+        print(report)
     return 0
 
 
@@ -283,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="encode a dataset once into a latent + text-embedding cache (data.cache_dir)")
     c.add_argument("--config", required=True, help="the training config (YAML file or preset name)")
     c.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
-    c.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    c.add_argument("--device", default=None, help="one process only; default: accelerate's device (cuda if "
+                   "available, else cpu; under `accelerate launch`, each process's own)")
     c.add_argument("--shard-mb", type=float, default=1024.0, help="approximate size of each safetensors shard")
     c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.cache_dir=runs/cache")
     c.set_defaults(func=cmd_cache)

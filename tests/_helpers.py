@@ -1,6 +1,10 @@
 """Helpers shared by several test files (plain functions; fixtures live in conftest.py)."""
 
 import importlib.util
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -34,3 +38,39 @@ def data_cfg(path, **overrides):
     from lcm.config import DataConfig
 
     return OmegaConf.structured(DataConfig(path=str(path), **overrides))
+
+
+def free_port() -> int:
+    """A TCP port free right now on localhost, for a launched run's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(script: Path, args: list[str], num_processes: int = 2, timeout: int = 300):
+    """Run `script args` as `num_processes` CPU processes under `accelerate launch`; the finished CompletedProcess.
+
+    accelerate's `--cpu` launcher starts one process unless MPI is set up; torchrun (the `--multi_gpu` launcher)
+    starts the ranks, and ACCELERATE_USE_CPU makes each a MULTI_CPU (gloo) process on a machine without GPUs.
+    """
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(script), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+MIXED_SIZES = [(24, 24), (30, 20), (20, 36), (26, 26), (40, 24), (24, 24)]  # (w, h): crops and flips differ per item
+
+
+def mixed_size_image_folder(root: Path) -> Path:
+    """Captioned images of several aspect ratios (so centre crops and flipped crop offsets are non-trivial)."""
+    from PIL import Image
+
+    from lcm.tiny import make_captioned_image_folder
+
+    folder = make_captioned_image_folder(root, n=len(MIXED_SIZES), size=24)
+    for i, size in enumerate(MIXED_SIZES):
+        path = folder / f"{i:04d}.png"
+        Image.open(path).resize(size).save(path)
+    return folder

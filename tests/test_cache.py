@@ -16,20 +16,9 @@ from lcm.data import build_dataset, collate_fn
 from lcm.encode import lcd_batch_from_data
 from lcm.models import load_pipeline, noise_schedule_of, denoiser_role
 from lcm.schedule import SolverGrid
-from lcm.tiny import make_captioned_image_folder, save_tiny_pipeline
+from lcm.tiny import save_tiny_pipeline
 
-from _helpers import load_entry_script
-
-SIZES = [(24, 24), (30, 20), (20, 36), (26, 26), (40, 24), (24, 24)]  # (w, h): crops and flips that differ per item
-
-
-def _data(root):
-    """Captioned images of several aspect ratios (so centre crops and flipped crop offsets are non-trivial)."""
-    folder = make_captioned_image_folder(root, n=len(SIZES), size=24)
-    for i, size in enumerate(SIZES):
-        path = folder / f"{i:04d}.png"
-        Image.open(path).resize(size).save(path)
-    return folder
+from _helpers import MIXED_SIZES as SIZES, load_entry_script, mixed_size_image_folder
 
 
 def _cfg(teacher, data, cache, *extra):
@@ -40,7 +29,7 @@ def _cfg(teacher, data, cache, *extra):
 @pytest.fixture(scope="module")
 def setup(tiny_sdxl_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache")
-    data = _data(tmp / "data")
+    data = mixed_size_image_folder(tmp / "data")
     cfg = _cfg(tiny_sdxl_dir, data, tmp / "cache", "data.random_flip=true")
     report = build_cache(cfg, batch_size=4)
     return cfg, report
@@ -96,7 +85,7 @@ def _record_bytes(cfg, index):
 
 
 def test_changed_image_re_encodes_only_that_item(tiny_sdxl_dir, tmp_path):
-    data = _data(tmp_path / "data")
+    data = mixed_size_image_folder(tmp_path / "data")
     cfg = _cfg(tiny_sdxl_dir, data, tmp_path / "cache")
     build_cache(cfg, batch_size=4)
     before = [_record_bytes(cfg, i) for i in range(len(SIZES))]
@@ -115,7 +104,7 @@ def test_changed_image_re_encodes_only_that_item(tiny_sdxl_dir, tmp_path):
 
 
 def test_crop_size_or_model_change_invalidates(tiny_sdxl_dir, tmp_path):
-    data = _data(tmp_path / "data")
+    data = mixed_size_image_folder(tmp_path / "data")
     cfg = _cfg(tiny_sdxl_dir, data, tmp_path / "cache")
     build_cache(cfg, batch_size=4)
     # Training with another resolution against this cache is refused, naming the key.
@@ -142,7 +131,7 @@ def _shard(cfg):
 
 
 def test_damaged_shard_is_a_clear_error_and_lcm_cache_repairs_it(tiny_sdxl_dir, tmp_path):
-    data = _data(tmp_path / "data")
+    data = mixed_size_image_folder(tmp_path / "data")
     cfg = _cfg(tiny_sdxl_dir, data, tmp_path / "cache")
     build_cache(cfg, batch_size=8)
     path, manifest = _shard(cfg)
@@ -173,11 +162,11 @@ def test_damaged_shard_is_a_clear_error_and_lcm_cache_repairs_it(tiny_sdxl_dir, 
 
 def test_random_crop_cannot_be_cached(tiny_sdxl_dir, tmp_path):
     with pytest.raises(CacheError, match="center_crop"):
-        build_cache(_cfg(tiny_sdxl_dir, _data(tmp_path / "data"), tmp_path / "cache", "data.center_crop=false"))
+        build_cache(_cfg(tiny_sdxl_dir, mixed_size_image_folder(tmp_path / "data"), tmp_path / "cache", "data.center_crop=false"))
 
 
 def test_training_from_cache_loads_no_vae_or_text_encoder(tiny_sdxl_dir, tmp_path, monkeypatch):
-    data = _data(tmp_path / "data")
+    data = mixed_size_image_folder(tmp_path / "data")
     cache = tmp_path / "cache"
     extra = ["data.buckets=true", "data.bucket_step=4", "data.random_flip=true"]
     build_cache(_cfg(tiny_sdxl_dir, data, cache, *extra), batch_size=4)
@@ -194,3 +183,26 @@ def test_training_from_cache_loads_no_vae_or_text_encoder(tiny_sdxl_dir, tmp_pat
             f"train.output_dir={out}"]
     assert load_entry_script("train_lcm_lora").main(args) == 0
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_undecodable_image_is_left_out_and_its_shared_text_record_still_written(tiny_sdxl_dir, tmp_path):
+    """A JPEG whose header is fine but whose data is cut passes the index and fails to decode. It is listed before
+    image 0000 and has its caption and size, so it is planned to write the text records 0000 also reads."""
+    import io
+
+    data = mixed_size_image_folder(tmp_path / "data")
+    buffer = io.BytesIO()
+    Image.open(data / "0000.png").save(buffer, "JPEG")
+    (data / "00.jpg").write_bytes(buffer.getvalue()[:-10])
+    (data / "00.txt").write_text((data / "0000.txt").read_text())
+    cfg = _cfg(tiny_sdxl_dir, data, tmp_path / "cache", "data.random_flip=true")
+    assert build_dataset(cfg.data).images[0].name == "00.jpg"
+    report = build_cache(cfg, batch_size=4)
+    manifest = read_manifest(cfg.data.cache_dir)
+    assert report.items == len(SIZES) and manifest["summary"]["n_decode_errors"] == 1  # one image, both flips
+    # Every live text record encoded once, 0000's by the failed entries of 00.jpg (a square: both flips share one).
+    assert report.texts_encoded == len({v["text"] for variants in manifest["items"] for v in variants})
+    ds = CachedDataset(cfg)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        assert [ds[i]["caption"] for i in range(len(ds))] == [v[0]["caption"] for v in manifest["items"]]
