@@ -853,8 +853,9 @@ class StreamingImages:
         num_workers, the order DataLoader collects them in), after dropping the first `skip` rank batches undecoded."""
         from .trainer import rank_seed  # the one per-rank seed (trainer imports this module, hence here)
 
-        quota, skip = len(range(worker, n_batches, num_workers)), len(range(worker, skip, num_workers))
-        if quota == 0:
+        quota = len(range(worker, n_batches, num_workers)) - len(range(worker, skip, num_workers))
+        skip = len(range(worker, skip, num_workers))  # this worker's share of the consumed batches
+        if quota <= 0:
             return
         shards = self.shards(rank, world_size, worker, num_workers)
         slots = self._slots(shards, _item_seed(rank_seed(self.seed, rank, world_size), self.epoch, worker))
