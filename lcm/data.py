@@ -2,7 +2,8 @@
 
 Sources: an image folder (captions from same-stem `.txt` files or a root `metadata.jsonl` / `metadata.csv`), an
 HF `datasets` dataset (saved with `save_to_disk`, an image folder read by `imagefolder`, or a hub name), or webdataset
-tar shards (`key.jpg`/`key.png` + `key.txt`; a folder of .tar files or a brace pattern, read by member offset).
+tar shards (`key.jpg`/`key.png` + `key.txt`; a folder of .tar files or a brace pattern, read by member offset; URLs,
+`pipe:` commands and .tar.gz shards are streamed instead, see `StreamingImages`).
 Bad files never stop a run: a cheap header check drops them at index time, and `__getitem__` falls back to another
 image if a file still fails to decode later. Every count ends up in one `DataSummary`, logged once.
 
@@ -791,6 +792,10 @@ class StreamingImages:
     def __len__(self) -> int:
         return self.num_samples
 
+    def describe(self) -> str:
+        """The one-line data summary for the log and the model card (counts come per epoch, from the workers)."""
+        return f"data: streamed from {len(self.urls)} shard(s) of {self.path}, {self.num_samples} samples per epoch"
+
     def set_epoch(self, epoch: int) -> None:
         """The shard order, shuffle buffer and augmentations of the next iteration (workers copy it at iter())."""
         self.epoch = epoch
@@ -951,8 +956,6 @@ def build_stream(cfg: Any, seed: int = 0) -> StreamingImages:
     urls = _stream_urls(str(cfg.path))
     _check_stream_urls(str(cfg.path), urls)
     table = bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_aspect) if cfg.buckets else None
-    logger.info("data: streaming %d shard(s) of %s; an epoch is data.num_samples=%d samples", len(urls), cfg.path,
-                cfg.num_samples)
     return StreamingImages(urls, path=str(cfg.path), num_samples=cfg.num_samples, resolution=cfg.resolution,
                            bucket_table=table, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                            shuffle_buffer=cfg.shuffle_buffer, seed=seed)
