@@ -47,3 +47,24 @@ def png_bytes(size, seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def launch_cpu_ranks(script_args: list[str], n: int = 2, timeout: float = 300):
+    """Run train_lcm_lora.py as `n` CPU ranks (gloo DDP) under `accelerate launch`; returns the CompletedProcess.
+
+    accelerate's `--cpu` launcher starts one process unless MPI is set up; torchrun (the `--multi_gpu` launcher) starts
+    the ranks, and ACCELERATE_USE_CPU makes each a MULTI_CPU (gloo) process on a machine without GPUs.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), str(ROOT / "train_lcm_lora.py"), *script_args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

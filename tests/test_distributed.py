@@ -10,10 +10,6 @@ a whole optimiser step (lr), fewer than 0.1% by more than lr/20, and the learned
 LoRA dropout (off by default) draws from per-rank global RNGs and would break the match.
 """
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,9 +18,8 @@ from safetensors.torch import load_file
 
 from lcm.tiny import make_captioned_image_folder
 
-from _helpers import load_entry_script
+from _helpers import launch_cpu_ranks, load_entry_script
 
-ROOT = Path(__file__).resolve().parents[1]
 LR = 1e-3
 WEIGHTS = "final/pytorch_lora_weights.safetensors"
 
@@ -34,12 +29,6 @@ def _args(teacher, data, out, *extra):
     return ["--config", "demo_lcm_lora", f"model.pretrained={teacher}", f"data.path={data}", f"train.output_dir={out}",
             "data.resolution=16", "train.report_to=none", "lora.rank=4", "lora.alpha=4", "validation.every_n_steps=0",
             "train.checkpoint_every=0", "train.max_train_steps=3", f"optim.lr={LR}", "optim.lr_warmup_steps=0", *extra]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _assert_same_lora(a_dir: Path, b_dir: Path) -> None:
@@ -72,14 +61,7 @@ def single_process_run(tiny_sdxl_dir, tmp_path_factory):
 def test_two_processes_match_one(single_process_run, tiny_sdxl_dir, tmp_path):
     data, one = single_process_run
     two = tmp_path / "two"
-    # accelerate's `--cpu` launcher starts one process unless MPI is set up; torchrun (the `--multi_gpu` launcher)
-    # starts the two ranks, and ACCELERATE_USE_CPU makes each a MULTI_CPU (gloo) process on a machine without GPUs.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(ROOT / "train_lcm_lora.py"),
-           *_args(tiny_sdxl_dir, data, two, "train.batch_size=2")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch_cpu_ranks(_args(tiny_sdxl_dir, data, two, "train.batch_size=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) × batch 2 × accumulation 1 = global batch 4" in proc.stdout
     _assert_same_lora(one, two)
