@@ -25,7 +25,8 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, send_to_device
+from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -282,10 +283,13 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
         raise ValueError(f"dataset has {len(task.dataset)} usable samples, fewer than train.batch_size={tc.batch_size}")
     optimizer = build_optimizer(task.params, cfg.optim)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, tc.max_train_steps, accelerator.num_processes)
-    # Important: a stream's loader is already this rank's (disjoint shards). accelerate would shard an iterable by
-    # reading the whole stream on every rank, so it is not prepared; its batches are moved to the device below.
+    # Important: a stream's loader is already this rank's (disjoint shards). accelerate.prepare would shard an iterable
+    # by reading the whole stream on every rank, so it is wrapped as a one-process loader: accelerate then only moves
+    # its batches to the device and marks the epoch's end for gradient accumulation.
     stream = isinstance(loader.dataset, StreamEpoch)
     if stream:
+        loader = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
+                                     dispatch_batches=False)
         model, optimizer, lr_scheduler = accelerator.prepare(task.model, optimizer, lr_scheduler)
     else:
         model, optimizer, loader, lr_scheduler = accelerator.prepare(task.model, optimizer, loader, lr_scheduler)
@@ -317,7 +321,7 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
         skip = (global_step % steps_per_epoch) * batches_per_step
         if stream:  # the stream replays the epoch and drops the first `skip` batches before decoding them
             loader.dataset.skip = skip
-            epoch_loader = (send_to_device(batch, accelerator.device) for batch in loader)
+            epoch_loader = loader
         else:
             loader.set_epoch(epoch)
             epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
