@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .data import (DataSummary, _item_seed, add_time_ids, build_dataset, cover_size, crop_conditioning,
-                   draw_crop_flip, format_summary, load_image, read_bytes, transform_image)
+                   draw_crop_flip, format_summary, is_streaming, load_image, read_bytes, transform_image)
 
 logger = logging.getLogger(__name__)
 
@@ -461,6 +461,9 @@ def build_cache(cfg, batch_size: int = 16, device: Optional[str] = None, shard_m
 
     if not cfg.data.cache_dir:
         raise CacheError("set data.cache_dir=FOLDER: where `lcm cache` writes and training reads the cache")
+    if is_streaming(cfg.data):
+        raise CacheError(f"data.path {cfg.data.path!r} is streamed (a URL, pipe: or compressed shards, or "
+                         "data.streaming=true); the cache needs random access: use local uncompressed .tar shards")
     if not cfg.data.center_crop:
         raise CacheError("data.center_crop=false draws a new random crop every epoch, which cannot be cached; set "
                          "data.center_crop=true to cache (random flips are cached both ways)")

@@ -51,6 +51,10 @@ class DataConfig:
     max_samples: Optional[int] = None
     num_workers: int = 0
     cache_dir: Optional[str] = None  # a folder written by `lcm cache`: train on it, without VAE or text encoders
+    # webdataset streaming (README "Streaming shards"): implied by a URL / pipe: path or .tar.gz/.tgz shards
+    streaming: bool = False  # also stream local uncompressed .tar shards (instead of indexing them by offset)
+    num_samples: Optional[int] = None  # streaming: samples per epoch over all ranks (a stream has no length); required
+    shuffle_buffer: int = 1000  # streaming: encoded samples each loader worker holds to shuffle across shards; 0 = off
 
 
 @dataclass
@@ -218,10 +222,15 @@ def _validate(cfg) -> None:
         raise ConfigError(f"distill.w_min={d.w_min} must be <= distill.w_max={d.w_max}")
     if not 0.0 <= d.ema_decay < 1.0:
         raise ConfigError(f"distill.ema_decay={d.ema_decay} must be in [0, 1)")
-    for key in ("train.batch_size", "train.max_train_steps", "train.gradient_accumulation_steps", "lora.rank"):
+    for key in ("train.batch_size", "train.max_train_steps", "train.gradient_accumulation_steps", "lora.rank",
+                "data.num_samples"):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be >= 1")
+    if cfg.data.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 0 (0 turns the buffer off)")
+    if cfg.data.streaming and cfg.data.source != "webdataset":
+        raise ConfigError(f"data.streaming=true needs data.source=webdataset, not {cfg.data.source!r}")
 
 
 def to_yaml(cfg) -> str:

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from .cache import CachedDataset
 from .config import load_config, to_yaml
 from .consistency import LCDSpec
-from .data import build_dataset, collate_fn, format_summary
+from .data import StreamingImages, build_dataset, collate_fn, format_summary
 from .models import encoder_names, load_pipeline, module_names, noise_schedule_of, weight_dtype_for
 from .sampling import generate, image_grid, lcm_scheduler_for
 from .schedule import SolverGrid
@@ -60,7 +60,7 @@ def prepare_run(args: argparse.Namespace, schema) -> Optional[Run]:
     # Data first: an empty or unusable folder (or a stale cache) fails here, before any model is loaded.
     dataset = CachedDataset(cfg, seed=cfg.train.seed) if cfg.data.cache_dir else build_dataset(cfg.data,
                                                                                               seed=cfg.train.seed)
-    summary = format_summary(dataset.summary)
+    summary = dataset.describe() if isinstance(dataset, StreamingImages) else format_summary(dataset.summary)
     accelerator.print(summary)
     if len(dataset) < cfg.train.batch_size:
         raise ValueError(f"only {len(dataset)} usable image(s), fewer than train.batch_size={cfg.train.batch_size} "

@@ -8,7 +8,8 @@ Resuming is exact (tests/test_resume.py kills a run and compares bits): the shuf
 only, crops/flips on (seed, epoch, item), VAE noise/ε/grid index/w on a generator per sample keyed by its position in
 the run's sample stream (so they also do not depend on the number of ranks), LoRA dropout on the global RNG reseeded
 per (seed, rank, step, micro-batch), and optimiser, LR schedule, EMA and accumulation counters are
-restored from the checkpoint.
+restored from the checkpoint. A streamed dataset (lcm/data.py) resumes by replaying its epoch's stream, which
+depends on (seed, epoch) only, and dropping the batches already consumed before decoding them.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import to_yaml
-from .data import build_loader
+from .data import StreamEpoch, build_loader
 
 logger = logging.getLogger("lcm")
 
@@ -274,12 +276,23 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
     if task.load_model_hook:
         accelerator.register_load_state_pre_hook(task.load_model_hook)
 
-    loader, bucket_sampler = build_loader(task.dataset, task.collate_fn, tc.batch_size, tc.seed, cfg.data.num_workers)
+    loader, bucket_sampler = build_loader(task.dataset, task.collate_fn, tc.batch_size, tc.seed, cfg.data.num_workers,
+                                          rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                          accumulation=tc.gradient_accumulation_steps)
     if len(loader) == 0:
         raise ValueError(f"dataset has {len(task.dataset)} usable samples, fewer than train.batch_size={tc.batch_size}")
     optimizer = build_optimizer(task.params, cfg.optim)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, tc.max_train_steps, accelerator.num_processes)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(task.model, optimizer, loader, lr_scheduler)
+    # Important: a stream's loader is already this rank's (disjoint shards). accelerate.prepare would shard an iterable
+    # by reading the whole stream on every rank, so it is wrapped as a one-process loader: accelerate then only moves
+    # its batches to the device and marks the epoch's end for gradient accumulation.
+    stream = isinstance(loader.dataset, StreamEpoch)
+    if stream:
+        loader = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
+                                     dispatch_batches=False)
+        model, optimizer, lr_scheduler = accelerator.prepare(task.model, optimizer, lr_scheduler)
+    else:
+        model, optimizer, loader, lr_scheduler = accelerator.prepare(task.model, optimizer, loader, lr_scheduler)
 
     global_step = 0
     resume_from = resolve_resume(out, tc.resume)
@@ -301,13 +314,17 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
     model.train()
     while global_step < tc.max_train_steps:
         epoch = global_step // steps_per_epoch
-        loader.set_epoch(epoch)
         if bucket_sampler is not None:  # accelerate cannot reach it through its multi-process shard wrapper
             bucket_sampler.set_epoch(epoch)
         if hasattr(task.dataset, "set_epoch"):
             task.dataset.set_epoch(epoch)  # per-item crop/flip randomness depends on (seed, epoch, index)
         skip = (global_step % steps_per_epoch) * batches_per_step
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        if stream:  # the stream replays the epoch and drops the first `skip` batches before decoding them
+            loader.dataset.skip = skip
+            epoch_loader = loader
+        else:
+            loader.set_epoch(epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         for micro, batch in enumerate(epoch_loader):
             with accelerator.accumulate(model):
                 m = micro % batches_per_step

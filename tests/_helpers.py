@@ -74,3 +74,16 @@ def mixed_size_image_folder(root: Path) -> Path:
         path = folder / f"{i:04d}.png"
         Image.open(path).resize(size).save(path)
     return folder
+
+
+def png_bytes(size, seed: int) -> bytes:
+    """A PNG of seeded random pixels, `size` = (w, h) as PIL counts it."""
+    import io
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()

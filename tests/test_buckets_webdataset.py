@@ -1,27 +1,20 @@
 """Aspect-ratio buckets (one shape per batch, seedable order, size conditioning from the real sizes) and webdataset
 tar shards (same items as the folder loader, broken samples skipped and counted)."""
 
-import io
 import math
 
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
 
 from lcm.data import BucketBatchSampler, build_dataset, build_loader, bucket_sizes, collate_fn, cover_size
 
-from _helpers import data_cfg
+from _helpers import data_cfg, png_bytes
 
 SIZES = [(40, 20), (20, 40), (30, 30), (44, 22), (24, 36), (32, 32), (21, 42), (36, 24)]  # (w, h)
 
 
-def _png(size, seed):
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
+_png = png_bytes
 
 
 def _folder(root):

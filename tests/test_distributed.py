@@ -18,9 +18,8 @@ from safetensors.torch import load_file
 
 from lcm.tiny import make_captioned_image_folder
 
-from _helpers import accelerate_launch, load_entry_script
+from _helpers import ROOT, accelerate_launch, load_entry_script
 
-ROOT = Path(__file__).resolve().parents[1]
 LR = 1e-3
 WEIGHTS = "final/pytorch_lora_weights.safetensors"
 
