@@ -10,8 +10,8 @@ Both steps are the trainer's own code: `lcd_batch_from_data` (a batch of images 
 text conditioning) then `lcd_loss` (student with LoRA, one batched CFG teacher call, target) and the backward pass.
 
 - tiny / tiny-M / mini: the tiny SDXL-architecture teachers at two sizes and the shipped mini teacher, at the
-  settings of `benchmarks/bench_cache.py` (16 or 32 px, batch 16, LoRA rank 8), counted on CPU tensors; the ceiling printed beside the
-  speed-up that benchmark measured checks the model.
+  settings of `benchmarks/bench_cache.py` (16 or 32 px, batch 16, LoRA rank 8), counted on CPU tensors; printed beside
+  the speed-up that benchmark measured, which also includes image decoding and the encoders' per-call overhead.
 - full: SDXL at its published sizes (UNet and VAE from `configs/sdxl_*.json`, the two CLIP text encoders from
   `configs/sdxl_text_encoder*.json`) on the `meta` device, which carries shapes and no data, so nothing is allocated
   or computed: 1024², batch 4, gradient checkpointing, LoRA rank 64 (the GPU benchmark's setting), and 512².
@@ -30,9 +30,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_cache import TINY_M
+from benchmarks.gpu_sdxl import CONFIGS
 from benchmarks.harness import RESULTS_DIR, environment
-
-CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def count_flops(fn) -> int:
@@ -40,6 +39,11 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def published_config(name: str) -> dict:
+    """A shipped architecture config (`configs/<name>`) as constructor keywords (diffusers' `_class_name` dropped)."""
+    return {k: v for k, v in json.loads((CONFIGS / name).read_text()).items() if not k.startswith("_")}
 
 
 def full_size_sdxl(device: str = "meta"):
@@ -50,17 +54,15 @@ def full_size_sdxl(device: str = "meta"):
 
     from lcm.tiny import make_tokenizer
 
-    def config(name: str) -> dict:
-        return {k: v for k, v in json.loads((CONFIGS / name).read_text()).items() if not k.startswith("_")}
-
     with tempfile.TemporaryDirectory() as tmp:
         tokenizers = [make_tokenizer(Path(tmp) / f"tok{i}") for i in (1, 2)]
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     with torch.device(device):  # only the models: the scheduler's tables are numpy-backed
-        models = dict(vae=AutoencoderKL.from_config(config("sdxl_vae.json")),
-                      text_encoder=CLIPTextModel(CLIPTextConfig(**config("sdxl_text_encoder.json"))),
-                      text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config("sdxl_text_encoder_2.json"))),
-                      unet=UNet2DConditionModel.from_config(config("sdxl_base_unet.json")))
+        models = dict(
+            vae=AutoencoderKL.from_config(published_config("sdxl_vae.json")),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**published_config("sdxl_text_encoder.json"))),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**published_config("sdxl_text_encoder_2.json"))),
+            unet=UNet2DConditionModel.from_config(published_config("sdxl_base_unet.json")))
     return StableDiffusionXLPipeline(**models, tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], scheduler=scheduler,
                                      add_watermarker=False)
 

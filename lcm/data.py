@@ -300,6 +300,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+def _seeded_order(items: Sequence[Any], seed: int) -> list[Any]:
+    """`items` in a random order drawn from `seed` alone (torch's randperm, the same on every rank and worker)."""
+    return [items[i] for i in torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()]
+
+
 class BucketBatchSampler(torch.utils.data.Sampler):
     """Batches of one bucket each, in an order that depends only on (seed, epoch): shuffle each bucket, cut it into
     full batches (a bucket's remainder is dropped for the epoch), then shuffle the batches across buckets."""
@@ -803,9 +808,7 @@ class StreamingImages:
     def shards(self, rank: int, world_size: int, worker: int = 0, num_workers: int = 1) -> list[str]:
         """This rank's and worker's shards in this epoch: one (seed, epoch) shuffle shared by all ranks, then
         disjoint slices, ranks first (webdataset's split_by_node, then split_by_worker)."""
-        order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(
-            _epoch_seed(self.seed, self.epoch))).tolist()
-        return [self.urls[i] for i in order][rank::world_size][worker::num_workers]
+        return _seeded_order(self.urls, _epoch_seed(self.seed, self.epoch))[rank::world_size][worker::num_workers]
 
     def _on_error(self, err: Exception) -> bool:
         """webdataset handler: a shard that cannot be opened or read is skipped with a warning and counted.
@@ -840,9 +843,7 @@ class StreamingImages:
 
         for npass in itertools.count():
             pass_seed = _epoch_seed(seed, npass)
-            order = shards if npass == 0 else [shards[i] for i in torch.randperm(
-                len(shards), generator=torch.Generator().manual_seed(pass_seed)).tolist()]
-            slots = self._read(order)
+            slots = self._read(shards if npass == 0 else _seeded_order(shards, pass_seed))
             if self.shuffle_buffer > 1:
                 slots = shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=pass_seed)(slots)
             found = 0
