@@ -172,6 +172,22 @@ def test_order_is_fixed_by_seed_and_epoch(tmp_path):
     assert all(sorted(o) == sorted(orders[0, 0]) for o in orders.values())
 
 
+def test_shard_order_alone_is_shuffled_per_seed_and_epoch(tmp_path):
+    """Without the sample buffer the stream reads whole shards in turn: their order is the (seed, epoch) shuffle."""
+    shards = _write_shards(tmp_path / "s")
+    spec = f"pipe:cat {shards}/train-{{000..003}}.tar"
+
+    def shard_order(seed, epoch):
+        keys = [k.rsplit("/", 1)[0] for b in _epoch(_stream(spec, seed=seed), epoch=epoch) for k in b["key"]]
+        return list(dict.fromkeys(keys))  # shards in the order they were first read
+
+    orders = [shard_order(0, epoch) for epoch in range(6)]
+    assert all(sorted(o) == sorted(orders[0]) and len(o) == 4 for o in orders)
+    assert len({tuple(o) for o in orders}) > 1  # the order moves with the epoch (6 equal draws of 24: ~2e-7)
+    assert shard_order(0, 3) == orders[3]  # repeatable
+    assert any(shard_order(seed, 3) != orders[3] for seed in (1, 2, 3))  # and the seed matters
+
+
 def test_resume_skips_consumed_batches_without_decoding_them(tmp_path, monkeypatch):
     shards = _write_shards(tmp_path / "s")
     ds = _stream(f"pipe:cat {shards}/train-{{000..003}}.tar", num_samples=16, shuffle_buffer=3, buckets=True,
@@ -214,32 +230,37 @@ def _train_args(teacher, data, out, *extra):
             "train.report_to=none", "lora.rank=4", "lora.alpha=4", "validation.every_n_steps=0", *extra]
 
 
-def test_lora_trains_from_a_pipe_stream_and_resumes_mid_epoch_exactly(tiny_sdxl_dir, tmp_path):
-    """An epoch is 8 samples / (batch 1 × accumulation 2) = 4 steps. Stopping after step 1 and resuming to step 3
-    replays the epoch's stream, skips 2 batches, and ends with the same LoRA bits as an uninterrupted run."""
-    shards = _write_shards(tmp_path / "s")
-    data = f"pipe:cat {shards}/train-{{000..003}}.tar"
-    train = load_entry_script("train_lcm_lora")
-    assert train.main(_train_args(tiny_sdxl_dir, data, tmp_path / "ref", "train.max_train_steps=3",
-                                  "train.checkpoint_every=0")) == 0
+def _uninterrupted_and_resumed(script: str, args, tmp_path, weights: str):
+    """`weights` of a 3-step run, and of a run stopped after step 1 (checkpointed) then resumed to step 3: an epoch is
+    8 samples / (batch 1 × accumulation 2) = 4 steps, so the resume replays the epoch's stream and skips 2 batches.
+    `args(out, *extra)` is the script's command line."""
+    train = load_entry_script(script)
+    assert train.main(args(tmp_path / "ref", "train.max_train_steps=3", "train.checkpoint_every=0")) == 0
     cut = tmp_path / "cut"
-    assert train.main(_train_args(tiny_sdxl_dir, data, cut, "train.max_train_steps=1", "train.checkpoint_every=1")) == 0
+    assert train.main(args(cut, "train.max_train_steps=1", "train.checkpoint_every=1")) == 0
     shutil.rmtree(cut / "final")
-    assert train.main(_train_args(tiny_sdxl_dir, data, cut, "train.max_train_steps=3", "train.checkpoint_every=0",
-                                  "--resume", "latest")) == 0
-    weights = "final/pytorch_lora_weights.safetensors"
+    assert train.main(args(cut, "train.max_train_steps=3", "train.checkpoint_every=0", "--resume", "latest")) == 0
     ref, resumed = load_file(tmp_path / "ref" / weights), load_file(cut / weights)
     assert ref.keys() == resumed.keys()
+    return ref, resumed
+
+
+def test_lora_trains_from_a_pipe_stream_and_resumes_mid_epoch_exactly(tiny_sdxl_dir, tmp_path):
+    """A LoRA run stopped mid-epoch and resumed ends with the same LoRA bits as an uninterrupted run."""
+    shards = _write_shards(tmp_path / "s")
+    data = f"pipe:cat {shards}/train-{{000..003}}.tar"
+    ref, resumed = _uninterrupted_and_resumed(
+        "train_lcm_lora", lambda out, *extra: _train_args(tiny_sdxl_dir, data, out, *extra), tmp_path,
+        "final/pytorch_lora_weights.safetensors")
     assert any(ref[k].abs().max() > 0 for k in ref if "lora_B" in k)  # it trained
     assert all(torch.equal(ref[k], resumed[k]) for k in ref)
 
 
 def test_full_lcd_trains_from_a_stream_and_resumes_mid_epoch_exactly(tiny_sdxl_dir, tmp_path):
-    """train_lcd.py (whole UNet + EMA target) on a `pipe:` stream: a run stopped after step 1 and resumed to step 3
-    exports the same UNet bits as an uninterrupted run, and the exported UNet moved away from the teacher's."""
+    """train_lcd.py (whole UNet + EMA target) on a `pipe:` stream: a run stopped mid-epoch and resumed exports the
+    same UNet bits as an uninterrupted run, and the exported UNet moved away from the teacher's."""
     shards = _write_shards(tmp_path / "s")
     data = f"pipe:cat {shards}/train-{{000..003}}.tar"
-    train = load_entry_script("train_lcd")
 
     def args(out, *extra):
         return ["--config", "lcd_sdxl", f"model.pretrained={tiny_sdxl_dir}", "data.source=webdataset",
@@ -248,15 +269,9 @@ def test_full_lcd_trains_from_a_stream_and_resumes_mid_epoch_exactly(tiny_sdxl_d
                 "train.mixed_precision=no", "train.gradient_checkpointing=false", "train.report_to=none",
                 "validation.every_n_steps=0", "distill.w_embed_dim=32", "optim.lr=1e-3", *extra]
 
-    assert train.main(args(tmp_path / "ref", "train.max_train_steps=3", "train.checkpoint_every=0")) == 0
-    cut = tmp_path / "cut"
-    assert train.main(args(cut, "train.max_train_steps=1", "train.checkpoint_every=1")) == 0
-    shutil.rmtree(cut / "final")
-    assert train.main(args(cut, "train.max_train_steps=3", "train.checkpoint_every=0", "--resume", "latest")) == 0
-    weights = "final/unet/diffusion_pytorch_model.safetensors"
-    ref, resumed = load_file(tmp_path / "ref" / weights), load_file(cut / weights)
-    teacher = load_file(Path(tiny_sdxl_dir) / "unet" / "diffusion_pytorch_model.safetensors")
-    assert ref.keys() == resumed.keys()
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    ref, resumed = _uninterrupted_and_resumed("train_lcd", args, tmp_path, f"final/{weights}")
+    teacher = load_file(Path(tiny_sdxl_dir) / weights)
     assert any(not torch.equal(ref[k], teacher[k]) for k in teacher)  # it trained
     assert all(torch.equal(ref[k], resumed[k]) for k in ref)
 
