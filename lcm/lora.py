@@ -98,8 +98,12 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
 
 
 def lora_metadata(unet) -> dict:
-    """PEFT adapter config (rank, alpha, targets) saved beside the weights so loaders rebuild the same adapter."""
-    return unet.peft_config["default"].to_dict()
+    """PEFT adapter config (rank, alpha, targets) saved beside the weights so loaders rebuild the same adapter.
+
+    PEFT holds `target_modules` as a set, whose iteration order follows Python's per-process string hashing: sorted
+    here, so the same weights always write the same metadata (safetensors still orders its header map per process)."""
+    config = unet.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
 
 
 def save_lora(model, out_dir, pipeline_cls) -> None:

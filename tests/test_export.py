@@ -220,3 +220,39 @@ def test_cli_passes_stacked_loras_with_weights(monkeypatch, tiny_sdxl_dir, lora_
         lcm_main(["sample", "--base", str(tiny_sdxl_dir), "--lora", str(lora_run), "--lora", f"{style_lora}:0.8",
                   "--prompt", "a"])
     assert seen == {"loras": [(str(lora_run), 1.0), (str(style_lora), 0.8)], "preset": "lcm"}
+
+
+_SAVE_SCRIPT = """
+import sys, torch
+from diffusers import StableDiffusionXLPipeline
+from lcm.config import LCM_LORA_TARGETS
+from lcm.lora import add_lora, save_lora
+from lcm.tiny import build_tiny_sdxl_pipeline
+pipe = build_tiny_sdxl_pipeline(seed=0)
+torch.manual_seed(0)
+add_lora(pipe.unet, 4, 4, LCM_LORA_TARGETS)
+save_lora(pipe.unet, sys.argv[1], StableDiffusionXLPipeline)
+"""
+
+
+def test_saved_lora_metadata_does_not_depend_on_string_hashing(tmp_path):
+    """Same weights → same file contents: PEFT's target_modules set must not leak hash order into the adapter
+    metadata (processes with different PYTHONHASHSEED wrote differently ordered target lists before the fix).
+    The raw bytes can still differ: safetensors serialises its header map in a per-process order of its own."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    contents = []
+    for hash_seed in ("1", "2", "3"):
+        out = tmp_path / f"h{hash_seed}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(out)], check=True, env=env, capture_output=True)
+        with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+            contents.append((f.metadata(), {k: f.get_tensor(k) for k in f.keys()}))
+    for metadata, tensors in contents[1:]:
+        assert metadata == contents[0][0]
+        assert tensors.keys() == contents[0][1].keys()
+        assert all(torch.equal(tensors[k], contents[0][1][k]) for k in tensors)
