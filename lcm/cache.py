@@ -85,11 +85,16 @@ def encoder_identity(model_cfg, memo: dict) -> dict[str, str]:
     """{"latent": VAE identity, "text": text encoders + tokenizers identity} for `model_cfg`.
 
     A local pipeline folder is identified by the contents of those components' files; a hub id by id@revision
-    (pin `model.revision` to a commit for a cache that cannot go stale).
+    (pin `model.revision` to a commit for a cache that cannot go stale). A single-file checkpoint holds every
+    component in one file, so its whole content counts (a new UNet in the same file re-encodes too: conservative),
+    plus those components' files in its config folder (tokenizers, configs).
     """
-    from .models import encoder_names
+    from .models import encoder_names, is_single_file, single_file_configs
 
     names, root = encoder_names(model_cfg.kind), Path(model_cfg.pretrained)
+    single = is_single_file(model_cfg.pretrained)
+    if single:
+        root = single_file_configs(model_cfg.pretrained, model_cfg.config_dir)
 
     def identity(prefixes: tuple[str, ...]) -> str:
         parts = [n for n in names if n.startswith(prefixes)]
@@ -97,7 +102,10 @@ def encoder_identity(model_cfg, memo: dict) -> dict[str, str]:
             return _digest(FORMAT, model_cfg.kind, model_cfg.pretrained, model_cfg.revision or "main",
                            model_cfg.variant, parts)
         files = sorted(p for n in parts if (root / n).is_dir() for p in (root / n).rglob("*") if p.is_file())
-        return _digest(FORMAT, model_cfg.kind, [(p.relative_to(root).as_posix(), _file_digest(p, memo)) for p in files])
+        folder = [(p.relative_to(root).as_posix(), _file_digest(p, memo)) for p in files]
+        if single:
+            return _digest(FORMAT, model_cfg.kind, _file_digest(Path(model_cfg.pretrained), memo), folder)
+        return _digest(FORMAT, model_cfg.kind, folder)
 
     return {"latent": identity(("vae",)), "text": identity(("text_encoder", "tokenizer"))}
 
@@ -504,7 +512,7 @@ def build_cache(cfg, batch_size: int = 16, device: Optional[str] = None, shard_m
         pipe = None
         if mine or (new_ref and state.is_main_process):
             pipe = load_pipeline(cfg.model.kind, cfg.model.pretrained, torch.float32, cfg.model.revision,
-                                 cfg.model.variant).to(device)
+                                 cfg.model.variant, config_dir=cfg.model.config_dir).to(device)
         header = [None, None]
         if state.is_main_process:
             header = [_next_generation(root),

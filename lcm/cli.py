@@ -16,6 +16,7 @@ MINI_LORA_RUN = MINI_RUN_ROOT / "lcm-lora"
 # Choice lists spelled out here so `lcm --help` does not import torch/diffusers; tests check they match the registries.
 PRESET_NAMES = ("hyper", "lcm", "lightning", "lightning-1step", "tcd", "turbo")
 EXPORT_FORMAT_NAMES = ("diffusers", "fused", "kohya")
+EVAL_PROMPT_CHOICES = {"train": ("train",), "heldout": ("heldout",), "both": ("train", "heldout")}  # digits.PROMPT_SETS
 
 
 def _lora_arg(value: str) -> tuple[str, float]:
@@ -68,7 +69,8 @@ def cmd_sample(args) -> int:
     seeds = parse_seeds(args.seeds)
     pipe = load_pipeline_for_sampling(args.base, [_lora_arg(v) for v in args.lora or []], fuse=args.fuse,
                                       device=args.device, dtype=args.dtype, preset=args.preset,
-                                      student=args.student)
+                                      student=args.student,
+                                      config_dir=getattr(args, "config_dir", None))
     if init_image is not None:
         pipe = img2img_pipeline(pipe)
     images = generate(pipe, prompts, seeds, args.steps, args.guidance, args.height, args.width, args.negative_prompt,
@@ -115,7 +117,7 @@ def cmd_serve(args) -> int:
         print(warning, file=sys.stderr)
     serve(base, loras, args.preset, args.steps, args.guidance, args.eta, args.height, args.width, host=args.host,
           port=args.port, teacher_steps=args.teacher_steps, teacher_guidance=args.teacher_guidance,
-          device=args.device, dtype=args.dtype)
+          device=args.device, dtype=args.dtype, config_dir=args.config_dir)
     return 0
 
 
@@ -222,7 +224,9 @@ def cmd_eval(args) -> int:
 
     steps = [int(s) for s in args.steps.split(",")]
     evaluate(args.teacher, args.lora, args.out, n=args.n, steps=steps, teacher_w=args.teacher_w,
-             student_guidance=args.guidance, methods=args.methods.split(",") if args.methods else None, lcd=args.lcd)
+             student_guidance=args.guidance, methods=args.methods.split(",") if args.methods else None, lcd=args.lcd,
+             prompt_sets=EVAL_PROMPT_CHOICES[getattr(args, "prompts", "train")],
+             config_dir=getattr(args, "config_dir", None))  # `lcm demo` calls with neither
     print((Path(args.out) / "table.md").read_text())
     return 0
 
@@ -241,6 +245,13 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, …")
     p.add_argument("--dtype", default=None, help="auto (default: cuda → bf16/fp16, cpu → fp32), fp32, fp16, bf16")
+    _add_config_dir_arg(p)
+
+
+def _add_config_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-dir", default=None, help="with a single-file --base/--teacher (model.safetensors): a "
+                   "diffusers-layout folder with its configs and tokenizers (default: beside the file, or a shipped "
+                   "reference of the same architecture)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="generate images in a few steps with LCMScheduler (+ LoRA)")
-    s.add_argument("--base", required=True, help="base pipeline: a local diffusers folder or a hub id")
+    s.add_argument("--base", required=True, help="base pipeline: a local diffusers folder, a hub id, or a single-file "
+                   "checkpoint (model.safetensors; see --config-dir)")
     _add_pipeline_args(s)
     s.add_argument("--student", default=None, help="a full-LCD student (train_lcd.py run folder): replaces the base's "
                    "UNet/transformer; for a UNet with a guidance embedding, --guidance = w + 1")
@@ -302,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     dd.set_defaults(func=cmd_data)
 
     e = sub.add_parser("eval", help="few-step quality table: teacher DDIM/DPM-Solver++/Euler vs LCM student")
-    e.add_argument("--teacher", default=str(MINI_TEACHER), help="teacher pipeline folder (default: the mini teacher)")
+    e.add_argument("--teacher", default=str(MINI_TEACHER), help="teacher pipeline folder or single-file checkpoint "
+                   "(default: the mini teacher)")
     e.add_argument("--lora", default=None, help="the distilled LCM-LoRA (run folder or weights)")
     e.add_argument("--lcd", default=None, help="the full-LCD student (train_lcd.py run folder or its UNet); sampled at "
                    "guidance_scale = teacher w + 1 through its guidance embedding")
@@ -311,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", default="1,2,4,8")
     e.add_argument("--teacher-w", type=float, default=0.5, help="teacher CFG w (LCM convention; guidance_scale = w + 1)")
     e.add_argument("--guidance", type=float, default=1.0, help="student guidance_scale")
+    e.add_argument("--prompts", default="train", choices=sorted(EVAL_PROMPT_CHOICES),
+                   help="prompt text: train (the training caption templates, default), heldout (templates no "
+                   "training caption uses) or both (a table section each)")
+    _add_config_dir_arg(e)
     e.add_argument("--methods", default=None, help="comma list of DDIM,DPM-Solver++,Euler,LCM-LoRA,LCD (default: the "
                    "teacher solvers and every student given)")
     e.set_defaults(func=cmd_eval)

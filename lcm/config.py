@@ -29,10 +29,11 @@ LCM_LORA_TARGETS = [
 
 @dataclass
 class ModelConfig:
-    pretrained: str = MISSING  # a diffusers pipeline folder or a hub id
+    pretrained: str = MISSING  # a diffusers pipeline folder, a hub id, or one single-file checkpoint (.safetensors)
     kind: str = "sdxl"  # sdxl (also SSD-1B) | sd15 (also SD2.x) | pixart (PixArt-α; full LCD on it is PixArt-δ)
     revision: Optional[str] = None
     variant: Optional[str] = None
+    config_dir: Optional[str] = None  # single file: a diffusers-layout folder with its configs + tokenizers (no weights)
 
 
 @dataclass

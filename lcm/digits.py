@@ -38,15 +38,36 @@ CAPTION_TEMPLATES = (
     "{w}",
 )
 
+# Held-out prompts (`lcm eval --prompts heldout`): templates no training caption uses — not the teacher's
+# (scripts/train_mini_teacher.py captions with CAPTION_TEMPLATES) and not a student's (`lcm data digits` draws from the
+# same templates) — so a student that memorised the training strings cannot look better than it is. Only words the
+# mini teacher's tokenizer holds as whole-word tokens, in new orders and combinations (tests/test_heldout_prompts.py
+# checks both); nothing that changes what the image should show (no "black 7 on white": the digits are white on black).
+HELD_OUT_TEMPLATES = (
+    "a picture of the number {w}",
+    "a scan of the digit {w}",
+    "the handwritten digit {d}",
+    "a drawing of a handwritten {w}",
+    "handwritten number {d}",
+    "the digit {d}, handwritten",
+    "number {w}",
+    "a handwritten {w} on a black background",
+    "a white {d} on a black background",
+    "a blurry picture of the number {d}",
+    "a scan of the number {w}, handwritten",
+    "digit {d}",
+)
+PROMPT_SETS = {"train": CAPTION_TEMPLATES, "heldout": HELD_OUT_TEMPLATES}
+
 HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 0
 DEFAULT_SIZE = 16
 SPLITS = ("train", "held_out", "all")
 
 
-def caption(label: int, template: int) -> str:
+def caption(label: int, template: int, templates: tuple[str, ...] = CAPTION_TEMPLATES) -> str:
     """Caption of digit `label` from template number `template` (taken modulo the number of templates)."""
-    return CAPTION_TEMPLATES[template % len(CAPTION_TEMPLATES)].format(w=NUMBER_WORDS[label], d=label)
+    return templates[template % len(templates)].format(w=NUMBER_WORDS[label], d=label)
 
 
 def random_caption(label: int, rng: random.Random) -> str:
@@ -59,10 +80,13 @@ def prompt_for(label: int) -> str:
     return caption(label, 0)
 
 
-def eval_prompts(n: int) -> tuple[list[str], list[int]]:
-    """n evaluation prompts and their digits: digit i % 10, templates cycling with i // 10 (so 130 cover every pair)."""
+def eval_prompts(n: int, prompt_set: str = "train") -> tuple[list[str], list[int]]:
+    """n evaluation prompts and their digits: digit i % 10, templates of `prompt_set` (a PROMPT_SETS key) cycling with
+    i // 10 (so 10 × the number of templates cover every pair). The digits do not depend on the prompt set."""
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {prompt_set!r}; valid: {', '.join(PROMPT_SETS)}")
     labels = [i % 10 for i in range(n)]
-    return [caption(label, i // 10) for i, label in enumerate(labels)], labels
+    return [caption(label, i // 10, PROMPT_SETS[prompt_set]) for i, label in enumerate(labels)], labels
 
 
 def caption_vocabulary() -> list[str]:

@@ -67,7 +67,7 @@ def prepare_run(args: argparse.Namespace, schema) -> Optional[Run]:
                          f"({summary})")
     # From a cache, the VAE and text encoders stay on disk; validation loads them when it first needs them.
     pipe = load_pipeline(cfg.model.kind, cfg.model.pretrained, weight_dtype_for(cfg.train.mixed_precision),
-                         cfg.model.revision, cfg.model.variant,
+                         cfg.model.revision, cfg.model.variant, config_dir=cfg.model.config_dir,
                          without=encoder_names(cfg.model.kind) if cfg.data.cache_dir else ())
     pipe.to(accelerator.device)
     sc = pipe.scheduler.config
@@ -85,7 +85,8 @@ def _with_encoders(run: Run):
         names = encoder_names(cfg.model.kind)
         others = tuple(n for n in module_names(cfg.model.kind) if n not in names and getattr(pipe, n) is not None)
         encoders = load_pipeline(cfg.model.kind, cfg.model.pretrained, weight_dtype_for(cfg.train.mixed_precision),
-                                 cfg.model.revision, cfg.model.variant, without=others)
+                                 cfg.model.revision, cfg.model.variant, without=others,
+                                 config_dir=cfg.model.config_dir)
         encoders.to(run.accelerator.device)
         run.pipe = type(pipe)(**{**encoders.components, **{n: pipe.components[n] for n in others}})
     return run.pipe

@@ -7,6 +7,9 @@ and runs no CFG pass for such a UNet).
 Metrics on the digits mini teacher: prompt accuracy (the shipped classifier recognises the prompted digit), the Fréchet
 distance between classifier-feature statistics of generated and real held-out digits (catches blur and lost diversity,
 which accuracy alone rewards), and seconds per image. Every row sees the same prompts and seeds, one generator per image.
+`prompt_sets` picks the prompt text: "train" (the caption templates the teacher and students trained on) and/or
+"heldout" (templates no training caption uses, `lcm.digits.HELD_OUT_TEMPLATES`: a student that memorised the training
+strings shows it there). The digits asked for and the real held-out digits of the FD reference are the same for both.
 Teacher baselines use `timestep_spacing="trailing"` so their first step is at t = 999: with diffusers' default
 "leading" spacing a 1-step DDIM runs at t = 0 and a 2-step one starts at t = 500, which are meaningless baselines.
 """
@@ -24,6 +27,7 @@ from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepSched
                        UNet2DConditionModel)
 
 from .guidance import guidance_scale_from_w
+from .models import load_pretrained
 from .sampling import image_grid, lcm_scheduler_for, lora_load_args, resolve_lora_dir, resolve_student_dir
 
 TEACHER_SOLVERS = {
@@ -44,6 +48,7 @@ class Row:
     accuracy: float
     frechet: float
     sec_per_image: float
+    prompts: str = "train"  # the prompt set (lcm.digits.PROMPT_SETS): training templates or held-out ones
 
 
 @torch.no_grad()
@@ -62,20 +67,23 @@ def sample_tensors(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: in
 def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Sequence[int] = (1, 2, 4, 8),
              teacher_extra_steps: Sequence[int] = (25,), teacher_w: float = 1.5, student_guidance: float = 1.0,
              original_inference_steps: int = 50, methods: Optional[Sequence[str]] = None,
-             lcd: Optional[str] = None) -> list[Row]:
-    """Run every (method, steps) cell; write results.json, table.md, one grid per row and plot.png to `out_dir`.
+             lcd: Optional[str] = None, prompt_sets: Sequence[str] = ("train",),
+             config_dir: Optional[str] = None) -> list[Row]:
+    """Run every (method, steps, prompt set) cell; write results.json, table.md, one grid per row and plot.png to
+    `out_dir`. `teacher` is a diffusers folder or a single-file checkpoint (configs from `config_dir`).
 
     A student row runs only when its weights are given (`lora`, `lcd`); asking for it by name without them is an error.
     """
     from .classifier import classify, digit_features, frechet_distance
-    from .digits import eval_prompts, load_digits_tensors
+    from .digits import PROMPT_SETS, eval_prompts, load_digits_tensors
 
     out = Path(out_dir)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    prompts, labels = eval_prompts(n)
-    labels = torch.tensor(labels)
+    if not prompt_sets or any(p not in PROMPT_SETS for p in prompt_sets):
+        raise ValueError(f"prompt sets {list(prompt_sets)}: choose from {', '.join(PROMPT_SETS)}")
+    prompt_table = {name: eval_prompts(n, name) for name in dict.fromkeys(prompt_sets)}
     seeds = list(range(n))
-    pipe = DiffusionPipeline.from_pretrained(teacher)
+    pipe = load_pretrained(DiffusionPipeline, teacher, config_dir)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     real, _ = load_digits_tensors("held_out", size=size)
@@ -85,14 +93,16 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
     rows: list[Row] = []
 
     def run(name: str, k: int, g: float):
-        images, secs = sample_tensors(pipe, prompts, seeds, k, g)
-        acc = (classify(images) == labels).float().mean().item()
-        row = Row(name, k, g, acc, frechet_distance(digit_features(images), real_feats), secs / n)
-        rows.append(row)
-        grid = [_to_pil(images[i]) for i in range(min(len(images), 40))]
-        image_grid(grid, 10).save(out / "grids" / f"{name.replace('+', 'p').replace(' ', '_')}_{k}step.png")
-        print(f"{name:>14} {k:>3} steps  acc {acc:6.1%}  FD {row.frechet:8.2f}  {row.sec_per_image * 1e3:7.2f} ms/img",
-              flush=True)
+        for prompt_set, (prompts, labels) in prompt_table.items():  # same seeds and digits, other prompt text
+            images, secs = sample_tensors(pipe, prompts, seeds, k, g)
+            acc = (classify(images) == torch.tensor(labels)).float().mean().item()
+            row = Row(name, k, g, acc, frechet_distance(digit_features(images), real_feats), secs / n, prompt_set)
+            rows.append(row)
+            grid = [_to_pil(images[i]) for i in range(min(len(images), 40))]
+            stem = f"{name.replace('+', 'p').replace(' ', '_')}_{k}step" + ("" if prompt_set == "train" else "_heldout")
+            image_grid(grid, 10).save(out / "grids" / f"{stem}.png")
+            print(f"{name:>14} {k:>3} steps {prompt_set:>8}  acc {acc:6.1%}  FD {row.frechet:8.2f}  "
+                  f"{row.sec_per_image * 1e3:7.2f} ms/img", flush=True)
 
     g_teacher = guidance_scale_from_w(teacher_w)
     for name in methods:
@@ -126,7 +136,8 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
             raise ValueError(f"unknown method {name!r}; valid: {[*TEACHER_SOLVERS, *STUDENTS]}")
     real_vs_real = _real_vs_real(real_feats, size)
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "n": n, "teacher_w": teacher_w,
-                                                  "real_vs_real_frechet": real_vs_real}, indent=2))
+                                                  "real_vs_real_frechet": real_vs_real,
+                                                  "prompt_sets": {k: PROMPT_SETS[k] for k in prompt_table}}, indent=2))
     (out / "table.md").write_text(markdown_table(rows, real_vs_real, n))
     plot(rows, out / "plot.png")
     return rows
@@ -146,14 +157,23 @@ def _to_pil(x: torch.Tensor):
     return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
 
 
+PROMPT_SET_TITLES = {"train": "Training caption templates",
+                     "heldout": "Held-out prompts (templates no training caption uses)"}
+
+
 def markdown_table(rows: Sequence[Row], real_vs_real: float, n: int) -> str:
-    """Rows as a markdown table; lower Fréchet distance is better."""
+    """Rows as markdown, one table per prompt set (a section each when there are several); lower FD is better."""
     lines = [f"{n} samples per cell; Fréchet distance on classifier features vs real held-out digits "
-             f"(real train vs held-out: {real_vs_real:.1f}). Lower FD is better.", "",
-             "| method | steps | guidance_scale | accuracy | FD | ms / image |", "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r.method} | {r.steps} | {r.guidance_scale:g} | {r.accuracy:.1%} | {r.frechet:.1f} | "
-                     f"{r.sec_per_image * 1e3:.2f} |")
+             f"(real train vs held-out: {real_vs_real:.1f}). Lower FD is better."]
+    sets = list(dict.fromkeys(r.prompts for r in rows))
+    for prompt_set in sets:
+        if len(sets) > 1:
+            lines += ["", f"### {PROMPT_SET_TITLES.get(prompt_set, prompt_set)}"]
+        lines += ["", "| method | steps | guidance_scale | accuracy | FD | ms / image |", "|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            if r.prompts == prompt_set:
+                lines.append(f"| {r.method} | {r.steps} | {r.guidance_scale:g} | {r.accuracy:.1%} | "
+                             f"{r.frechet:.1f} | {r.sec_per_image * 1e3:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -165,10 +185,13 @@ def plot(rows: Sequence[Row], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for method in dict.fromkeys(r.method for r in rows):
-        rs = sorted((r for r in rows if r.method == method), key=lambda r: r.steps)
-        ax_fd.plot([r.steps for r in rs], [r.frechet for r in rs], marker="o", label=method)
-        ax_acc.plot([r.steps for r in rs], [100 * r.accuracy for r in rs], marker="o", label=method)
+    for method, prompt_set in dict.fromkeys((r.method, r.prompts) for r in rows):
+        rs = sorted((r for r in rows if (r.method, r.prompts) == (method, prompt_set)), key=lambda r: r.steps)
+        # Held-out prompts dashed, in the legend by name; the training templates keep the plain method name.
+        style = dict(marker="o", linestyle="--" if prompt_set != "train" else "-",
+                     label=method if prompt_set == "train" else f"{method} ({prompt_set})")
+        ax_fd.plot([r.steps for r in rs], [r.frechet for r in rs], **style)
+        ax_acc.plot([r.steps for r in rs], [100 * r.accuracy for r in rs], **style)
     for ax, label in ((ax_fd, "Fréchet distance (lower is better)"), (ax_acc, "prompt accuracy (%)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampling steps")

@@ -49,6 +49,18 @@ def _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir: Path, st
     return final_dir
 
 
+def _base_load_line(cfg) -> str:
+    """How the card's snippet loads the base: from_pretrained, or from_single_file with the run's config folder."""
+    from .models import config_source, is_single_file
+
+    base = cfg.model.pretrained
+    if not is_single_file(base):
+        return f'pipe = DiffusionPipeline.from_pretrained("{base}")'
+    cls = PIPELINES[cfg.model.kind].__name__
+    return (f'from diffusers import {cls}\n'
+            f'pipe = {cls}.from_single_file("{base}", config="{config_source(base, cfg.model.get("config_dir"))}")')
+
+
 def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
     """A short model card: base, data, training, and how to sample."""
     d = cfg.distill
@@ -91,7 +103,7 @@ Distilled with [lcm-distill](https://pypi.org/project/lcm-distill/) by latent co
 
 ```python
 from diffusers import DiffusionPipeline, LCMScheduler
-pipe = DiffusionPipeline.from_pretrained("{cfg.model.pretrained}")
+{_base_load_line(cfg)}
 {load}
 pipe.scheduler = LCMScheduler.from_pretrained("path/to/this/folder", subfolder="scheduler")
 image = pipe("a prompt", num_inference_steps=4, guidance_scale={g_student}).images[0]
@@ -281,9 +293,9 @@ def export_fused(final: Path, cfg, base: str, out: Path) -> Path:
     Only the UNet is written (the LoRA touches nothing else): load it with
     `UNet2DConditionModel.from_pretrained(out, subfolder="unet")` and pass it to the base pipeline.
     """
-    from diffusers import UNet2DConditionModel
+    from .models import load_unet
 
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
+    unet = load_unet(base, cfg.model.get("config_dir"), torch_dtype=torch.float32)
     unet.load_lora_adapter(str(final), weight_name=LORA_FILE, prefix="unet", adapter_name="lcm")
     unet.fuse_lora(lora_scale=1.0)  # W ← W + (alpha / r) · B A, in fp32
     unet.unload_lora()  # drop the now-redundant adapter layers: a plain UNet2DConditionModel remains

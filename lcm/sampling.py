@@ -94,16 +94,17 @@ def lora_load_args(lora: Path) -> dict:
 
 def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (), fuse: bool = False,
                                device: Optional[str] = None, dtype: Optional[str] = None, preset: str = "lcm",
-                               student: Optional[str] = None):
-    """Base pipeline (path or id) + LoRA(s) or a full-LCD `student` (it replaces the base's UNet/transformer) + the
-    preset's scheduler (LCMScheduler by default), on device and dtype."""
-    from .models import denoiser_name
+                               student: Optional[str] = None, config_dir: Optional[str] = None):
+    """Base pipeline (a folder, a hub id, or a single-file checkpoint with its `config_dir`) + LoRA(s) or a full-LCD
+    `student` (it replaces the base's UNet/transformer) + the preset's scheduler (LCMScheduler by default), on device
+    and dtype."""
+    from .models import denoiser_name, load_pretrained
 
     get_preset(preset)  # an unknown preset fails here, before any model is loaded
     if student and loras:
         raise ValueError("give either a full-LCD student or LoRA(s), not both")
     device, torch_dtype = auto_device_dtype(device, dtype)
-    pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch_dtype, use_safetensors=True)
+    pipe = load_pretrained(DiffusionPipeline, base, config_dir, torch_dtype=torch_dtype)
     if hasattr(pipe, "safety_checker"):
         pipe.safety_checker = None
     scheduler_config = pipe.scheduler.config

@@ -51,11 +51,15 @@ class Timed:
     seconds: float
 
 
-def teacher_scheduler_of(base: str):
-    """The base model's own scheduler, as saved in its folder (or hub repo): what the teacher samples with."""
+def teacher_scheduler_of(base: str, config_dir: Optional[str] = None):
+    """The base model's own scheduler, as saved in its folder (or hub repo, or a single file's config folder): what
+    the teacher samples with."""
     import diffusers
     from diffusers import DiffusionPipeline
 
+    from .models import config_source
+
+    base = config_source(base, config_dir)
     library, class_name = DiffusionPipeline.load_config(base)["scheduler"]
     return getattr(diffusers, class_name).from_pretrained(base, subfolder="scheduler")
 
@@ -225,13 +229,14 @@ def build_page(sampler: LiveSampler, title: str, defaults: PageDefaults, distill
 def serve(base: str, loras: Sequence[tuple[str, float]], preset: str, steps: int, guidance: float,
           eta: Optional[float], height: Optional[int], width: Optional[int], host: str = "127.0.0.1",
           port: int = 7860, teacher_steps: int = 25, teacher_guidance: float = 1.5, device: Optional[str] = None,
-          dtype: Optional[str] = None) -> None:
+          dtype: Optional[str] = None, config_dir: Optional[str] = None) -> None:
     """Load the pipeline once, warm it up, and serve the page until interrupted."""
     from .sampling import load_pipeline_for_sampling
 
-    pipe = load_pipeline_for_sampling(base, loras, fuse=False, device=device, dtype=dtype, preset=preset)
-    sampler = LiveSampler(pipe, teacher_scheduler_of(base), [w for _, w in loras], eta=eta, height=height,
-                          width=width)
+    pipe = load_pipeline_for_sampling(base, loras, fuse=False, device=device, dtype=dtype, preset=preset,
+                                      config_dir=config_dir)
+    sampler = LiveSampler(pipe, teacher_scheduler_of(base, config_dir), [w for _, w in loras], eta=eta,
+                          height=height, width=width)
     sampler.distilled("", 0, steps, guidance)  # warm-up: first-call allocations happen before the first keystroke
     label = f"distilled ({preset} preset)" if loras else f"base model ({preset} preset, no LoRA)"
     title = " + ".join(f"`{_shown(path)}`" for path in [base, *(path for path, _ in loras)])
