@@ -13,6 +13,7 @@ Teacher baselines use `timestep_spacing="trailing"` so their first step is at t 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -138,14 +139,10 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
             for k in list(steps) + ([] if name != "DDIM" else list(teacher_extra_steps)):
                 run(name, k, g_teacher)
         elif name in students:
-            # The LoRA is loaded and fused for its rows only, so every student starts from the bare teacher.
-            load_pipeline_lora(pipe, resolve_lora_dir(students[name]), "student")
-            pipe.fuse_lora()
-            pipe.scheduler = lcm_scheduler_for(base_config, original_inference_steps)
-            for k in steps:
-                run(name, k, student_guidance)
-            pipe.unfuse_lora()
-            pipe.unload_lora_weights()
+            with _fused_student(pipe, resolve_lora_dir(students[name])):
+                pipe.scheduler = lcm_scheduler_for(base_config, original_inference_steps)
+                for k in steps:
+                    run(name, k, student_guidance)
         elif name == "LCD":
             if lcd is None:
                 raise ValueError("the LCD row needs --lcd (a train_lcd.py run folder or its UNet)")
@@ -165,6 +162,27 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
     (out / "table.md").write_text(markdown_table(rows, real_vs_real, n))
     plot(rows, out / "plot.png")
     return rows
+
+
+@contextlib.contextmanager
+def _fused_student(pipe, path: Path):
+    """The teacher with one LoRA student fused in (timed at full speed); afterwards the teacher's weights exactly.
+
+    Unfusing subtracts the LoRA again in floating point, which leaves W + ΔW − ΔW ≠ W: the next student in the same
+    table would be sampled on a slightly different teacher. The fused layers' base weights are restored bit for bit.
+    """
+    load_pipeline_lora(pipe, path, "student")
+    saved = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if ".base_layer." in n}
+    pipe.fuse_lora()
+    try:
+        yield
+    finally:
+        pipe.unfuse_lora()
+        with torch.no_grad():
+            for n, p in pipe.unet.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+        pipe.unload_lora_weights()
 
 
 def _expand_methods(methods: Sequence[str], students: Mapping[str, str]) -> list[str]:

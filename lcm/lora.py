@@ -138,11 +138,16 @@ def check_lora_matches(unet, state_dict: dict[str, torch.Tensor]) -> None:
 
     A LoRA trained on another base (other widths, another architecture) otherwise fails deep inside PEFT with a list
     of every mismatched tensor, or not at all where PEFT skips keys. Accepts our checkpoints (PEFT keys), diffusers
-    files (`unet.` prefix) and diffusers' legacy `.lora.down/.up` names; text-encoder and kohya keys are ignored.
+    files (`unet.` prefix), diffusers' legacy `.lora.down/.up` and attention-processor names (what kohya files become
+    through `lora_state_dict(…, unet_config=…)`); text-encoder keys and unconverted kohya keys are ignored.
     Works on a plain UNet (sampling, before `load_lora_weights`) and on one already carrying the adapter (resume).
     """
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    # diffusers reads kohya attention keys as `….attn1.processor.to_q_lora.down.weight`; its own UNet → PEFT renaming
+    # (the one `load_lora_adapter` applies) turns them into `….attn1.to_q.lora_A.weight`, which the pattern can read.
     by_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
+    for key, tensor in convert_unet_state_dict_to_peft(state_dict).items():
         match = None if key.startswith(_OTHER_COMPONENTS) else _LORA_KEY.match(key)
         if match:
             by_module.setdefault(match["module"], {})[match["part"]] = tensor
