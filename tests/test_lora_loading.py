@@ -167,6 +167,26 @@ def test_resume_loader_accepts_a_complete_state_and_refuses_renamed_keys(tiny_sd
         load_lora_into_training_unet(fresh, _legacy_attention_names(state), source="ckpt.safetensors")
 
 
+def test_pixart_peft_lora_that_does_not_fully_load_is_refused(tmp_path):
+    """PixArt's branch of `lcm sample` (PEFT folder format, merged into the transformer) is checked before merging."""
+    from diffusers import PixArtAlphaPipeline
+
+    from lcm.lora import PEFT_WEIGHTS_FILE
+    from lcm.tiny import save_tiny_pipeline
+
+    base = save_tiny_pipeline("pixart", tmp_path / "pixart", seed=0)
+    pipe = PixArtAlphaPipeline.from_pretrained(base)
+    add_lora(pipe.transformer, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    _randomise_lora_b(pipe.transformer, seed=3)
+    save_lora(pipe.transformer, tmp_path / "lora", PixArtAlphaPipeline)
+    args = ["sample", "--base", str(base), "--prompt", "a red circle", "--seeds", "0", "--steps", "1", "--height",
+            "16", "--width", "16", "--dtype", "fp32"]
+    assert lcm_main([*args, "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "good.png")]) == 0
+    n = _rewrite(tmp_path / "lora" / PEFT_WEIGHTS_FILE, _legacy_attention_names)
+    with pytest.raises(LoRALoadError, match=_expected_message(tmp_path / "lora" / PEFT_WEIGHTS_FILE, n)):
+        lcm_main([*args, "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "bad.png")])
+
+
 # ------------------------------------------------------------------------------------------ third-party kohya SDXL files
 # Written here by hand, not by lcm's exporter: kohya's SGM names for modules of the tiny SDXL UNet (2 blocks, 2 layers
 # per block). SGM counts input blocks flat from conv_in (0): down block 0 → 1, 2 (+ its downsampler `op`, 3); down
