@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline, LCMScheduler
 from PIL import Image
 
 from .lora import (PEFT_CONFIG_FILE, PEFT_KEY_PREFIX, PEFT_WEIGHTS_FILE, check_lora_landed, check_lora_matches,
-                   load_pipeline_lora, lora_load_args)
+                   load_pipeline_lora)
 
 from .presets import build_scheduler, get_preset
 
