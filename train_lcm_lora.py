@@ -52,7 +52,8 @@ def build_task(run) -> TrainingTask:
         weights.pop()
 
     def load_hook(models, in_dir):
-        load_lora_into_training_unet(accelerator.unwrap_model(models.pop()), load_file(f"{in_dir}/{ADAPTER_FILE}"))
+        path = f"{in_dir}/{ADAPTER_FILE}"
+        load_lora_into_training_unet(accelerator.unwrap_model(models.pop()), load_file(path), source=path)
 
     return TrainingTask(
         model=net, params=params, dataset=run.dataset, collate_fn=run.collate_fn, loss_fn=loss_fn,

@@ -30,6 +30,14 @@ def _lora_arg(value: str) -> tuple[str, float]:
     return value, 1.0
 
 
+def _student_arg(value: str) -> tuple[str | None, str]:
+    """`lcm eval --lora`: `PATH` or `NAME=PATH` (a name holds no path separator, so `runs/a=b` stays a path)."""
+    name, sep, path = value.partition("=")
+    if sep and name and path and "/" not in name and "\\" not in name:
+        return name, path
+    return None, value
+
+
 def _with_preset_defaults(args):
     """Fill --steps/--guidance/--eta/--height/--width left unset from the --preset table (lcm when none is given)."""
     from .presets import get_preset
@@ -203,7 +211,7 @@ def cmd_demo(args) -> int:
     print(f"[3/4] sampling 4 steps with the LoRA into {root / 'grid.png'} (a row per digit, a column per seed)")
     _sample_grid(teacher, str(run), [prompt_for(d) for d in range(10)], root / "grid.png", 16)
     print(f"[4/4] the few-step quality table ({args.eval_n} samples per cell) into {root / 'eval'}")
-    return cmd_eval(argparse.Namespace(teacher=teacher, lora=str(run), lcd=str(lcd) if lcd else None,
+    return cmd_eval(argparse.Namespace(teacher=teacher, lora=[str(run)], lcd=str(lcd) if lcd else None,
                                        out=str(root / "eval"), n=args.eval_n, steps="1,2,4,8",
                                        teacher_w=args.teacher_w, guidance=1.0, methods=None))
 
@@ -219,11 +227,12 @@ def cmd_data(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """The few-step quality table: teacher solvers vs the distilled student."""
+    """The few-step quality table: teacher solvers vs the distilled students (each --lora its own rows)."""
     from .evaluate import evaluate
 
     steps = [int(s) for s in args.steps.split(",")]
-    evaluate(args.teacher, args.lora, args.out, n=args.n, steps=steps, teacher_w=args.teacher_w,
+    loras = [_student_arg(v) for v in args.lora] if args.lora else None
+    evaluate(args.teacher, loras, args.out, n=args.n, steps=steps, teacher_w=args.teacher_w,
              student_guidance=args.guidance, methods=args.methods.split(",") if args.methods else None, lcd=args.lcd,
              prompt_sets=EVAL_PROMPT_CHOICES[getattr(args, "prompts", "train")],
              config_dir=getattr(args, "config_dir", None))  # `lcm demo` calls with neither
@@ -316,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="few-step quality table: teacher DDIM/DPM-Solver++/Euler vs LCM student")
     e.add_argument("--teacher", default=str(MINI_TEACHER), help="teacher pipeline folder or single-file checkpoint "
                    "(default: the mini teacher)")
-    e.add_argument("--lora", default=None, help="the distilled LCM-LoRA (run folder or weights)")
+    e.add_argument("--lora", action="append", default=None,
+                   help="a distilled LCM-LoRA (run folder or weights), optionally NAME=PATH; repeat to compare several "
+                   "students in one table (rows named NAME, else by folder; a single unnamed one is 'LCM-LoRA')")
     e.add_argument("--lcd", default=None, help="the full-LCD student (train_lcd.py run folder or its UNet); sampled at "
                    "guidance_scale = teacher w + 1 through its guidance embedding")
     e.add_argument("--out", default="runs/eval")
@@ -328,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt text: train (the training caption templates, default), heldout (templates no "
                    "training caption uses) or both (a table section each)")
     _add_config_dir_arg(e)
-    e.add_argument("--methods", default=None, help="comma list of DDIM,DPM-Solver++,Euler,LCM-LoRA,LCD (default: the "
-                   "teacher solvers and every student given)")
+    e.add_argument("--methods", default=None, help="comma list of DDIM,DPM-Solver++,Euler,LCM-LoRA,LCD or student "
+                   "names; LCM-LoRA means every --lora (default: the teacher solvers and every student given)")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the main job: digits → LCM-LoRA and full LCD from the mini teacher → grid → "

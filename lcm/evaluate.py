@@ -16,19 +16,22 @@ Teacher baselines use `timestep_spacing="trailing"` so their first step is at t 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        UNet2DConditionModel)
 
 from .guidance import guidance_scale_from_w
+from .lora import load_pipeline_lora
 from .models import load_pretrained
-from .sampling import image_grid, lcm_scheduler_for, lora_load_args, resolve_lora_dir, resolve_student_dir
+from .sampling import image_grid, lcm_scheduler_for, resolve_lora_dir, resolve_student_dir
 
 TEACHER_SOLVERS = {
     "DDIM": lambda c: DDIMScheduler.from_config(c, timestep_spacing="trailing", clip_sample=False,
@@ -38,6 +41,37 @@ TEACHER_SOLVERS = {
     "Euler": lambda c: EulerDiscreteScheduler.from_config(c, timestep_spacing="trailing"),
 }
 STUDENTS = ("LCM-LoRA", "LCD")
+LoraSpec = Union[None, str, Path, Sequence[Union[str, Path, tuple]], Mapping[str, Union[str, Path]]]
+
+
+def default_student_name(path) -> str:
+    """A LoRA student's row name from its folder: the run folder (not `final/`), or the folder holding the file."""
+    p = Path(path)
+    folder = p.parent if p.suffix == ".safetensors" else p
+    return folder.parent.name if folder.name == "final" else folder.name
+
+
+def lora_students(lora: LoraSpec) -> dict[str, str]:
+    """Row name → LoRA path. One unnamed LoRA keeps the row name "LCM-LoRA"; several are named by their folders.
+
+    Takes a path, a list of paths and/or (name, path) pairs (name None: from the folder), or a {name: path} dict.
+    """
+    if lora is None:
+        return {}
+    if isinstance(lora, Mapping):
+        items = [(str(k), v) for k, v in lora.items()]
+    else:
+        items = [(None, x) if isinstance(x, (str, Path)) else tuple(x) for x in
+                 ([lora] if isinstance(lora, (str, Path)) else lora)]
+        if len(items) == 1 and items[0][0] is None:
+            items = [("LCM-LoRA", items[0][1])]
+        items = [(name or default_student_name(path), path) for name, path in items]
+    names = [name for name, _ in items]
+    clash = sorted({n for n in names if names.count(n) > 1 or n in TEACHER_SOLVERS or n == "LCD"})
+    if clash:
+        raise ValueError(f"LoRA student row names must be unique and differ from {[*TEACHER_SOLVERS, 'LCD']}: "
+                         f"{clash}; name them with --lora NAME=PATH")
+    return {name: str(path) for name, path in items}
 
 
 @dataclass
@@ -64,7 +98,7 @@ def sample_tensors(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: in
     return torch.cat(out), time.perf_counter() - start
 
 
-def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Sequence[int] = (1, 2, 4, 8),
+def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequence[int] = (1, 2, 4, 8),
              teacher_extra_steps: Sequence[int] = (25,), teacher_w: float = 1.5, student_guidance: float = 1.0,
              original_inference_steps: int = 50, methods: Optional[Sequence[str]] = None,
              lcd: Optional[str] = None, prompt_sets: Sequence[str] = ("train",),
@@ -73,6 +107,8 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
     `out_dir`. `teacher` is a diffusers folder or a single-file checkpoint (configs from `config_dir`).
 
     A student row runs only when its weights are given (`lora`, `lcd`); asking for it by name without them is an error.
+    `lora` may hold several LoRA students (see `lora_students`), each its own named rows; in `methods`, "LCM-LoRA"
+    stands for all of them and a student's name for that one.
     """
     from .classifier import classify, digit_features, frechet_distance
     from .digits import PROMPT_SETS, eval_prompts, load_digits_tensors
@@ -89,7 +125,8 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
     real, _ = load_digits_tensors("held_out", size=size)
     real_feats = digit_features(real)
     base_config = pipe.scheduler.config
-    methods = list(methods or [*TEACHER_SOLVERS, *(name for name, w in zip(STUDENTS, (lora, lcd)) if w)])
+    students = lora_students(lora)
+    methods = _expand_methods(methods or [*TEACHER_SOLVERS, *students, *(["LCD"] if lcd else [])], students)
     rows: list[Row] = []
 
     def run(name: str, k: int, g: float):
@@ -99,7 +136,8 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
             row = Row(name, k, g, acc, frechet_distance(digit_features(images), real_feats), secs / n, prompt_set)
             rows.append(row)
             grid = [_to_pil(images[i]) for i in range(min(len(images), 40))]
-            stem = f"{name.replace('+', 'p').replace(' ', '_')}_{k}step" + ("" if prompt_set == "train" else "_heldout")
+            stem = re.sub(r"[^\w.-]", "_", name.replace("+", "p"))  # a student's name may come from any folder
+            stem += f"_{k}step" + ("" if prompt_set == "train" else "_heldout")
             image_grid(grid, 10).save(out / "grids" / f"{stem}.png")
             print(f"{name:>14} {k:>3} steps {prompt_set:>8}  acc {acc:6.1%}  FD {row.frechet:8.2f}  "
                   f"{row.sec_per_image * 1e3:7.2f} ms/img", flush=True)
@@ -110,17 +148,11 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
             pipe.scheduler = TEACHER_SOLVERS[name](base_config)
             for k in list(steps) + ([] if name != "DDIM" else list(teacher_extra_steps)):
                 run(name, k, g_teacher)
-        elif name == "LCM-LoRA":
-            if lora is None:
-                raise ValueError("the LCM-LoRA row needs --lora (a train_lcm_lora.py run folder or weights)")
-            path = resolve_lora_dir(lora)
-            pipe.load_lora_weights(**lora_load_args(path))
-            pipe.fuse_lora()
-            pipe.scheduler = lcm_scheduler_for(base_config, original_inference_steps)
-            for k in steps:
-                run(name, k, student_guidance)
-            pipe.unfuse_lora()
-            pipe.unload_lora_weights()
+        elif name in students:
+            with _fused_student(pipe, resolve_lora_dir(students[name])):
+                pipe.scheduler = lcm_scheduler_for(base_config, original_inference_steps)
+                for k in steps:
+                    run(name, k, student_guidance)
         elif name == "LCD":
             if lcd is None:
                 raise ValueError("the LCD row needs --lcd (a train_lcd.py run folder or its UNet)")
@@ -133,7 +165,7 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
                 run(name, k, g_teacher)  # the student embeds w = g − 1: the teacher's own w
             pipe.unet = teacher_unet
         else:
-            raise ValueError(f"unknown method {name!r}; valid: {[*TEACHER_SOLVERS, *STUDENTS]}")
+            raise ValueError(f"unknown method {name!r}; valid: {[*TEACHER_SOLVERS, *STUDENTS, *students]}")
     real_vs_real = _real_vs_real(real_feats, size)
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "n": n, "teacher_w": teacher_w,
                                                   "real_vs_real_frechet": real_vs_real,
@@ -141,6 +173,40 @@ def evaluate(teacher: str, lora: Optional[str], out_dir, n: int = 500, steps: Se
     (out / "table.md").write_text(markdown_table(rows, real_vs_real, n))
     plot(rows, out / "plot.png")
     return rows
+
+
+@contextlib.contextmanager
+def _fused_student(pipe, path: Path):
+    """The teacher with one LoRA student fused in (timed at full speed); afterwards the teacher's weights exactly.
+
+    Unfusing subtracts the LoRA again in floating point, which leaves W + ΔW − ΔW ≠ W: the next student in the same
+    table would be sampled on a slightly different teacher. The fused layers' base weights are restored bit for bit.
+    """
+    load_pipeline_lora(pipe, path, "student")
+    saved = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if ".base_layer." in n}
+    pipe.fuse_lora()
+    try:
+        yield
+    finally:
+        pipe.unfuse_lora()
+        with torch.no_grad():
+            for n, p in pipe.unet.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+        pipe.unload_lora_weights()
+
+
+def _expand_methods(methods: Sequence[str], students: Mapping[str, str]) -> list[str]:
+    """"LCM-LoRA" → every LoRA student's name, in order (an error when none was given); other names unchanged."""
+    out: list[str] = []
+    for name in methods:
+        if name == "LCM-LoRA" and "LCM-LoRA" not in students:
+            if not students:
+                raise ValueError("the LCM-LoRA row needs --lora (a train_lcm_lora.py run folder or weights)")
+            out.extend(n for n in students if n not in out)
+        elif name not in out:
+            out.append(name)
+    return out
 
 
 def _real_vs_real(held_out_feats: torch.Tensor, size: int) -> float:

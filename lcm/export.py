@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .guidance import guidance_scale_from_w
-from .lora import save_lora
+from .lora import check_lora_landed, save_lora
 from .models import PIPELINES
 from .sampling import lcm_scheduler_for
 
@@ -257,8 +257,23 @@ def read_run(run) -> tuple[Path, DictConfig]:
     return final, cfg
 
 
+def base_unet_with_run_lora(final: Path, base: str, dtype: torch.dtype = torch.float32, config_dir=None):
+    """The base UNet carrying the run's LoRA as adapter "lcm"; refused (LoRALoadError) unless every tensor landed.
+
+    Every export goes through this, so no format is written from a LoRA that would load only in part.
+    """
+    from .models import load_unet
+
+    unet = load_unet(base, config_dir, torch_dtype=dtype)  # a diffusers folder, hub id or single file
+    unet.load_lora_adapter(str(final), weight_name=LORA_FILE, prefix="unet", adapter_name="lcm")
+    check_lora_landed(load_file(str(final / LORA_FILE)), [unet], "lcm", final / LORA_FILE)
+    return unet
+
+
 def export_diffusers(final: Path, cfg, base: str, out: Path) -> Path:
     """Copy the diffusers-format LoRA (+ LCMScheduler config and card): `pipe.load_lora_weights(out)` works."""
+    # a check only: half precision halves its memory
+    base_unet_with_run_lora(final, base, torch.float16, cfg.model.get("config_dir"))
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(final / LORA_FILE, out / LORA_FILE)
     for extra in ("scheduler", "README.md"):
@@ -271,14 +286,19 @@ def export_diffusers(final: Path, cfg, base: str, out: Path) -> Path:
 
 
 def export_kohya(final: Path, cfg, base: str, out: Path) -> Path:
-    """kohya/ComfyUI/A1111 keys (`lora_unet_…` + `.alpha`), checked against diffusers' kohya loader before writing."""
-    from diffusers import UNet2DConditionModel
+    """kohya/ComfyUI/A1111 keys (`lora_unet_…` + `.alpha`), checked against diffusers' kohya loader before writing:
+    the names round-trip, and the kohya tensors all land on the base UNet."""
+    from diffusers.configuration_utils import FrozenDict
 
     kind = cfg.model.get("kind", "sdxl")
-    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")  # the config only: no weights loaded
+    unet = base_unet_with_run_lora(final, base, torch.float16, cfg.model.get("config_dir"))
+    unet_config = dict(unet.config)
     state, adapter = read_lora_file(final / LORA_FILE)
     kohya = peft_to_kohya(state, adapter, unet_config, kind)
     check_kohya_round_trip(kohya, state, unet_config, kind)
+    converted, alphas = PIPELINES[kind].lora_state_dict(dict(kohya), unet_config=FrozenDict(unet_config))
+    unet.load_lora_adapter(converted, prefix="unet", network_alphas=alphas, adapter_name="kohya")
+    check_lora_landed(kohya, [unet], "kohya", out / KOHYA_FILE)
     out.mkdir(parents=True, exist_ok=True)
     # ss_* keys are the ones kohya's own tools write; A1111/ComfyUI only read the tensors.
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(adapter["r"]),
@@ -293,10 +313,7 @@ def export_fused(final: Path, cfg, base: str, out: Path) -> Path:
     Only the UNet is written (the LoRA touches nothing else): load it with
     `UNet2DConditionModel.from_pretrained(out, subfolder="unet")` and pass it to the base pipeline.
     """
-    from .models import load_unet
-
-    unet = load_unet(base, cfg.model.get("config_dir"), torch_dtype=torch.float32)
-    unet.load_lora_adapter(str(final), weight_name=LORA_FILE, prefix="unet", adapter_name="lcm")
+    unet = base_unet_with_run_lora(final, base, config_dir=cfg.model.get("config_dir"))
     unet.fuse_lora(lora_scale=1.0)  # W ← W + (alpha / r) · B A, in fp32
     unet.unload_lora()  # drop the now-redundant adapter layers: a plain UNet2DConditionModel remains
     unet.save_pretrained(str(out / FUSED_DIR), safe_serialization=True)

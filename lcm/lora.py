@@ -142,11 +142,16 @@ def check_lora_matches(unet, state_dict: dict[str, torch.Tensor]) -> None:
 
     A LoRA trained on another base (other widths, another architecture) otherwise fails deep inside PEFT with a list
     of every mismatched tensor, or not at all where PEFT skips keys. Accepts our checkpoints (PEFT keys), diffusers
-    files (`unet.` prefix) and diffusers' legacy `.lora.down/.up` names; text-encoder and kohya keys are ignored.
+    files (`unet.` prefix), diffusers' legacy `.lora.down/.up` and attention-processor names (what kohya files become
+    through `lora_state_dict(…, unet_config=…)`); text-encoder keys and unconverted kohya keys are ignored.
     Works on a plain UNet (sampling, before `load_lora_weights`) and on one already carrying the adapter (resume).
     """
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    # diffusers reads kohya attention keys as `….attn1.processor.to_q_lora.down.weight`; its own UNet → PEFT renaming
+    # (the one `load_lora_adapter` applies) turns them into `….attn1.to_q.lora_A.weight`, which the pattern can read.
     by_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
+    for key, tensor in convert_unet_state_dict_to_peft(state_dict).items():
         match = None if key.startswith(_OTHER_COMPONENTS) else _LORA_KEY.match(key)
         if match:
             by_module.setdefault(match["module"], {})[match["part"]] = tensor
@@ -166,10 +171,109 @@ def check_lora_matches(unet, state_dict: dict[str, torch.Tensor]) -> None:
                          f"first: {missing[0]!r}")
 
 
-def load_lora_into_training_unet(unet, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load adapter tensors saved by `get_peft_model_state_dict` back into a UNet carrying the "default" adapter."""
+def load_lora_into_training_unet(unet, state_dict: dict[str, torch.Tensor], source="the checkpoint") -> None:
+    """Load adapter tensors saved by `get_peft_model_state_dict` back into a UNet carrying the "default" adapter;
+    every tensor must land (`check_lora_landed`), or the resumed run would train from a partly fresh adapter."""
     check_lora_matches(unet, state_dict)
-    result = set_peft_model_state_dict(unet, state_dict, adapter_name="default")
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"unexpected LoRA keys when resuming, first: {unexpected[0]}")
+    set_peft_model_state_dict(unet, state_dict, adapter_name="default")
+    check_lora_landed(state_dict, [unet], "default", source)
+
+
+# ------------------------------------------------------------------------------------------- completeness on load
+# diffusers/PEFT only *warn* when a LoRA file's keys land on no module (PEFT's "inconsistency … additional target
+# modules" RuntimeWarning, diffusers' "unexpected keys" log line), then sample with whatever part did load. A file from
+# diffusers' reference LCM script is the common case: its attention keys are in the legacy `.lora.down` form, which
+# `load_lora_weights` skips whenever the file's first key is in PEFT form. So every load is followed by this check.
+
+_KOHYA_ALPHA = ".alpha"  # kohya's per-module scalar: it becomes the adapter's scale (config), not a tensor on a module
+
+
+class LoRALoadError(ValueError):
+    """A LoRA file whose tensors did not all land on the model: refused rather than sampled half-loaded."""
+
+
+def adapter_tensors(models: Iterable[torch.nn.Module], adapter_name: str) -> list[torch.Tensor]:
+    """Every tensor adapter `adapter_name` holds on `models` (lora_A/B, DoRA magnitudes, embedding LoRA)."""
+    # PEFT keeps one entry per adapter: `<module>.lora_A.<adapter>.weight`, `<module>.lora_embedding_A.<adapter>`.
+    owned = re.compile(rf"\.lora_\w+\.{re.escape(adapter_name)}(?:\.|$)")
+    return [p for model in models for name, p in model.named_parameters() if owned.search(name)]
+
+
+def _fingerprint(t: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """Shape + exact bytes of `t` in `dtype`: equal fingerprints ⇔ equal tensors (loading only casts and copies)."""
+    t = t.detach().to(device="cpu", dtype=dtype).contiguous()
+    return tuple(t.shape), str(dtype), bytes(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def unlanded_lora_keys(file_tensors: dict[str, torch.Tensor], models: Iterable[torch.nn.Module],
+                       adapter_name: str) -> list[str]:
+    """Keys of `file_tensors` whose tensor is not among the adapter's tensors on `models`, in file order.
+
+    Matched by value, not by name: diffusers renames kohya/SGM/legacy keys on the way in (a pure rename, plus a cast
+    to the model's dtype), so what landed is recognisable by its values whatever the file called it. Each landed
+    tensor is claimed once, so a file tensor can never be counted as loaded on another tensor's behalf.
+    """
+    landed = adapter_tensors(models, adapter_name)
+    dtypes = sorted({p.dtype for p in landed}, key=str)
+    free: dict[tuple, int] = {}
+    for p in landed:
+        key = _fingerprint(p, p.dtype)
+        free[key] = free.get(key, 0) + 1
+    lost = []
+    for key, tensor in file_tensors.items():
+        if key.endswith(_KOHYA_ALPHA) and tensor.numel() == 1:
+            continue
+        match = next((fp for fp in (_fingerprint(tensor, d) for d in dtypes) if free.get(fp, 0) > 0), None)
+        if match is None:
+            lost.append(key)
+        else:
+            free[match] -= 1
+    return lost
+
+
+def check_lora_landed(file_tensors: dict[str, torch.Tensor], models: Iterable[torch.nn.Module], adapter_name: str,
+                      source) -> None:
+    """Raise LoRALoadError unless every tensor of the LoRA file `source` sits on `models` under `adapter_name`."""
+    lost = unlanded_lora_keys(file_tensors, models, adapter_name)
+    if not lost:
+        return
+    total = sum(1 for k, t in file_tensors.items() if not (k.endswith(_KOHYA_ALPHA) and t.numel() == 1))
+    first = ", ".join(repr(k) for k in lost[:3])
+    raise LoRALoadError(
+        f"LoRA {source} did not fully load: {len(lost)} of its {total} tensors landed on no module of this model "
+        f"(first: {first}{', …' if len(lost) > 3 else ''}). Sampling with the rest would silently give wrong images, so "
+        "it is refused. Check that the LoRA was trained for this base model; if it was, its key names are ones "
+        "diffusers cannot place: re-save it in diffusers' PEFT form (`unet.<module>.lora_A.weight` / `.lora_B.weight`, "
+        "as `get_peft_model_state_dict` writes, not converted with `convert_state_dict_to_diffusers`) or in kohya "
+        "form (`lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`).")
+
+
+def lora_file(path: Path) -> Path:
+    """The weights file of a resolved LoRA path: the file itself, or the folder's diffusers weights file."""
+    return path if path.is_file() else path / "pytorch_lora_weights.safetensors"
+
+
+def lora_load_args(lora: Path) -> dict:
+    """Keyword arguments for diffusers' `load_lora_weights` / `lora_state_dict` from a resolved LoRA path."""
+    if lora.is_file():
+        return {"pretrained_model_name_or_path_or_dict": str(lora.parent), "weight_name": lora.name}
+    return {"pretrained_model_name_or_path_or_dict": str(lora)}
+
+
+def load_pipeline_lora(pipe, path: Path, adapter_name: str) -> None:
+    """`pipe.load_lora_weights` for a resolved LoRA path (folder or file), refusing a LoRA that does not fit this
+    UNet or does not fully load. Reads kohya/SGM names through the UNet's config, as `load_lora_weights` does."""
+    from safetensors.torch import load_file
+
+    where = lora_load_args(path)
+    # Without unet_config diffusers leaves kohya's SGM names (`input_blocks_4_1_…`) unmapped, and the shape check
+    # would see modules this UNet does not have.
+    state = type(pipe).lora_state_dict(**where, unet_config=pipe.unet.config)[0]
+    check_lora_matches(pipe.unet, state)  # another base: the first mismatched module named, before PEFT's wall of text
+    pipe.load_lora_weights(**where, adapter_name=adapter_name)
+    models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    try:
+        check_lora_landed(load_file(str(lora_file(path))), models, adapter_name, lora_file(path))
+    except LoRALoadError:
+        pipe.delete_adapters(adapter_name)  # leave the pipeline as it was (evaluate reuses it)
+        raise

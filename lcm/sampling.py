@@ -12,7 +12,8 @@ import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 from PIL import Image
 
-from .lora import PEFT_CONFIG_FILE, PEFT_KEY_PREFIX, PEFT_WEIGHTS_FILE, check_lora_matches
+from .lora import (PEFT_CONFIG_FILE, PEFT_KEY_PREFIX, PEFT_WEIGHTS_FILE, check_lora_landed, check_lora_matches,
+                   load_pipeline_lora)
 
 from .presets import build_scheduler, get_preset
 
@@ -85,13 +86,6 @@ def resolve_student_dir(path: str) -> Path:
                             "or a folder with config.json + diffusion_pytorch_model.safetensors)")
 
 
-def lora_load_args(lora: Path) -> dict:
-    """Keyword arguments for diffusers' `load_lora_weights` / `lora_state_dict` from a resolved LoRA path."""
-    if lora.is_file():
-        return {"pretrained_model_name_or_path_or_dict": str(lora.parent), "weight_name": lora.name}
-    return {"pretrained_model_name_or_path_or_dict": str(lora)}
-
-
 def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (), fuse: bool = False,
                                device: Optional[str] = None, dtype: Optional[str] = None, preset: str = "lcm",
                                student: Optional[str] = None, config_dir: Optional[str] = None):
@@ -119,10 +113,8 @@ def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (
     for i, (path, weight) in enumerate(loras):
         lora = resolve_lora_dir(path)
         name = f"lora{i}"
-        where = lora_load_args(lora)
-        # A LoRA for another base fails here with the first mismatched module named, not deep inside PEFT.
-        check_lora_matches(pipe.unet, type(pipe).lora_state_dict(**where)[0])
-        pipe.load_lora_weights(**where, adapter_name=name)
+        # Any format diffusers reads (ours, kohya/SGM, diffusers'); refused if it fits another base or half-loads.
+        load_pipeline_lora(pipe, lora, name)
         if i == 0:
             scheduler_config = _saved_scheduler_config(lora) or scheduler_config
         names.append(name)
@@ -161,6 +153,7 @@ def _load_peft_lora(pipe, loras: Sequence[tuple[str, float]]):
     state = load_file(str(lora / PEFT_WEIGHTS_FILE))
     check_lora_matches(pipe.transformer, {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in state.items()})
     model = PeftModel.from_pretrained(pipe.transformer, str(lora))
+    check_lora_landed(state, [model], "default", lora / PEFT_WEIGHTS_FILE)  # before merging hides what landed
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.scale_layer(weight)
