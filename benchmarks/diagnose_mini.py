@@ -80,12 +80,13 @@ def diagnose(run: Path, n: int) -> dict:
     from lcm.models import base_role, denoiser_role, noise_schedule_of
     from lcm.parameterization import to_x0_eps
     from lcm.schedule import SolverGrid, lcm_inference_timesteps
-    from lcm.sampling import lora_load_args, resolve_lora_dir
+    from lcm.lora import load_pipeline_lora
+    from lcm.sampling import resolve_lora_dir
 
     cfg = json.loads((run / "final" / "scheduler" / "scheduler_config.json").read_text())
     N = int(cfg["original_inference_steps"])
     pipe = DiffusionPipeline.from_pretrained(str(TEACHER))
-    pipe.load_lora_weights(**lora_load_args(resolve_lora_dir(str(run))))
+    load_pipeline_lora(pipe, resolve_lora_dir(str(run)), "student")  # refused unless every tensor lands
     schedule = noise_schedule_of(pipe.scheduler)
     spec = LCDSpec(schedule=schedule, grid=SolverGrid(1000, N))
     prompts, labels = eval_prompts(n)

@@ -81,8 +81,11 @@ def score(lora_dir, out_dir: Path, n: int, steps: list[int], methods=("LCM-LoRA"
     """`lcm eval`'s evaluate on one run (or the teacher, methods=("DDIM",)): {steps: {"fd": …, "acc": …}}."""
     from lcm.evaluate import evaluate
 
+    # teacher_w = 0.5 (guidance_scale 1.5) is the mini teacher's best FD and `lcm eval`'s default; evaluate()'s own
+    # default differs, so it is passed explicitly.
     rows = evaluate(str(TEACHER), str(lora_dir) if lora_dir else None, out_dir, n=n, steps=steps,
-                    teacher_extra_steps=(), methods=list(methods), original_inference_steps=original_inference_steps)
+                    teacher_extra_steps=(), teacher_w=0.5, methods=list(methods),
+                    original_inference_steps=original_inference_steps)
     return {str(r.steps): {"fd": r.frechet, "acc": r.accuracy} for r in rows}
 
 
