@@ -39,8 +39,10 @@ def add_lora(model, rank: int, alpha: float, target_modules: Iterable[str], drop
         else:  # no diffusers integration (PixArt): inject with PEFT and record the config where PEFT's utils look
             inject_adapter_in_model(config, model, adapter_name="default")
             model.peft_config = {"default": config}
-    except ValueError as err:  # PEFT's message does not name our config key
-        raise ValueError(f"lora.target_modules={list(target_modules)}: {err}") from err
+    except ValueError as err:  # PEFT's message does not name our config key; only its target-module errors are ours
+        what = (f"lora.target_modules={list(target_modules)}" if "target module" in str(err).lower() else
+                f"LoRA (lora.rank={rank}, lora.alpha={alpha}, lora.dropout={dropout})")
+        raise ValueError(f"{what}: {err}") from err
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     if not params:
         raise ValueError(f"no module matched lora.target_modules={list(target_modules)}")
