@@ -48,6 +48,8 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 
+from .errors import DataError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -278,14 +280,14 @@ def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 2.0) -> li
     """(h, w) buckets, multiples of `step`, with h·w ≤ resolution² and the widest side at most `max_aspect` × the other;
     for each height the widest such width (SDXL's table is this rule at 1024 with step 64)."""
     if step < 1 or max_aspect < 1:
-        raise ValueError(f"data.bucket_step must be >= 1 and data.bucket_max_aspect >= 1, got {step}, {max_aspect}")
+        raise DataError(f"data.bucket_step must be >= 1 and data.bucket_max_aspect >= 1, got {step}, {max_aspect}")
     area, found = resolution * resolution, []
     for h in range(step, area // step + 1, step):
         w = area // h // step * step
         if w >= step and max(h, w) <= max_aspect * min(h, w):
             found.append((h, w))
     if not found:
-        raise ValueError(f"no bucket of multiples of data.bucket_step={step} fits data.resolution={resolution}")
+        raise DataError(f"no bucket of multiples of data.bucket_step={step} fits data.resolution={resolution}")
     return found
 
 
@@ -547,14 +549,14 @@ def _read_metadata(root: Path, caption_column: str, summary: DataSummary | None 
     if not found:
         return None
     if len(found) > 1:
-        raise ValueError(f"both {' and '.join(str(p) for p in found)} exist; keep one so captions are unambiguous")
+        raise DataError(f"both {' and '.join(str(p) for p in found)} exist; keep one so captions are unambiguous")
     path = found[0]
     rows, seen = _metadata_rows(path, summary if summary is not None else DataSummary())
     columns = sorted(str(k) for k in seen)
     # A column missing from the whole file is a configuration error, not a few bad lines.
     for column in ("file_name", caption_column):
         if seen and column not in seen:
-            raise ValueError(f"column {column!r} not found in {path}; available columns: {columns}")
+            raise DataError(f"column {column!r} not found in {path}; available columns: {columns}")
     return {PurePosixPath(str(row["file_name"]).replace("\\", "/")).as_posix(): _caption_text(row.get(caption_column))
             for row in rows}
 
@@ -563,7 +565,7 @@ def index_folder(cfg: Any, summary: DataSummary):
     """Image files under `cfg.path` (recursive, sorted) with captions from metadata, then `.txt`, else ''."""
     root = Path(cfg.path)
     if not root.is_dir():
-        raise ValueError(f"data.path {str(root)!r} is not a directory")
+        raise DataError(f"data.path {str(root)!r} is not a directory")
     # Hidden folders (.ipynb_checkpoints, .git, ...) hold copies and junk, not training data.
     files = sorted(
         (p for p in root.rglob("*")
@@ -572,7 +574,7 @@ def index_folder(cfg: Any, summary: DataSummary):
         key=lambda p: p.relative_to(root).as_posix(),
     )
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
     metadata = _read_metadata(root, cfg.caption_column, summary) or {}
     summary.skip("missing_file", len(set(metadata) - {p.relative_to(root).as_posix() for p in files}))
 
@@ -611,7 +613,7 @@ def _load_hf(path: str, split: str):
         loaded = datasets.load_from_disk(str(folder))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"split {split!r} not found in {path!r}; available splits: {sorted(loaded)}")
+                raise DataError(f"split {split!r} not found in {path!r}; available splits: {sorted(loaded)}")
             loaded = loaded[split]
         return loaded
     if folder.is_dir():
@@ -626,9 +628,9 @@ def index_hf(cfg: Any, summary: DataSummary):
     ds = _load_hf(cfg.path, cfg.split)
     for column in (cfg.image_column, cfg.caption_column):
         if column not in ds.column_names:
-            raise ValueError(f"column {column!r} not found in dataset {cfg.path!r}; available columns: {ds.column_names}")
+            raise DataError(f"column {column!r} not found in dataset {cfg.path!r}; available columns: {ds.column_names}")
     if len(ds) == 0:
-        raise ValueError(f"dataset {cfg.path!r} (split {cfg.split!r}) has no rows")
+        raise DataError(f"dataset {cfg.path!r} (split {cfg.split!r}) has no rows")
     ds = ds.select_columns([cfg.image_column, cfg.caption_column])
     if isinstance(ds.features[cfg.image_column], datasets.Image):
         # decode=False hands us {"bytes", "path"}: we decode ourselves, once, with our own error handling.
@@ -651,10 +653,10 @@ def _shard_paths(spec: str) -> list[Path]:
     folder = Path(spec)
     paths = sorted(folder.glob("*.tar")) if folder.is_dir() else [Path(p) for p in braceexpand(spec)]
     if not paths:
-        raise ValueError(f"no .tar shards found for data.path {spec!r}")
+        raise DataError(f"no .tar shards found for data.path {spec!r}")
     for path in paths:
         if not path.is_file():
-            raise ValueError(f"data.path {spec!r}: shard {str(path)} does not exist")
+            raise DataError(f"data.path {spec!r}: shard {str(path)} does not exist")
     return paths
 
 
@@ -748,15 +750,15 @@ def _check_stream_urls(spec: str, urls: list[str]) -> None:
     from webdataset.gopen import gopen_schemes
 
     if not urls:
-        raise ValueError(f"no shards found for data.path {spec!r}")
+        raise DataError(f"no shards found for data.path {spec!r}")
     for url in urls:
         scheme = urlparse(url).scheme if _SCHEME.match(url) else ""
         if scheme in ("", "file"):
             path = Path(url2pathname(urlparse(url).path)) if scheme else Path(url)
             if not path.is_file():
-                raise ValueError(f"data.path {spec!r}: shard {str(path)} does not exist")
+                raise DataError(f"data.path {spec!r}: shard {str(path)} does not exist")
         elif scheme not in gopen_schemes:
-            raise ValueError(f"data.path {spec!r}: no reader for {scheme}:// URLs; stream them through a command, "
+            raise DataError(f"data.path {spec!r}: no reader for {scheme}:// URLs; stream them through a command, "
                              f"e.g. 'pipe:aws s3 cp {url} -' (readers: pipe:, file:, "
                              f"{', '.join(sorted(k + '://' for k in gopen_schemes if k not in ('__default__', 'pipe')))})")
 
@@ -850,7 +852,7 @@ class StreamingImages:
             for found, slot in enumerate(slots, start=1):
                 yield slot
             if not found:
-                raise ValueError(f"data.path {self.path!r}: no usable sample in shard(s) {', '.join(shards)} "
+                raise DataError(f"data.path {self.path!r}: no usable sample in shard(s) {', '.join(shards)} "
                                  f"({format_summary(self.summary)})")
 
     def batches(self, rank: int, world_size: int, worker: int, num_workers: int, batch_size: int, n_batches: int,
@@ -935,11 +937,11 @@ def stream_loader(stream: StreamingImages, collate, batch_size: int, num_workers
     accumulation) optimiser steps, the same on every rank."""
     steps = stream.num_samples // (world_size * batch_size * accumulation)
     if steps == 0:
-        raise ValueError(f"data.num_samples={stream.num_samples} is less than one optimiser step's global batch "
+        raise DataError(f"data.num_samples={stream.num_samples} is less than one optimiser step's global batch "
                          f"({world_size} process(es) × train.batch_size={batch_size} × accumulation {accumulation})")
     readers = world_size * max(1, num_workers)
     if len(stream.urls) < readers:
-        raise ValueError(f"data.path {stream.path!r} has {len(stream.urls)} shard(s), fewer than the {readers} "
+        raise DataError(f"data.path {stream.path!r} has {len(stream.urls)} shard(s), fewer than the {readers} "
                          f"readers ({world_size} process(es) × data.num_workers={num_workers}): each reads whole "
                          f"shards, so use more (smaller) shards or fewer data.num_workers")
     epoch = StreamEpoch(stream, batch_size, steps * accumulation, rank, world_size)
@@ -949,11 +951,11 @@ def stream_loader(stream: StreamingImages, collate, batch_size: int, num_workers
 def build_stream(cfg: Any, seed: int = 0) -> StreamingImages:
     """A streaming webdataset source from a data config; refuses what a stream cannot do, naming the key."""
     if cfg.num_samples is None:
-        raise ValueError(f"data.num_samples is required to stream {cfg.path!r}: a stream has no length, and the "
+        raise DataError(f"data.num_samples is required to stream {cfg.path!r}: a stream has no length, and the "
                          "epoch (shard reshuffle, resume replay) is that many samples over all ranks; set it to about "
                          "the number of samples in the shards")
     if cfg.max_samples is not None:
-        raise ValueError("data.max_samples applies to indexed sources; a stream's epoch is data.num_samples")
+        raise DataError("data.max_samples applies to indexed sources; a stream's epoch is data.num_samples")
     urls = _stream_urls(str(cfg.path))
     _check_stream_urls(str(cfg.path), urls)
     table = bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_aspect) if cfg.buckets else None
@@ -969,15 +971,15 @@ def build_dataset(cfg: Any, seed: int = 0) -> CaptionedImages | StreamingImages:
     """Index `cfg.source`, drop unusable files, log the summary once; raises ValueError if nothing is usable.
     Streaming webdataset sources (`is_streaming`) are not indexed: their samples are checked as they arrive."""
     if cfg.source not in SOURCES:
-        raise ValueError(f"unknown data.source {cfg.source!r}; choose one of {sorted(SOURCES)}")
+        raise DataError(f"unknown data.source {cfg.source!r}; choose one of {sorted(SOURCES)}")
     if cfg.resolution <= 0:
-        raise ValueError(f"data.resolution must be positive, got {cfg.resolution}")
+        raise DataError(f"data.resolution must be positive, got {cfg.resolution}")
     if is_streaming(cfg):
         return build_stream(cfg, seed)
     summary = DataSummary()
     images, captions, sizes = SOURCES[cfg.source](cfg, summary)
     if summary.n_ok == 0:
-        raise ValueError(f"no usable image in {str(cfg.path)!r}: {format_summary(summary)}")
+        raise DataError(f"no usable image in {str(cfg.path)!r}: {format_summary(summary)}")
     problems = summary.n_skipped or summary.n_missing_caption or summary.n_caption_not_utf8 or summary.bad_metadata_lines
     logger.log(logging.WARNING if problems else logging.INFO, format_summary(summary))
     table = bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_aspect) if cfg.buckets else None

@@ -24,6 +24,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from .errors import LoraMismatchError
+
 PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."  # how a PeftModel names the wrapped model's modules in its saved weights
 
@@ -154,13 +156,13 @@ def check_lora_matches(unet, state_dict: dict[str, torch.Tensor]) -> None:
             rank = tensor.shape[0] if part in ("lora_A", "lora.down") else tensor.shape[1]
             want = _expected_lora_shape(module, part, rank)
             if want is not None and tuple(tensor.shape) != want:
-                raise ValueError(
+                raise LoraMismatchError(
                     f"LoRA does not match this UNet (trained on a different base model, or another lora.rank?): "
                     f"first mismatch at module {name!r}: {part} has shape {tuple(tensor.shape)}, this UNet needs "
                     f"{want}")
     missing = [name for name in by_module if name not in modules]
     if missing:
-        raise ValueError(f"LoRA does not match this UNet: it adapts {len(missing)} module(s) the UNet does not have, "
+        raise LoraMismatchError(f"LoRA does not match this UNet: it adapts {len(missing)} module(s) the UNet does not have, "
                          f"first: {missing[0]!r}")
 
 

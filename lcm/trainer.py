@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .config import to_yaml
 from .data import StreamEpoch, build_loader
+from .errors import DataError
 
 logger = logging.getLogger("lcm")
 
@@ -280,7 +281,7 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
                                           rank=accelerator.process_index, world_size=accelerator.num_processes,
                                           accumulation=tc.gradient_accumulation_steps)
     if len(loader) == 0:
-        raise ValueError(f"dataset has {len(task.dataset)} usable samples, fewer than train.batch_size={tc.batch_size}")
+        raise DataError(f"dataset has {len(task.dataset)} usable samples, fewer than train.batch_size={tc.batch_size}")
     optimizer = build_optimizer(task.params, cfg.optim)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, tc.max_train_steps, accelerator.num_processes)
     # Important: a stream's loader is already this rank's (disjoint shards). accelerate.prepare would shard an iterable
