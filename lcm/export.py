@@ -283,7 +283,7 @@ def export_fused(final: Path, cfg, base: str, out: Path) -> Path:
     """
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=torch.float32)
     unet.load_lora_adapter(str(final), weight_name=LORA_FILE, prefix="unet", adapter_name="lcm")
     unet.fuse_lora(lora_scale=1.0)  # W ← W + (alpha / r) · B A, in fp32
     unet.unload_lora()  # drop the now-redundant adapter layers: a plain UNet2DConditionModel remains

@@ -56,10 +56,13 @@ def load_pipeline(kind: str, pretrained: str, torch_dtype=torch.float32, revisio
     if kind not in PIPELINES:
         raise ValueError(f"unknown model.kind {kind!r}; valid: {sorted(PIPELINES)}")
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd15" else {}
-    pipe = PIPELINES[kind].from_pretrained(pretrained, torch_dtype=torch_dtype, revision=revision, variant=variant,
-                                           use_safetensors=True, **extra, **{name: None for name in without})
-    if pipe.vae is not None:
-        pipe.vae.to(torch.float32)  # fp32 VAE encode/decode, whatever the weight dtype
+    # `dtype` (diffusers >= 0.36 deprecates `torch_dtype`), per component: the VAE loads in fp32 for encode/decode
+    # whatever the weight dtype. Loading it so, rather than casting after, keeps diffusers' keep-in-fp32 logic intact.
+    pipe = PIPELINES[kind].from_pretrained(pretrained, dtype={"default": torch_dtype, "vae": torch.float32},
+                                           revision=revision, variant=variant, use_safetensors=True, **extra,
+                                           **{name: None for name in without})
+    if pipe.vae is not None and pipe.vae.dtype != torch.float32:
+        pipe.vae.to(torch.float32)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()
