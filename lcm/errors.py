@@ -95,6 +95,9 @@ def free_space(path) -> str:
         return f"free space on {where} unknown"
 
 
+_RESUME_HINT = " — free some space, then resume with --resume latest"
+
+
 @contextlib.contextmanager
 def write_guard(path, last_good: Optional[str] = None) -> Iterator[None]:
     """Turn a failed write under `path` into a `WriteError` naming the path, the free space and, when given, the
@@ -104,12 +107,12 @@ def write_guard(path, last_good: Optional[str] = None) -> Iterator[None]:
     except WriteError as err:
         if last_good is None or "last good checkpoint" in str(err):
             raise
-        raise WriteError(f"{err}; last good checkpoint: {last_good}") from err.__cause__
+        raise WriteError(f"{err}; last good checkpoint: {last_good}{_RESUME_HINT}") from err.__cause__
     except Exception as err:  # noqa: BLE001 — only write failures are converted; anything else re-raises as is
         if not is_write_failure(err):
             raise
         detail = one_line(err)
         message = f"could not write {path}: {type(err).__name__}: {detail} ({free_space(path)})"
         if last_good is not None:
-            message += f"; last good checkpoint: {last_good}"
+            message += f"; last good checkpoint: {last_good}{_RESUME_HINT}"
         raise WriteError(message) from err

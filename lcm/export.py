@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import write_guard
 from .guidance import guidance_scale_from_w
 from .lora import save_lora
 from .models import PIPELINES
@@ -25,9 +26,10 @@ def export_lora_run(model, pipeline_cls, teacher_scheduler_config, cfg, final_di
     """Write `final/` so `pipe.load_lora_weights(final)` (PixArt: `PeftModel.from_pretrained(pipe.transformer, final)`)
     and `LCMScheduler.from_pretrained(final/'scheduler')` work."""
     final_dir = Path(final_dir)
-    final_dir.mkdir(parents=True, exist_ok=True)
-    save_lora(model, final_dir, pipeline_cls)
-    return _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir, steps_trained, data_summary)
+    with write_guard(final_dir):  # a full disk names the folder and the free space, not "unexpected pos"
+        final_dir.mkdir(parents=True, exist_ok=True)
+        save_lora(model, final_dir, pipeline_cls)
+        return _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir, steps_trained, data_summary)
 
 
 def export_unet_run(model, teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
@@ -35,9 +37,10 @@ def export_unet_run(model, teacher_scheduler_config, cfg, final_dir: Path, steps
     """Full LCD: `final/unet` (a UNet with a guidance embedding; PixArt: `final/transformer`), loadable into the stock
     pipeline, + scheduler + card."""
     final_dir = Path(final_dir)
-    final_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(final_dir / subfolder), safe_serialization=True)
-    return _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir, steps_trained, data_summary)
+    with write_guard(final_dir):
+        final_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(final_dir / subfolder), safe_serialization=True)
+        return _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir, steps_trained, data_summary)
 
 
 def _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
@@ -302,4 +305,5 @@ def export_run(run, fmt: str, out=None, base: Optional[str] = None) -> Path:
         raise ValueError(f"unknown export format {fmt!r}; valid: {sorted(EXPORT_FORMATS)}")
     final, cfg = read_run(run)
     out = Path(out) if out else Path(run) / "export" / fmt
-    return EXPORT_FORMATS[fmt](final, cfg, str(base or cfg.model.pretrained), out)
+    with write_guard(out):
+        return EXPORT_FORMATS[fmt](final, cfg, str(base or cfg.model.pretrained), out)
