@@ -113,16 +113,20 @@ class DataConfig:
     resolution: int = bounded(1024, ge=8)  # pixels; the VAE downsamples by 8 (the tiny test models by less)
     center_crop: bool = True
     random_flip: bool = False
+    follow_symlinks: bool = True  # folder source: follow file symlinks that point outside data.path (always counted)
     buckets: bool = False  # SDXL aspect-ratio buckets of about resolution² pixels; a batch holds one bucket
-    bucket_step: int = bounded(64, ge=1)  # bucket sides are multiples of this (64 for SDXL; the tiny models need smaller)
+    # bucket sides are multiples of this (64 for SDXL; the tiny models need smaller)
+    bucket_step: int = bounded(64, ge=1)
     bucket_max_aspect: float = bounded(2.0, ge=1.0)  # longest side / shortest side of the widest bucket
     max_samples: Optional[int] = bounded(None, ge=1)  # None = every usable image
     num_workers: int = bounded(0, ge=0)
     cache_dir: Optional[str] = None  # a folder written by `lcm cache`: train on it, without VAE or text encoders
     # webdataset streaming (README "Streaming shards"): implied by a URL / pipe: path or .tar.gz/.tgz shards
     streaming: bool = False  # also stream local uncompressed .tar shards (instead of indexing them by offset)
-    num_samples: Optional[int] = bounded(None, ge=1)  # streaming: samples per epoch over all ranks (a stream has no length); required
-    shuffle_buffer: int = bounded(1000, ge=0)  # streaming: encoded samples each loader worker holds to shuffle across shards; 0 = off
+    # streaming: samples per epoch over all ranks (a stream has no length); required
+    num_samples: Optional[int] = bounded(None, ge=1)
+    # streaming: encoded samples each loader worker holds to shuffle across shards; 0 = off
+    shuffle_buffer: int = bounded(1000, ge=0)
 
 
 @dataclass
@@ -135,7 +139,8 @@ class LoraConfig:
 
 @dataclass
 class DistillConfig:
-    num_ddim_timesteps: int = bounded(50, ge=1, le=1000)  # N: the teacher grid, stored as original_inference_steps in the scheduler
+    # N: the teacher grid, stored as original_inference_steps in the scheduler
+    num_ddim_timesteps: int = bounded(50, ge=1, le=1000)
     solver: str = "ddim"
     w_min: float = bounded(3.0, ge=0)  # LCM convention: ε̂ = ε_c + w(ε_c − ε_u); diffusers guidance_scale = w + 1
     w_max: float = bounded(15.0, ge=0)
@@ -143,7 +148,8 @@ class DistillConfig:
     huber_c: float = bounded(0.001, gt=0)
     sigma_data: float = bounded(0.5, gt=0)
     timestep_scaling: float = bounded(10.0, gt=0)
-    ema_decay: float = bounded(0.0, ge=0, lt=1)  # LoRA: 0 = target is the online adapters (LCM-LoRA); > 0 keeps an adapter-only EMA
+    # LoRA: 0 = target is the online adapters (LCM-LoRA); > 0 keeps an adapter-only EMA
+    ema_decay: float = bounded(0.0, ge=0, lt=1)
     teacher_batched: bool = True  # cond + uncond in one teacher call on 2B rows; false = two calls (benchmarks only)
 
 
@@ -173,7 +179,8 @@ class ValidationConfig:
 class TrainConfig:
     output_dir: str = "runs/lcm-lora"
     seed: int = bounded(0, ge=0, le=2**32 - 1)  # numpy's seed range (accelerate.set_seed seeds numpy too)
-    batch_size: int = bounded(4, ge=1)  # per process; global batch = batch_size × processes × gradient_accumulation_steps
+    # per process; global batch = batch_size × processes × gradient_accumulation_steps
+    batch_size: int = bounded(4, ge=1)
     gradient_accumulation_steps: int = bounded(1, ge=1)
     max_train_steps: int = bounded(1000, ge=1)  # optimiser steps
     mixed_precision: str = "no"  # no | fp16 | bf16

@@ -37,6 +37,7 @@ import itertools
 import json
 import logging
 import math
+import posixpath
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ from .errors import DataError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Image formats a folder may hold that are not read (GIF: animated, palette-limited; convert to PNG to use them):
+# counted as `unsupported_format`, as is any other existing file a metadata row names with a non-image extension.
+UNSUPPORTED_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".svg", ".ico")
 WDS_IMAGE_EXTENSIONS = tuple(e[1:] for e in IMAGE_EXTENSIONS)  # webdataset keys are extensions without the dot
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 _HF_SCAN_BATCH = 256  # rows read at a time during the HF header scan; keeps memory flat on large datasets
@@ -73,6 +77,11 @@ class DataSummary:
     n_upscaled: int = 0  # kept images whose shorter side is below the training resolution
     n_caption_not_utf8: int = 0  # caption sources (.txt files, metadata lines/files) decoded with replacement
     bad_metadata_lines: list[int] = field(default_factory=list)  # 1-based line numbers skipped in the metadata file
+    # Metadata rows naming a file an earlier row already named (`a.png`, `./a.png`): the last row wins. Normalised
+    # file name → the line number whose caption won; the count is the number of rows overridden.
+    n_duplicate_rows: int = 0
+    duplicate_winners: dict[str, int] = field(default_factory=dict)
+    n_symlinks_outside: int = 0  # file symlinks pointing outside the folder that were followed (refused: skipped)
 
     def skip(self, reason: str, n: int = 1) -> None:
         """Count `n` files dropped for `reason`."""
@@ -95,6 +104,13 @@ def format_summary(summary: DataSummary) -> str:
         more = "" if len(summary.bad_metadata_lines) <= len(shown) else ", …"
         line += (f", {len(summary.bad_metadata_lines)} bad metadata line(s) skipped "
                  f"(line {', '.join(map(str, shown))}{more})")
+    if summary.n_duplicate_rows:
+        won = list(summary.duplicate_winners.items())
+        shown = ", ".join(f"{name} from line {number}" for name, number in won[:5]) + (", …" if len(won) > 5 else "")
+        line += f", {summary.n_duplicate_rows} duplicate metadata row(s) overridden (the last row wins: {shown})"
+    if summary.n_symlinks_outside:
+        line += (f", {summary.n_symlinks_outside} symlink(s) to files outside the folder followed "
+                 "(data.follow_symlinks=false skips them)")
     if summary.n_decode_errors:
         line += f", {summary.n_decode_errors} decode errors while loading"
     return line
@@ -513,9 +529,9 @@ def _decode_text(raw: bytes, summary: DataSummary) -> str:
         return raw.decode("utf-8-sig", errors="replace")
 
 
-def _metadata_rows(path: Path, summary: DataSummary) -> tuple[list[dict], set]:
-    """Rows of `metadata.jsonl` / `.csv` that parse and name a file, and every column seen; any other line is skipped
-    and its (1-based) number kept in the summary."""
+def _metadata_rows(path: Path, summary: DataSummary) -> tuple[list[tuple[int, dict]], set]:
+    """(1-based line number, row) for the rows of `metadata.jsonl` / `.csv` that parse and name a file, and every
+    column seen; any other line is skipped and its number kept in the summary."""
     rows, columns = [], set()
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(_decode_text(path.read_bytes(), summary), newline=""))
@@ -525,7 +541,7 @@ def _metadata_rows(path: Path, summary: DataSummary) -> tuple[list[dict], set]:
             if None in row or not row.get("file_name"):
                 summary.bad_metadata_lines.append(reader.line_num)
             else:
-                rows.append(row)
+                rows.append((reader.line_num, row))
         return rows, columns
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -537,7 +553,7 @@ def _metadata_rows(path: Path, summary: DataSummary) -> tuple[list[dict], set]:
                 row = None
             columns.update(row if isinstance(row, dict) else ())
             if isinstance(row, dict) and isinstance(row.get("file_name"), str) and row["file_name"]:
-                rows.append(row)
+                rows.append((number, row))
             else:
                 summary.bad_metadata_lines.append(number)
     return rows, columns
@@ -551,32 +567,74 @@ def _read_metadata(root: Path, caption_column: str, summary: DataSummary | None 
     if len(found) > 1:
         raise DataError(f"both {' and '.join(str(p) for p in found)} exist; keep one so captions are unambiguous")
     path = found[0]
-    rows, seen = _metadata_rows(path, summary if summary is not None else DataSummary())
+    summary = summary if summary is not None else DataSummary()
+    rows, seen = _metadata_rows(path, summary)
     columns = sorted(str(k) for k in seen)
     # A column missing from the whole file is a configuration error, not a few bad lines.
     for column in ("file_name", caption_column):
         if seen and column not in seen:
             raise DataError(f"column {column!r} not found in {path}; available columns: {columns}")
-    return {PurePosixPath(str(row["file_name"]).replace("\\", "/")).as_posix(): _caption_text(row.get(caption_column))
-            for row in rows}
+    captions: dict[str, str] = {}
+    for number, row in rows:
+        # One name per file: `./a.png`, `a.png` and `sub/../a.png` are the same row key.
+        name = posixpath.normpath(str(row["file_name"]).replace("\\", "/"))
+        if name in captions:  # a duplicate: the last row wins, and the summary says which line that was
+            summary.n_duplicate_rows += 1
+            summary.duplicate_winners[name] = number
+        captions[name] = _caption_text(row.get(caption_column))
+    if summary.n_duplicate_rows:
+        winners = list(summary.duplicate_winners.items())[:10]
+        logger.warning("data: %s names %d file(s) more than once; the last row wins: %s", path, len(winners),
+                       ", ".join(f"{name} (line {number}: {captions[name]!r})" for name, number in winners))
+    return captions
+
+
+def _visible_files(root: Path) -> list[Path]:
+    """Every file under `root` (recursive, sorted by relative path) outside hidden folders (.ipynb_checkpoints, .git,
+    …: copies and junk, not training data). Symlinked folders are not descended into (pathlib's rglob)."""
+    return sorted((p for p in root.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                  key=lambda p: p.relative_to(root).as_posix())
+
+
+def _outside(files: list[Path], root: Path) -> set[Path]:
+    """The files whose real location (symlinks resolved) is outside `root`."""
+    real_root = root.resolve()
+    return {p for p in files if not p.resolve().is_relative_to(real_root)}
+
+
+def _count_listed_files(metadata: dict[str, str], visible: list[Path], root: Path, summary: DataSummary) -> None:
+    """Metadata rows whose file is absent → `missing_file`; unreadable formats (a GIF, listed or not, or any other
+    listed non-image file) → `unsupported_format`."""
+    present = {p.relative_to(root).as_posix(): p for p in visible}
+    unsupported = {rel for rel, p in present.items() if p.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS}
+    unsupported |= {rel for rel in metadata if rel in present and present[rel].suffix.lower() not in IMAGE_EXTENSIONS}
+    summary.skip("unsupported_format", len(unsupported))
+    summary.skip("missing_file", len(set(metadata) - set(present)))
 
 
 def index_folder(cfg: Any, summary: DataSummary):
-    """Image files under `cfg.path` (recursive, sorted) with captions from metadata, then `.txt`, else ''."""
+    """Image files under `cfg.path` (recursive, sorted) with captions from metadata, then `.txt`, else ''.
+
+    A file symlink pointing outside the folder is followed and counted (`data.follow_symlinks=false`: skipped as
+    `symlink_outside`)."""
     root = Path(cfg.path)
     if not root.is_dir():
         raise DataError(f"data.path {str(root)!r} is not a directory")
-    # Hidden folders (.ipynb_checkpoints, .git, ...) hold copies and junk, not training data.
-    files = sorted(
-        (p for p in root.rglob("*")
-         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-         and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
+    visible = _visible_files(root)
+    files = [p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
+        gifs = [p.name for p in visible if p.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS]
+        hint = f" ({len(gifs)} file(s) in unsupported formats, e.g. {gifs[0]}: convert them to PNG)" if gifs else ""
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}{hint}")
     metadata = _read_metadata(root, cfg.caption_column, summary) or {}
-    summary.skip("missing_file", len(set(metadata) - {p.relative_to(root).as_posix() for p in files}))
+    _count_listed_files(metadata, visible, root, summary)
+    outside = _outside(files, root)
+    if cfg.follow_symlinks:
+        summary.n_symlinks_outside = len(outside)
+    else:
+        summary.skip("symlink_outside", len(outside))
+        files = [p for p in files if p not in outside]
 
     def candidates() -> Iterator[tuple[Path, Path, str]]:
         for path in files:
@@ -628,7 +686,8 @@ def index_hf(cfg: Any, summary: DataSummary):
     ds = _load_hf(cfg.path, cfg.split)
     for column in (cfg.image_column, cfg.caption_column):
         if column not in ds.column_names:
-            raise DataError(f"column {column!r} not found in dataset {cfg.path!r}; available columns: {ds.column_names}")
+            raise DataError(f"column {column!r} not found in dataset {cfg.path!r}; "
+                            f"available columns: {ds.column_names}")
     if len(ds) == 0:
         raise DataError(f"dataset {cfg.path!r} (split {cfg.split!r}) has no rows")
     ds = ds.select_columns([cfg.image_column, cfg.caption_column])
@@ -980,7 +1039,8 @@ def build_dataset(cfg: Any, seed: int = 0) -> CaptionedImages | StreamingImages:
     images, captions, sizes = SOURCES[cfg.source](cfg, summary)
     if summary.n_ok == 0:
         raise DataError(f"no usable image in {str(cfg.path)!r}: {format_summary(summary)}")
-    problems = summary.n_skipped or summary.n_missing_caption or summary.n_caption_not_utf8 or summary.bad_metadata_lines
+    problems = (summary.n_skipped or summary.n_missing_caption or summary.n_caption_not_utf8
+                or summary.bad_metadata_lines or summary.n_duplicate_rows or summary.n_symlinks_outside)
     logger.log(logging.WARNING if problems else logging.INFO, format_summary(summary))
     table = bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_aspect) if cfg.buckets else None
     return CaptionedImages(

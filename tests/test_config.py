@@ -163,7 +163,7 @@ def test_validation_needs_prompts_and_seeds_unless_off():
 def test_range_error_comes_before_any_model_load(tmp_path):
     """optim.lr=-1e-3 used to fail inside torch after the teacher loaded; now train_lcm_lora.py stops at the config
     (model.pretrained does not even exist here)."""
-    from tests._helpers import load_entry_script
+    from _helpers import load_entry_script
 
     main = load_entry_script("train_lcm_lora").main
     with pytest.raises(ConfigError, match=r"optim\.lr=-0\.001"):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests._helpers import ROOT
+from _helpers import ROOT
 
 # Each was printed on every load: diffusers' `torch_dtype` deprecation (we now pass `dtype`), its "keep in float32"
 # warning (we cast the VAE after loading; now it loads in fp32), transformers' torchvision notice (filtered: lcm never

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests._helpers import ROOT
+from _helpers import ROOT
 
 
 def _run(*argv, debug=False):
@@ -65,10 +65,10 @@ def test_unusable_data_folder_is_one_line(tmp_path):
 
 
 def test_lora_that_does_not_fit_the_base_is_one_line(tiny_sdxl_dir, tmp_path):
-    # A LoRA for a wider UNet: its first conv's lora_A has 8 input channels more than this base's conv1.
+    # A LoRA for another UNet: its first ResNet conv's lora_A takes 999 input channels, this base's takes 32.
     module = "unet.down_blocks.0.resnets.0.conv1"
-    save_file({f"{module}.lora_A.weight": torch.zeros(4, 999, 3, 3), f"{module}.lora_B.weight": torch.zeros(32, 4, 1, 1)},
-              str(tmp_path / "other.safetensors"))
+    state = {f"{module}.lora_A.weight": torch.zeros(4, 999, 3, 3), f"{module}.lora_B.weight": torch.zeros(32, 4, 1, 1)}
+    save_file(state, str(tmp_path / "other.safetensors"))
     proc = _run("-m", "lcm.cli", "sample", "--base", str(tiny_sdxl_dir), "--lora", str(tmp_path / "other.safetensors"),
                 "--prompt", "a", "--seeds", "0", "--steps", "1", "--height", "16", "--width", "16",
                 "--out", str(tmp_path / "x.png"))
