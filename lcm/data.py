@@ -22,7 +22,14 @@ What happens to each kind of bad input (all counted in the summary):
   counted; a UTF-8 byte-order mark is dropped;
 - a `metadata.jsonl` / `.csv` line that does not parse or has no `file_name` → that line is skipped, and the summary
   names its line number; its image then falls back to a `.txt` caption or none;
-- an empty folder, or one with no usable image → `ValueError` from `build_dataset`, before any model is loaded.
+- a GIF (listed or not) or another existing file a metadata row names with a non-image extension → skipped
+  (`unsupported_format`; GIFs are not read: convert them to PNG); a row naming an absent file → `missing_file`;
+- two metadata rows for one file (`a.png` and `./a.png` are the same) → the last row wins; counted, with the winning
+  line named in the summary and the log;
+- a file symlink pointing outside the folder → followed and counted, or skipped (`symlink_outside`) with
+  `data.follow_symlinks=false`;
+- an empty folder, or one with no usable image → `DataError` (a `ValueError`) from `build_dataset`, before any model
+  is loaded.
 
 SDXL micro-conditioning (Podell et al. 2023, arXiv:2307.01952 §2.2) is in **(height, width)** order throughout:
 `original_size` = (h, w) as loaded, `crop_top_left` = (top, left) in the resized image, `target_size` = (res, res),

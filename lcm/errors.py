@@ -39,6 +39,10 @@ class ModelError(UserError, ValueError):
     """A base model that cannot be loaded as given (e.g. a single checkpoint file without its configs)."""
 
 
+class PathNotFoundError(UserError, FileNotFoundError):
+    """A path the user gave (a checkpoint to resume, a run folder to export) is not there or not complete."""
+
+
 class WriteError(UserError, OSError):
     """Writing a checkpoint or an export failed (a full disk, a quota, permissions); says where and how much is free."""
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import write_guard
+from .errors import PathNotFoundError, write_guard
 from .guidance import guidance_scale_from_w
 from .lora import save_lora
 from .models import PIPELINES
@@ -238,13 +238,13 @@ def read_run(run) -> tuple[Path, DictConfig]:
     run = Path(run)
     final, config = run / "final", run / "config.yaml"
     if not config.is_file():
-        raise FileNotFoundError(f"{run} is not a finished training run: {config} is missing")
+        raise PathNotFoundError(f"{run} is not a finished training run: {config} is missing")
     cfg = OmegaConf.load(config)
     if cfg.model.get("kind") == "pixart":  # kohya/ComfyUI naming and diffusers' fusing are UNet-only
         raise ValueError(f"lcm export covers UNet LoRAs; {run} is a PixArt run, whose final/ is already in PEFT's "
                          "format (PeftModel.from_pretrained(pipe.transformer, final)); lcm sample merges it")
     if not (final / LORA_FILE).is_file():
-        raise FileNotFoundError(f"{run} is not a finished training run: {final / LORA_FILE} is missing")
+        raise PathNotFoundError(f"{run} is not a finished training run: {final / LORA_FILE} is missing")
     return final, cfg
 
 

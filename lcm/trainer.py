@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .config import to_yaml
 from .data import StreamEpoch, build_loader
-from .errors import DataError, WriteError, write_guard
+from .errors import DataError, PathNotFoundError, WriteError, write_guard
 
 logger = logging.getLogger("lcm")
 
@@ -184,7 +184,8 @@ def resolve_resume(output_dir, resume: Optional[str]) -> Optional[Path]:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "counters.json").is_file():
-        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint folder")
+        raise PathNotFoundError(f"train.resume={resume!r} is not a complete checkpoint folder (no counters.json); "
+                                f"use 'latest' or one of {checkpoint_dir(output_dir)}/step-*")
     return path
 
 

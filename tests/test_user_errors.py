@@ -75,6 +75,11 @@ def test_lora_that_does_not_fit_the_base_is_one_line(tiny_sdxl_dir, tmp_path):
     _assert_one_line(proc, "lcm", "LoRA does not match this UNet", "down_blocks.0.resnets.0.conv1")
 
 
+def test_export_of_a_folder_that_is_not_a_run_is_one_line(tmp_path):
+    proc = _run("-m", "lcm.cli", "export", str(tmp_path), "--format", "kohya")
+    _assert_one_line(proc, "lcm", f"{tmp_path} is not a finished training run")
+
+
 def test_a_bug_keeps_its_traceback(tmp_path):
     """Only UserError is turned into one line: any other exception still shows where it came from."""
     proc = _run("-c", "from lcm.errors import exit_on_user_error\n"
@@ -84,7 +89,7 @@ def test_a_bug_keeps_its_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("cls", ["ConfigError", "DataError", "LoraMismatchError", "ModelError", "CacheError",
-                                 "WriteError"])
+                                 "WriteError", "PathNotFoundError"])
 def test_user_error_classes_share_the_base(cls):
     import lcm.cache
     import lcm.config
