@@ -26,6 +26,7 @@ from lcm.export import export_unet_run
 from lcm.lora import swapped_weights
 from lcm.models import EMATarget, denoiser_name, denoiser_role, student_from_teacher
 from lcm.entry import apply_speed_options, parse_train_args, prepare_run, run_task, validation_grid
+from lcm.errors import exit_on_user_error
 from lcm.trainer import TrainingTask
 
 
@@ -70,4 +71,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))  # a user error: one line, exit status 2

@@ -21,6 +21,7 @@ from lcm.config import LCMLoraConfig
 from lcm.consistency import lcd_loss
 from lcm.encode import lcd_batch_from_data
 from lcm.entry import apply_speed_options, parse_train_args, prepare_run, run_task, validation_grid
+from lcm.errors import exit_on_user_error
 from lcm.export import export_lora_run
 from lcm.lora import add_lora, load_lora_into_training_unet
 from lcm.models import EMATarget, base_role, denoiser_of, denoiser_role
@@ -73,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))  # a user error: one line, exit status 2

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from .data import (DataSummary, _item_seed, add_time_ids, build_dataset, cover_size, crop_conditioning,
                    draw_crop_flip, format_summary, is_streaming, load_image, read_bytes, transform_image)
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ MANIFEST = "manifest.json"
 _RUNTIME_DATA_KEYS = ("num_workers", "cache_dir")
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """The cache cannot be used as it is: damaged, or made for other data settings or encoders."""
 
 

@@ -153,7 +153,7 @@ def cmd_cache(args) -> int:
         except ConfigError as err:
             errors.append(err)
     else:
-        raise SystemExit(f"lcm cache: {errors[0]}")
+        raise errors[0]  # a ConfigError: one line and exit status 2 from the `lcm` command
     report = build_cache(cfg, batch_size=args.batch_size, device=args.device, shard_mb=args.shard_mb)
     if PartialState().is_main_process:  # under `accelerate launch`, every process returns the same report
         print(report)
@@ -169,6 +169,12 @@ def _sample_grid(base: str, lora: str, prompts: list[str], out: Path, size: int)
     cmd_sample(argparse.Namespace(base=base, lora=[lora], student=None, prompt=prompts, prompts_file=None,
                                   seeds="0-7", steps=4, guidance=1.0, height=size, width=size, out=str(out),
                                   fuse=True, device=None, dtype=None, negative_prompt=None))
+
+
+def _step_counter(total: int):
+    """A callable returning "[1/total]", "[2/total]", … on successive calls: the demo's progress labels."""
+    count = iter(range(1, total + 1))
+    return lambda: f"[{next(count)}/{total}]"
 
 
 def cmd_demo(args) -> int:
@@ -198,19 +204,22 @@ def cmd_demo(args) -> int:
 
     teacher, data = str(MINI_TEACHER), root / "digits"
     lcd = root / "lcd" if args.lcd else None
+    step = _step_counter(5 if lcd else 4)
     if not (data / "metadata.jsonl").is_file():
-        print(f"[1/4] writing the digits as a captioned image folder to {data}")
+        print(f"{step()} writing the digits as a captioned image folder to {data}")
         export_digits_folder(data)
-    print(f"[2/4] distilling LCM-LoRA from the mini teacher into {run}")
+    else:
+        print(f"{step()} using the digits folder already at {data}")
+    print(f"{step()} distilling LCM-LoRA from the mini teacher into {run}")
     _train("mini_lcm_lora", [f"model.pretrained={teacher}", f"data.path={data}", f"train.output_dir={run}",
                              *args.overrides])
     if lcd:
-        print(f"[2/4] full LCD (the whole UNet, with a guidance embedding) from the mini teacher into {lcd}")
+        print(f"{step()} full LCD (the whole UNet, with a guidance embedding) from the mini teacher into {lcd}")
         _train("mini_lcd", [f"model.pretrained={teacher}", f"data.path={data}", f"train.output_dir={lcd}",
                             *args.overrides], script="train_lcd.py")
-    print(f"[3/4] sampling 4 steps with the LoRA into {root / 'grid.png'} (a row per digit, a column per seed)")
+    print(f"{step()} sampling 4 steps with the LoRA into {root / 'grid.png'} (a row per digit, a column per seed)")
     _sample_grid(teacher, str(run), [prompt_for(d) for d in range(10)], root / "grid.png", 16)
-    print(f"[4/4] the few-step quality table ({args.eval_n} samples per cell) into {root / 'eval'}")
+    print(f"{step()} the few-step quality table ({args.eval_n} samples per cell) into {root / 'eval'}")
     return cmd_eval(argparse.Namespace(teacher=teacher, lora=[str(run)], lcd=str(lcd) if lcd else None,
                                        out=str(root / "eval"), n=args.eval_n, steps="1,2,4,8",
                                        teacher_w=args.teacher_w, guidance=1.0, methods=None))
@@ -358,10 +367,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one `lcm` command in this process; errors propagate (tests and callers see the exception)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     return args.func(args)
 
 
+def entry(argv=None) -> int:
+    """The `lcm` console command: a user error (bad config, data, model, LoRA, full disk) prints one line and exits 2;
+    a bug keeps its traceback (LCM_DEBUG=1 shows it for user errors too)."""
+    from .errors import exit_on_user_error
+
+    return exit_on_user_error(lambda: main(argv), prog="lcm")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

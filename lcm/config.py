@@ -6,12 +6,16 @@ offending key. Named choices are checked against the registries they select from
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from .errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -25,6 +29,70 @@ LCM_LORA_TARGETS = [
     "downsamplers.0.conv", "upsamplers.0.conv",
     "time_emb_proj",
 ]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Valid ranges, declared beside each numeric field (`bounded(...)`) and checked when the config is resolved, before
+# any model is loaded. One mechanism: the range lives in the dataclass field's metadata under RANGE.
+
+RANGE = "lcm_range"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed or open interval of valid values; every bounded value must also be finite (no nan/inf)."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        def num(x):
+            return f"{x:g}" if isinstance(x, float) else str(x)
+
+        lo, hi = math.isfinite(self.lo), math.isfinite(self.hi)
+        if lo and hi:
+            return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+        if lo:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        if hi:
+            return f"{'<' if self.hi_open else '<='} {num(self.hi)}"
+        return "a finite number"
+
+
+def bounded(default=MISSING, *, ge=None, gt=None, le=None, lt=None, default_factory=None):
+    """A dataclass field with its valid range: ge/gt bound it below (closed/open), le/lt above; none = any finite
+    number. For a list field, the range applies to each element."""
+    rng = Range(lo=-math.inf if ge is None and gt is None else (gt if gt is not None else ge),
+                hi=math.inf if le is None and lt is None else (lt if lt is not None else le),
+                lo_open=gt is not None, hi_open=lt is not None)
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata={RANGE: rng})
+    return field(default=default, metadata={RANGE: rng})
+
+
+def declared_ranges(schema) -> dict[str, Range]:
+    """Every bounded field of a config schema (dataclass), by dotted key: {"optim.lr": Range(...), ...}."""
+    found: dict[str, Range] = {}
+
+    def walk(prefix: str, cls) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if RANGE in f.metadata:
+                found[prefix + f.name] = f.metadata[RANGE]
+            if is_dataclass(hints[f.name]):
+                walk(f"{prefix}{f.name}.", hints[f.name])
+
+    walk("", schema)
+    return found
 
 
 @dataclass
@@ -43,80 +111,87 @@ class DataConfig:
     split: str = "train"
     image_column: str = "image"
     caption_column: str = "text"
-    resolution: int = 1024
+    resolution: int = bounded(1024, ge=8)  # pixels; the VAE downsamples by 8 (the tiny test models by less)
     center_crop: bool = True
     random_flip: bool = False
+    follow_symlinks: bool = True  # folder source: follow file symlinks that point outside data.path (always counted)
     buckets: bool = False  # SDXL aspect-ratio buckets of about resolution² pixels; a batch holds one bucket
-    bucket_step: int = 64  # bucket sides are multiples of this (64 for SDXL; the tiny models need smaller)
-    bucket_max_aspect: float = 2.0  # longest side / shortest side of the widest bucket
-    max_samples: Optional[int] = None
-    num_workers: int = 0
+    # bucket sides are multiples of this (64 for SDXL; the tiny models need smaller)
+    bucket_step: int = bounded(64, ge=1)
+    bucket_max_aspect: float = bounded(2.0, ge=1.0)  # longest side / shortest side of the widest bucket
+    max_samples: Optional[int] = bounded(None, ge=1)  # None = every usable image
+    num_workers: int = bounded(0, ge=0)
     cache_dir: Optional[str] = None  # a folder written by `lcm cache`: train on it, without VAE or text encoders
     # webdataset streaming (README "Streaming shards"): implied by a URL / pipe: path or .tar.gz/.tgz shards
     streaming: bool = False  # also stream local uncompressed .tar shards (instead of indexing them by offset)
-    num_samples: Optional[int] = None  # streaming: samples per epoch over all ranks (a stream has no length); required
-    shuffle_buffer: int = 1000  # streaming: encoded samples each loader worker holds to shuffle across shards; 0 = off
+    # streaming: samples per epoch over all ranks (a stream has no length); required
+    num_samples: Optional[int] = bounded(None, ge=1)
+    # streaming: encoded samples each loader worker holds to shuffle across shards; 0 = off
+    shuffle_buffer: int = bounded(1000, ge=0)
 
 
 @dataclass
 class LoraConfig:
-    rank: int = 64
-    alpha: float = 64.0
-    dropout: float = 0.0
+    rank: int = bounded(64, ge=1)
+    alpha: float = bounded(64.0, gt=0)  # the update is scaled by alpha / rank: 0 would train nothing
+    dropout: float = bounded(0.0, ge=0, lt=1)
     target_modules: list[str] = field(default_factory=lambda: list(LCM_LORA_TARGETS))
 
 
 @dataclass
 class DistillConfig:
-    num_ddim_timesteps: int = 50  # N: the teacher grid, stored as original_inference_steps in the scheduler
+    # N: the teacher grid, stored as original_inference_steps in the scheduler
+    num_ddim_timesteps: int = bounded(50, ge=1, le=1000)
     solver: str = "ddim"
-    w_min: float = 3.0  # LCM convention: ε̂ = ε_c + w(ε_c − ε_u); diffusers guidance_scale = w + 1
-    w_max: float = 15.0
+    w_min: float = bounded(3.0, ge=0)  # LCM convention: ε̂ = ε_c + w(ε_c − ε_u); diffusers guidance_scale = w + 1
+    w_max: float = bounded(15.0, ge=0)
     loss: str = "huber"
-    huber_c: float = 0.001
-    sigma_data: float = 0.5
-    timestep_scaling: float = 10.0
-    ema_decay: float = 0.0  # LoRA: 0 = target is the online adapters (LCM-LoRA); > 0 keeps an adapter-only EMA
+    huber_c: float = bounded(0.001, gt=0)
+    sigma_data: float = bounded(0.5, gt=0)
+    timestep_scaling: float = bounded(10.0, gt=0)
+    # LoRA: 0 = target is the online adapters (LCM-LoRA); > 0 keeps an adapter-only EMA
+    ema_decay: float = bounded(0.0, ge=0, lt=1)
     teacher_batched: bool = True  # cond + uncond in one teacher call on 2B rows; false = two calls (benchmarks only)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    lr: float = bounded(1e-4, gt=0)
+    adam_beta1: float = bounded(0.9, ge=0, lt=1)
+    adam_beta2: float = bounded(0.999, ge=0, lt=1)
+    weight_decay: float = bounded(1e-2, ge=0)
+    adam_epsilon: float = bounded(1e-8, gt=0)
     use_8bit_adam: bool = False
     lr_scheduler: str = "constant_with_warmup"  # any diffusers.optimization scheduler name
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    lr_warmup_steps: int = bounded(0, ge=0)
+    max_grad_norm: float = bounded(1.0)  # <= 0 disables clipping
 
 
 @dataclass
 class ValidationConfig:
-    every_n_steps: int = 500  # 0 disables validation during training
+    every_n_steps: int = bounded(500, ge=0)  # 0 disables validation during training
     prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a watercolor painting of a lighthouse"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    num_inference_steps: int = 4
-    guidance_scale: float = 1.0  # diffusers convention; LCM-LoRA samples best with 1–2
+    seeds: list[int] = bounded(default_factory=lambda: [0, 1], ge=0, le=2**63 - 1)  # torch generator seeds
+    num_inference_steps: int = bounded(4, ge=1)  # at most distill.num_ddim_timesteps (LCMScheduler's limit)
+    guidance_scale: float = bounded(1.0, ge=0)  # diffusers convention; LCM-LoRA samples best with 1–2
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/lcm-lora"
-    seed: int = 0
-    batch_size: int = 4  # per process; global batch = batch_size × processes × gradient_accumulation_steps
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int = 1000  # optimiser steps
+    seed: int = bounded(0, ge=0, le=2**32 - 1)  # numpy's seed range (accelerate.set_seed seeds numpy too)
+    # per process; global batch = batch_size × processes × gradient_accumulation_steps
+    batch_size: int = bounded(4, ge=1)
+    gradient_accumulation_steps: int = bounded(1, ge=1)
+    max_train_steps: int = bounded(1000, ge=1)  # optimiser steps
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
     channels_last: bool = False  # the trained network's 4-D weights in NHWC (faster convolutions on GPUs / oneDNN)
     torch_compile: bool = False  # torch.compile the trained network in place (Module.compile)
     compile_backend: str = "inductor"  # any torch.compile backend; "aot_eager" checks capture without code generation
-    checkpoint_every: int = 500
-    checkpoints_total_limit: int = 3
-    log_every: int = 10
+    checkpoint_every: int = bounded(500, ge=0)  # 0 = no checkpoints
+    checkpoints_total_limit: int = bounded(3, ge=1)
+    log_every: int = bounded(10, ge=1)
     report_to: str = "tensorboard"  # tensorboard | none
     resume: Optional[str] = None  # "latest" or a checkpoint folder
 
@@ -134,8 +209,8 @@ class LCMLoraConfig:
 
 @dataclass
 class FullDistillConfig(DistillConfig):
-    ema_decay: float = 0.95  # full LCD: θ⁻ is an EMA of the whole student (LCM paper)
-    w_embed_dim: int = 256  # the student's time_cond_proj_dim; its projection starts at zero
+    ema_decay: float = bounded(0.95, ge=0, lt=1)  # full LCD: θ⁻ is an EMA of the whole student (LCM paper)
+    w_embed_dim: int = bounded(256, ge=4)  # the student's time_cond_proj_dim; its projection starts at zero
     ema_on_cpu: bool = False  # keep θ⁻ in host memory (saves accelerator memory, costs a copy per target call)
 
 
@@ -151,7 +226,7 @@ class LCDConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/lcd"))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, with the offending key in the message."""
 
 
@@ -177,6 +252,15 @@ def resolve_preset(name_or_path: str) -> Path:
 
 def load_config(name_or_path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = (), schema=LCMLoraConfig):
     """Schema defaults ← YAML preset ← dotted `key=value` overrides, validated; returns a typed OmegaConf object."""
+    cfg = resolve_config(name_or_path, overrides, schema)
+    check_config(cfg)
+    return cfg
+
+
+def resolve_config(name_or_path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = (),
+                   schema=LCMLoraConfig):
+    """The merged config with types checked but required keys possibly missing ('???') and ranges unchecked: what
+    `--dry-run` prints before `check_config` says what is wrong."""
     try:
         cfg = OmegaConf.structured(schema)
         if name_or_path:
@@ -191,22 +275,70 @@ def load_config(name_or_path: Optional[str] = None, overrides: tuple[str, ...] |
                 item = f'{key}="{value.strip()}"'
             # Merging into the structured config raises for unknown keys and wrong types, naming the key.
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise ConfigError(f"missing required config key(s): {', '.join(missing)}")
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"bad config key {key!r}: {str(err).splitlines()[0]}") from None
-    _validate(cfg)
     return cfg
+
+
+def check_config(cfg) -> None:
+    """Required keys present, named choices valid, every bounded value in its range, cross-field sanity."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing required config key(s): {', '.join(missing)}; set them as key=value arguments, "
+                          f"e.g. {missing[0]}=…")
+    _validate(cfg)
+
+
+def mark_missing(yaml_text: str, cfg) -> str:
+    """The YAML with every missing required value ('???') marked by a comment naming its key."""
+    missing, section, out = set(OmegaConf.missing_keys(cfg)), [], []
+    for line in yaml_text.splitlines():
+        indent = (len(line) - len(line.lstrip(" "))) // 2
+        name = line.strip().split(":", 1)[0]
+        section = section[:indent] + [name]
+        key = ".".join(section)
+        out.append(f"{line}  # <- missing: required, set {key}=…" if key in missing and line.endswith("???") else line)
+    return "\n".join(out) + "\n"
 
 
 _ABSENT = object()
 _YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
 
 
+def _check_ranges(cfg) -> None:
+    """Every field declared with `bounded(...)` against its range; the message names the key, value and range."""
+    for key, rng in declared_ranges(OmegaConf.get_type(cfg)).items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:  # an Optional field left unset
+            continue
+        values = list(value) if OmegaConf.is_list(value) else [value]
+        bad = [v for v in values if v not in rng]
+        if bad:
+            shown = list(value) if OmegaConf.is_list(value) else value
+            each = "each element " if OmegaConf.is_list(value) else ""
+            raise ConfigError(f"{key}={shown!r} is out of range: {each}must be {rng}"
+                              + (f" (got {bad[0]!r})" if each else ""))
+
+
+def _check_cross_fields(cfg) -> None:
+    """Sanity between keys: guidance range ordered, validation runnable with the trained grid."""
+    d, v = cfg.distill, cfg.validation
+    if not d.w_min <= d.w_max:
+        raise ConfigError(f"distill.w_min={d.w_min} must be <= distill.w_max={d.w_max}")
+    if v.num_inference_steps > d.num_ddim_timesteps:
+        # LCMScheduler samples a subset of the N-step training grid: more steps than N fail at the first validation.
+        raise ConfigError(f"validation.num_inference_steps={v.num_inference_steps} must be <= "
+                          f"distill.num_ddim_timesteps={d.num_ddim_timesteps}")
+    if v.every_n_steps > 0 and not (len(v.prompts) and len(v.seeds)):
+        raise ConfigError(f"validation.every_n_steps={v.every_n_steps} needs validation.prompts and validation.seeds "
+                          "(both non-empty); set validation.every_n_steps=0 to turn validation off")
+    if cfg.data.streaming and cfg.data.source != "webdataset":
+        raise ConfigError(f"data.streaming=true needs data.source=webdataset, not {cfg.data.source!r}")
+
+
 def _validate(cfg) -> None:
-    """Check named choices and ranges; every message names the key."""
+    """Check named choices, ranges and cross-field sanity; every message names the key."""
     from .consistency import LOSSES
     from .solvers import SOLVERS
 
@@ -218,20 +350,8 @@ def _validate(cfg) -> None:
         if value is not _ABSENT and value not in valid:
             hint = " (in YAML, quote words like 'no': unquoted they read as booleans)" if value in ("True", "False") else ""
             raise ConfigError(f"{key}={value!r} is not one of {list(valid)}{hint}")
-    d = cfg.distill
-    if not d.w_min <= d.w_max:
-        raise ConfigError(f"distill.w_min={d.w_min} must be <= distill.w_max={d.w_max}")
-    if not 0.0 <= d.ema_decay < 1.0:
-        raise ConfigError(f"distill.ema_decay={d.ema_decay} must be in [0, 1)")
-    for key in ("train.batch_size", "train.max_train_steps", "train.gradient_accumulation_steps", "lora.rank",
-                "data.num_samples"):
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and value < 1:
-            raise ConfigError(f"{key} must be >= 1")
-    if cfg.data.shuffle_buffer < 0:
-        raise ConfigError(f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 0 (0 turns the buffer off)")
-    if cfg.data.streaming and cfg.data.source != "webdataset":
-        raise ConfigError(f"data.streaming=true needs data.source=webdataset, not {cfg.data.source!r}")
+    _check_ranges(cfg)
+    _check_cross_fields(cfg)
 
 
 def to_yaml(cfg) -> str:

@@ -22,7 +22,14 @@ What happens to each kind of bad input (all counted in the summary):
   counted; a UTF-8 byte-order mark is dropped;
 - a `metadata.jsonl` / `.csv` line that does not parse or has no `file_name` → that line is skipped, and the summary
   names its line number; its image then falls back to a `.txt` caption or none;
-- an empty folder, or one with no usable image → `ValueError` from `build_dataset`, before any model is loaded.
+- a GIF (listed or not) or another existing file a metadata row names with a non-image extension → skipped
+  (`unsupported_format`; GIFs are not read: convert them to PNG); a row naming an absent file → `missing_file`;
+- two metadata rows for one file (`a.png` and `./a.png` are the same) → the last row wins; counted, with the winning
+  line named in the summary and the log;
+- a file symlink pointing outside the folder → followed and counted, or skipped (`symlink_outside`) with
+  `data.follow_symlinks=false`;
+- an empty folder, or one with no usable image → `DataError` (a `ValueError`) from `build_dataset`, before any model
+  is loaded.
 
 SDXL micro-conditioning (Podell et al. 2023, arXiv:2307.01952 §2.2) is in **(height, width)** order throughout:
 `original_size` = (h, w) as loaded, `crop_top_left` = (top, left) in the resized image, `target_size` = (res, res),
@@ -37,6 +44,7 @@ import itertools
 import json
 import logging
 import math
+import posixpath
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -48,9 +56,14 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 
+from .errors import DataError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Image formats a folder may hold that are not read (GIF: animated, palette-limited; convert to PNG to use them):
+# counted as `unsupported_format`, as is any other existing file a metadata row names with a non-image extension.
+UNSUPPORTED_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".svg", ".ico")
 WDS_IMAGE_EXTENSIONS = tuple(e[1:] for e in IMAGE_EXTENSIONS)  # webdataset keys are extensions without the dot
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 _HF_SCAN_BATCH = 256  # rows read at a time during the HF header scan; keeps memory flat on large datasets
@@ -71,6 +84,11 @@ class DataSummary:
     n_upscaled: int = 0  # kept images whose shorter side is below the training resolution
     n_caption_not_utf8: int = 0  # caption sources (.txt files, metadata lines/files) decoded with replacement
     bad_metadata_lines: list[int] = field(default_factory=list)  # 1-based line numbers skipped in the metadata file
+    # Metadata rows naming a file an earlier row already named (`a.png`, `./a.png`): the last row wins. Normalised
+    # file name → the line number whose caption won; the count is the number of rows overridden.
+    n_duplicate_rows: int = 0
+    duplicate_winners: dict[str, int] = field(default_factory=dict)
+    n_symlinks_outside: int = 0  # file symlinks pointing outside the folder that were followed (refused: skipped)
 
     def skip(self, reason: str, n: int = 1) -> None:
         """Count `n` files dropped for `reason`."""
@@ -93,6 +111,13 @@ def format_summary(summary: DataSummary) -> str:
         more = "" if len(summary.bad_metadata_lines) <= len(shown) else ", …"
         line += (f", {len(summary.bad_metadata_lines)} bad metadata line(s) skipped "
                  f"(line {', '.join(map(str, shown))}{more})")
+    if summary.n_duplicate_rows:
+        won = list(summary.duplicate_winners.items())
+        shown = ", ".join(f"{name} from line {number}" for name, number in won[:5]) + (", …" if len(won) > 5 else "")
+        line += f", {summary.n_duplicate_rows} duplicate metadata row(s) overridden (the last row wins: {shown})"
+    if summary.n_symlinks_outside:
+        line += (f", {summary.n_symlinks_outside} symlink(s) to files outside the folder followed "
+                 "(data.follow_symlinks=false skips them)")
     if summary.n_decode_errors:
         line += f", {summary.n_decode_errors} decode errors while loading"
     return line
@@ -278,14 +303,14 @@ def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 2.0) -> li
     """(h, w) buckets, multiples of `step`, with h·w ≤ resolution² and the widest side at most `max_aspect` × the other;
     for each height the widest such width (SDXL's table is this rule at 1024 with step 64)."""
     if step < 1 or max_aspect < 1:
-        raise ValueError(f"data.bucket_step must be >= 1 and data.bucket_max_aspect >= 1, got {step}, {max_aspect}")
+        raise DataError(f"data.bucket_step must be >= 1 and data.bucket_max_aspect >= 1, got {step}, {max_aspect}")
     area, found = resolution * resolution, []
     for h in range(step, area // step + 1, step):
         w = area // h // step * step
         if w >= step and max(h, w) <= max_aspect * min(h, w):
             found.append((h, w))
     if not found:
-        raise ValueError(f"no bucket of multiples of data.bucket_step={step} fits data.resolution={resolution}")
+        raise DataError(f"no bucket of multiples of data.bucket_step={step} fits data.resolution={resolution}")
     return found
 
 
@@ -511,9 +536,9 @@ def _decode_text(raw: bytes, summary: DataSummary) -> str:
         return raw.decode("utf-8-sig", errors="replace")
 
 
-def _metadata_rows(path: Path, summary: DataSummary) -> tuple[list[dict], set]:
-    """Rows of `metadata.jsonl` / `.csv` that parse and name a file, and every column seen; any other line is skipped
-    and its (1-based) number kept in the summary."""
+def _metadata_rows(path: Path, summary: DataSummary) -> tuple[list[tuple[int, dict]], set]:
+    """(1-based line number, row) for the rows of `metadata.jsonl` / `.csv` that parse and name a file, and every
+    column seen; any other line is skipped and its number kept in the summary."""
     rows, columns = [], set()
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(_decode_text(path.read_bytes(), summary), newline=""))
@@ -523,7 +548,7 @@ def _metadata_rows(path: Path, summary: DataSummary) -> tuple[list[dict], set]:
             if None in row or not row.get("file_name"):
                 summary.bad_metadata_lines.append(reader.line_num)
             else:
-                rows.append(row)
+                rows.append((reader.line_num, row))
         return rows, columns
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -535,7 +560,7 @@ def _metadata_rows(path: Path, summary: DataSummary) -> tuple[list[dict], set]:
                 row = None
             columns.update(row if isinstance(row, dict) else ())
             if isinstance(row, dict) and isinstance(row.get("file_name"), str) and row["file_name"]:
-                rows.append(row)
+                rows.append((number, row))
             else:
                 summary.bad_metadata_lines.append(number)
     return rows, columns
@@ -547,34 +572,76 @@ def _read_metadata(root: Path, caption_column: str, summary: DataSummary | None 
     if not found:
         return None
     if len(found) > 1:
-        raise ValueError(f"both {' and '.join(str(p) for p in found)} exist; keep one so captions are unambiguous")
+        raise DataError(f"both {' and '.join(str(p) for p in found)} exist; keep one so captions are unambiguous")
     path = found[0]
-    rows, seen = _metadata_rows(path, summary if summary is not None else DataSummary())
+    summary = summary if summary is not None else DataSummary()
+    rows, seen = _metadata_rows(path, summary)
     columns = sorted(str(k) for k in seen)
     # A column missing from the whole file is a configuration error, not a few bad lines.
     for column in ("file_name", caption_column):
         if seen and column not in seen:
-            raise ValueError(f"column {column!r} not found in {path}; available columns: {columns}")
-    return {PurePosixPath(str(row["file_name"]).replace("\\", "/")).as_posix(): _caption_text(row.get(caption_column))
-            for row in rows}
+            raise DataError(f"column {column!r} not found in {path}; available columns: {columns}")
+    captions: dict[str, str] = {}
+    for number, row in rows:
+        # One name per file: `./a.png`, `a.png` and `sub/../a.png` are the same row key.
+        name = posixpath.normpath(str(row["file_name"]).replace("\\", "/"))
+        if name in captions:  # a duplicate: the last row wins, and the summary says which line that was
+            summary.n_duplicate_rows += 1
+            summary.duplicate_winners[name] = number
+        captions[name] = _caption_text(row.get(caption_column))
+    if summary.n_duplicate_rows:
+        winners = list(summary.duplicate_winners.items())[:10]
+        logger.warning("data: %s names %d file(s) more than once; the last row wins: %s", path, len(winners),
+                       ", ".join(f"{name} (line {number}: {captions[name]!r})" for name, number in winners))
+    return captions
+
+
+def _visible_files(root: Path) -> list[Path]:
+    """Every file under `root` (recursive, sorted by relative path) outside hidden folders (.ipynb_checkpoints, .git,
+    …: copies and junk, not training data). Symlinked folders are not descended into (pathlib's rglob)."""
+    return sorted((p for p in root.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                  key=lambda p: p.relative_to(root).as_posix())
+
+
+def _outside(files: list[Path], root: Path) -> set[Path]:
+    """The files whose real location (symlinks resolved) is outside `root`."""
+    real_root = root.resolve()
+    return {p for p in files if not p.resolve().is_relative_to(real_root)}
+
+
+def _count_listed_files(metadata: dict[str, str], visible: list[Path], root: Path, summary: DataSummary) -> None:
+    """Metadata rows whose file is absent → `missing_file`; unreadable formats (a GIF, listed or not, or any other
+    listed non-image file) → `unsupported_format`."""
+    present = {p.relative_to(root).as_posix(): p for p in visible}
+    unsupported = {rel for rel, p in present.items() if p.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS}
+    unsupported |= {rel for rel in metadata if rel in present and present[rel].suffix.lower() not in IMAGE_EXTENSIONS}
+    summary.skip("unsupported_format", len(unsupported))
+    summary.skip("missing_file", len(set(metadata) - set(present)))
 
 
 def index_folder(cfg: Any, summary: DataSummary):
-    """Image files under `cfg.path` (recursive, sorted) with captions from metadata, then `.txt`, else ''."""
+    """Image files under `cfg.path` (recursive, sorted) with captions from metadata, then `.txt`, else ''.
+
+    A file symlink pointing outside the folder is followed and counted (`data.follow_symlinks=false`: skipped as
+    `symlink_outside`)."""
     root = Path(cfg.path)
     if not root.is_dir():
-        raise ValueError(f"data.path {str(root)!r} is not a directory")
-    # Hidden folders (.ipynb_checkpoints, .git, ...) hold copies and junk, not training data.
-    files = sorted(
-        (p for p in root.rglob("*")
-         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-         and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
+        raise DataError(f"data.path {str(root)!r} is not a directory")
+    visible = _visible_files(root)
+    files = [p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
+        gifs = [p.name for p in visible if p.suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS]
+        hint = f" ({len(gifs)} file(s) in unsupported formats, e.g. {gifs[0]}: convert them to PNG)" if gifs else ""
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}{hint}")
     metadata = _read_metadata(root, cfg.caption_column, summary) or {}
-    summary.skip("missing_file", len(set(metadata) - {p.relative_to(root).as_posix() for p in files}))
+    _count_listed_files(metadata, visible, root, summary)
+    outside = _outside(files, root)
+    if cfg.follow_symlinks:
+        summary.n_symlinks_outside = len(outside)
+    else:
+        summary.skip("symlink_outside", len(outside))
+        files = [p for p in files if p not in outside]
 
     def candidates() -> Iterator[tuple[Path, Path, str]]:
         for path in files:
@@ -611,7 +678,7 @@ def _load_hf(path: str, split: str):
         loaded = datasets.load_from_disk(str(folder))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"split {split!r} not found in {path!r}; available splits: {sorted(loaded)}")
+                raise DataError(f"split {split!r} not found in {path!r}; available splits: {sorted(loaded)}")
             loaded = loaded[split]
         return loaded
     if folder.is_dir():
@@ -626,9 +693,10 @@ def index_hf(cfg: Any, summary: DataSummary):
     ds = _load_hf(cfg.path, cfg.split)
     for column in (cfg.image_column, cfg.caption_column):
         if column not in ds.column_names:
-            raise ValueError(f"column {column!r} not found in dataset {cfg.path!r}; available columns: {ds.column_names}")
+            raise DataError(f"column {column!r} not found in dataset {cfg.path!r}; "
+                            f"available columns: {ds.column_names}")
     if len(ds) == 0:
-        raise ValueError(f"dataset {cfg.path!r} (split {cfg.split!r}) has no rows")
+        raise DataError(f"dataset {cfg.path!r} (split {cfg.split!r}) has no rows")
     ds = ds.select_columns([cfg.image_column, cfg.caption_column])
     if isinstance(ds.features[cfg.image_column], datasets.Image):
         # decode=False hands us {"bytes", "path"}: we decode ourselves, once, with our own error handling.
@@ -651,10 +719,10 @@ def _shard_paths(spec: str) -> list[Path]:
     folder = Path(spec)
     paths = sorted(folder.glob("*.tar")) if folder.is_dir() else [Path(p) for p in braceexpand(spec)]
     if not paths:
-        raise ValueError(f"no .tar shards found for data.path {spec!r}")
+        raise DataError(f"no .tar shards found for data.path {spec!r}")
     for path in paths:
         if not path.is_file():
-            raise ValueError(f"data.path {spec!r}: shard {str(path)} does not exist")
+            raise DataError(f"data.path {spec!r}: shard {str(path)} does not exist")
     return paths
 
 
@@ -748,15 +816,15 @@ def _check_stream_urls(spec: str, urls: list[str]) -> None:
     from webdataset.gopen import gopen_schemes
 
     if not urls:
-        raise ValueError(f"no shards found for data.path {spec!r}")
+        raise DataError(f"no shards found for data.path {spec!r}")
     for url in urls:
         scheme = urlparse(url).scheme if _SCHEME.match(url) else ""
         if scheme in ("", "file"):
             path = Path(url2pathname(urlparse(url).path)) if scheme else Path(url)
             if not path.is_file():
-                raise ValueError(f"data.path {spec!r}: shard {str(path)} does not exist")
+                raise DataError(f"data.path {spec!r}: shard {str(path)} does not exist")
         elif scheme not in gopen_schemes:
-            raise ValueError(f"data.path {spec!r}: no reader for {scheme}:// URLs; stream them through a command, "
+            raise DataError(f"data.path {spec!r}: no reader for {scheme}:// URLs; stream them through a command, "
                              f"e.g. 'pipe:aws s3 cp {url} -' (readers: pipe:, file:, "
                              f"{', '.join(sorted(k + '://' for k in gopen_schemes if k not in ('__default__', 'pipe')))})")
 
@@ -850,7 +918,7 @@ class StreamingImages:
             for found, slot in enumerate(slots, start=1):
                 yield slot
             if not found:
-                raise ValueError(f"data.path {self.path!r}: no usable sample in shard(s) {', '.join(shards)} "
+                raise DataError(f"data.path {self.path!r}: no usable sample in shard(s) {', '.join(shards)} "
                                  f"({format_summary(self.summary)})")
 
     def batches(self, rank: int, world_size: int, worker: int, num_workers: int, batch_size: int, n_batches: int,
@@ -935,11 +1003,11 @@ def stream_loader(stream: StreamingImages, collate, batch_size: int, num_workers
     accumulation) optimiser steps, the same on every rank."""
     steps = stream.num_samples // (world_size * batch_size * accumulation)
     if steps == 0:
-        raise ValueError(f"data.num_samples={stream.num_samples} is less than one optimiser step's global batch "
+        raise DataError(f"data.num_samples={stream.num_samples} is less than one optimiser step's global batch "
                          f"({world_size} process(es) × train.batch_size={batch_size} × accumulation {accumulation})")
     readers = world_size * max(1, num_workers)
     if len(stream.urls) < readers:
-        raise ValueError(f"data.path {stream.path!r} has {len(stream.urls)} shard(s), fewer than the {readers} "
+        raise DataError(f"data.path {stream.path!r} has {len(stream.urls)} shard(s), fewer than the {readers} "
                          f"readers ({world_size} process(es) × data.num_workers={num_workers}): each reads whole "
                          f"shards, so use more (smaller) shards or fewer data.num_workers")
     epoch = StreamEpoch(stream, batch_size, steps * accumulation, rank, world_size)
@@ -949,11 +1017,11 @@ def stream_loader(stream: StreamingImages, collate, batch_size: int, num_workers
 def build_stream(cfg: Any, seed: int = 0) -> StreamingImages:
     """A streaming webdataset source from a data config; refuses what a stream cannot do, naming the key."""
     if cfg.num_samples is None:
-        raise ValueError(f"data.num_samples is required to stream {cfg.path!r}: a stream has no length, and the "
+        raise DataError(f"data.num_samples is required to stream {cfg.path!r}: a stream has no length, and the "
                          "epoch (shard reshuffle, resume replay) is that many samples over all ranks; set it to about "
                          "the number of samples in the shards")
     if cfg.max_samples is not None:
-        raise ValueError("data.max_samples applies to indexed sources; a stream's epoch is data.num_samples")
+        raise DataError("data.max_samples applies to indexed sources; a stream's epoch is data.num_samples")
     urls = _stream_urls(str(cfg.path))
     _check_stream_urls(str(cfg.path), urls)
     table = bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_aspect) if cfg.buckets else None
@@ -969,16 +1037,17 @@ def build_dataset(cfg: Any, seed: int = 0) -> CaptionedImages | StreamingImages:
     """Index `cfg.source`, drop unusable files, log the summary once; raises ValueError if nothing is usable.
     Streaming webdataset sources (`is_streaming`) are not indexed: their samples are checked as they arrive."""
     if cfg.source not in SOURCES:
-        raise ValueError(f"unknown data.source {cfg.source!r}; choose one of {sorted(SOURCES)}")
+        raise DataError(f"unknown data.source {cfg.source!r}; choose one of {sorted(SOURCES)}")
     if cfg.resolution <= 0:
-        raise ValueError(f"data.resolution must be positive, got {cfg.resolution}")
+        raise DataError(f"data.resolution must be positive, got {cfg.resolution}")
     if is_streaming(cfg):
         return build_stream(cfg, seed)
     summary = DataSummary()
     images, captions, sizes = SOURCES[cfg.source](cfg, summary)
     if summary.n_ok == 0:
-        raise ValueError(f"no usable image in {str(cfg.path)!r}: {format_summary(summary)}")
-    problems = summary.n_skipped or summary.n_missing_caption or summary.n_caption_not_utf8 or summary.bad_metadata_lines
+        raise DataError(f"no usable image in {str(cfg.path)!r}: {format_summary(summary)}")
+    problems = (summary.n_skipped or summary.n_missing_caption or summary.n_caption_not_utf8
+                or summary.bad_metadata_lines or summary.n_duplicate_rows or summary.n_symlinks_outside)
     logger.log(logging.WARNING if problems else logging.INFO, format_summary(summary))
     table = bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_aspect) if cfg.buckets else None
     return CaptionedImages(

@@ -13,9 +13,10 @@ import torch
 from accelerate.utils import set_seed
 
 from .cache import CachedDataset
-from .config import load_config, to_yaml
+from .config import check_config, load_config, mark_missing, resolve_config, to_yaml
 from .consistency import LCDSpec
 from .data import StreamingImages, build_dataset, collate_fn, format_summary
+from .errors import DataError
 from .models import encoder_names, load_pipeline, module_names, noise_schedule_of, weight_dtype_for
 from .sampling import generate, image_grid, lcm_scheduler_for
 from .schedule import SolverGrid
@@ -48,10 +49,13 @@ class Run:
 def prepare_run(args: argparse.Namespace, schema) -> Optional[Run]:
     """Resolve the config (None after --dry-run), then data before models, then the teacher pipeline and the spec."""
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    cfg = load_config(args.config, overrides, schema=schema)
     if args.dry_run:
-        print(to_yaml(cfg))
+        # Print what resolved, with missing required keys marked, before saying what is wrong (exit status 2).
+        cfg = resolve_config(args.config, overrides, schema=schema)
+        print(mark_missing(to_yaml(cfg), cfg))
+        check_config(cfg)
         return None
+    cfg = load_config(args.config, overrides, schema=schema)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     accelerator = make_accelerator(cfg.train)
     # Important: seed everything that draws from the global RNGs (LoRA init, the student copy). torch's default
@@ -63,7 +67,7 @@ def prepare_run(args: argparse.Namespace, schema) -> Optional[Run]:
     summary = dataset.describe() if isinstance(dataset, StreamingImages) else format_summary(dataset.summary)
     accelerator.print(summary)
     if len(dataset) < cfg.train.batch_size:
-        raise ValueError(f"only {len(dataset)} usable image(s), fewer than train.batch_size={cfg.train.batch_size} "
+        raise DataError(f"only {len(dataset)} usable image(s), fewer than train.batch_size={cfg.train.batch_size} "
                          f"({summary})")
     # From a cache, the VAE and text encoders stay on disk; validation loads them when it first needs them.
     pipe = load_pipeline(cfg.model.kind, cfg.model.pretrained, weight_dtype_for(cfg.train.mixed_precision),

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import PathNotFoundError, write_guard
 from .guidance import guidance_scale_from_w
 from .lora import check_lora_landed, save_lora
 from .models import PIPELINES
@@ -25,9 +26,10 @@ def export_lora_run(model, pipeline_cls, teacher_scheduler_config, cfg, final_di
     """Write `final/` so `pipe.load_lora_weights(final)` (PixArt: `PeftModel.from_pretrained(pipe.transformer, final)`)
     and `LCMScheduler.from_pretrained(final/'scheduler')` work."""
     final_dir = Path(final_dir)
-    final_dir.mkdir(parents=True, exist_ok=True)
-    save_lora(model, final_dir, pipeline_cls)
-    return _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir, steps_trained, data_summary)
+    with write_guard(final_dir):  # a full disk names the folder and the free space, not "unexpected pos"
+        final_dir.mkdir(parents=True, exist_ok=True)
+        save_lora(model, final_dir, pipeline_cls)
+        return _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir, steps_trained, data_summary)
 
 
 def export_unet_run(model, teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
@@ -35,9 +37,10 @@ def export_unet_run(model, teacher_scheduler_config, cfg, final_dir: Path, steps
     """Full LCD: `final/unet` (a UNet with a guidance embedding; PixArt: `final/transformer`), loadable into the stock
     pipeline, + scheduler + card."""
     final_dir = Path(final_dir)
-    final_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(final_dir / subfolder), safe_serialization=True)
-    return _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir, steps_trained, data_summary)
+    with write_guard(final_dir):
+        final_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(final_dir / subfolder), safe_serialization=True)
+        return _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir, steps_trained, data_summary)
 
 
 def _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
@@ -247,13 +250,13 @@ def read_run(run) -> tuple[Path, DictConfig]:
     run = Path(run)
     final, config = run / "final", run / "config.yaml"
     if not config.is_file():
-        raise FileNotFoundError(f"{run} is not a finished training run: {config} is missing")
+        raise PathNotFoundError(f"{run} is not a finished training run: {config} is missing")
     cfg = OmegaConf.load(config)
     if cfg.model.get("kind") == "pixart":  # kohya/ComfyUI naming and diffusers' fusing are UNet-only
         raise ValueError(f"lcm export covers UNet LoRAs; {run} is a PixArt run, whose final/ is already in PEFT's "
                          "format (PeftModel.from_pretrained(pipe.transformer, final)); lcm sample merges it")
     if not (final / LORA_FILE).is_file():
-        raise FileNotFoundError(f"{run} is not a finished training run: {final / LORA_FILE} is missing")
+        raise PathNotFoundError(f"{run} is not a finished training run: {final / LORA_FILE} is missing")
     return final, cfg
 
 
@@ -331,4 +334,5 @@ def export_run(run, fmt: str, out=None, base: Optional[str] = None) -> Path:
         raise ValueError(f"unknown export format {fmt!r}; valid: {sorted(EXPORT_FORMATS)}")
     final, cfg = read_run(run)
     out = Path(out) if out else Path(run) / "export" / fmt
-    return EXPORT_FORMATS[fmt](final, cfg, str(base or cfg.model.pretrained), out)
+    with write_guard(out):
+        return EXPORT_FORMATS[fmt](final, cfg, str(base or cfg.model.pretrained), out)

@@ -24,6 +24,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from .errors import LoraMismatchError
+
 PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."  # how a PeftModel names the wrapped model's modules in its saved weights
 
@@ -39,8 +41,10 @@ def add_lora(model, rank: int, alpha: float, target_modules: Iterable[str], drop
         else:  # no diffusers integration (PixArt): inject with PEFT and record the config where PEFT's utils look
             inject_adapter_in_model(config, model, adapter_name="default")
             model.peft_config = {"default": config}
-    except ValueError as err:  # PEFT's message does not name our config key
-        raise ValueError(f"lora.target_modules={list(target_modules)}: {err}") from err
+    except ValueError as err:  # PEFT's message does not name our config key; only its target-module errors are ours
+        what = (f"lora.target_modules={list(target_modules)}" if "target module" in str(err).lower() else
+                f"LoRA (lora.rank={rank}, lora.alpha={alpha}, lora.dropout={dropout})")
+        raise ValueError(f"{what}: {err}") from err
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     if not params:
         raise ValueError(f"no module matched lora.target_modules={list(target_modules)}")
@@ -161,13 +165,13 @@ def check_lora_matches(unet, state_dict: dict[str, torch.Tensor]) -> None:
             rank = tensor.shape[0] if part in ("lora_A", "lora.down") else tensor.shape[1]
             want = _expected_lora_shape(module, part, rank)
             if want is not None and tuple(tensor.shape) != want:
-                raise ValueError(
+                raise LoraMismatchError(
                     f"LoRA does not match this UNet (trained on a different base model, or another lora.rank?): "
                     f"first mismatch at module {name!r}: {part} has shape {tuple(tensor.shape)}, this UNet needs "
                     f"{want}")
     missing = [name for name in by_module if name not in modules]
     if missing:
-        raise ValueError(f"LoRA does not match this UNet: it adapts {len(missing)} module(s) the UNet does not have, "
+        raise LoraMismatchError(f"LoRA does not match this UNet: it adapts {len(missing)} module(s) the UNet does not have, "
                          f"first: {missing[0]!r}")
 
 
@@ -188,7 +192,7 @@ def load_lora_into_training_unet(unet, state_dict: dict[str, torch.Tensor], sour
 _KOHYA_ALPHA = ".alpha"  # kohya's per-module scalar: it becomes the adapter's scale (config), not a tensor on a module
 
 
-class LoRALoadError(ValueError):
+class LoRALoadError(LoraMismatchError):
     """A LoRA file whose tensors did not all land on the model: refused rather than sampled half-loaded."""
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from .errors import ModelError
 from .guidance import w_embedding
 from .ema import ema_update_
 from .lora import adapters_disabled, swapped_weights
@@ -59,10 +60,14 @@ def load_pipeline(kind: str, pretrained: str, torch_dtype=torch.float32, revisio
     if kind not in PIPELINES:
         raise ValueError(f"unknown model.kind {kind!r}; valid: {sorted(PIPELINES)}")
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd15" else {}
-    pipe = load_pretrained(PIPELINES[kind], pretrained, config_dir, torch_dtype=torch_dtype, revision=revision,
+    # `dtype` (diffusers >= 0.36 deprecates `torch_dtype`), per component for a folder: the VAE loads in fp32 for
+    # encode/decode whatever the weight dtype; loading it so, rather than casting after, keeps diffusers' keep-in-fp32
+    # logic intact. A single file takes one dtype, so its VAE is cast after.
+    dtype = torch_dtype if is_single_file(pretrained) else {"default": torch_dtype, "vae": torch.float32}
+    pipe = load_pretrained(PIPELINES[kind], pretrained, config_dir, torch_dtype=dtype, revision=revision,
                            variant=variant, **extra, **{name: None for name in without})
-    if pipe.vae is not None:
-        pipe.vae.to(torch.float32)  # fp32 VAE encode/decode, whatever the weight dtype
+    if pipe.vae is not None and pipe.vae.dtype != torch.float32:
+        pipe.vae.to(torch.float32)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()
@@ -82,7 +87,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 REFERENCE_CONFIGS = {"mini_teacher": ASSETS / "mini_teacher"}
 
 
-class SingleFileError(ValueError):
+class SingleFileError(ModelError):
     """A single-file checkpoint that cannot be loaded as asked (no configs, a component missing from the file)."""
 
 
@@ -102,6 +107,8 @@ def load_pretrained(cls, pretrained: str, config_dir: Optional[str] = None, **kw
     `single_file_configs`, fully offline (`local_files_only=True`). `cls` may be `DiffusionPipeline`: the pipeline
     class then comes from the config folder's model_index.json."""
     if not is_single_file(pretrained):
+        if "torch_dtype" in kwargs:  # from_pretrained's name for it is `dtype` (diffusers >= 0.36 deprecates the old)
+            kwargs["dtype"] = kwargs.pop("torch_dtype")
         return cls.from_pretrained(pretrained, use_safetensors=True, **kwargs)
     revision, variant = kwargs.pop("revision", None), kwargs.pop("variant", None)
     if revision or variant:
@@ -126,7 +133,7 @@ def load_unet(pretrained: str, config_dir: Optional[str] = None, torch_dtype=tor
     from diffusers import UNet2DConditionModel
 
     if not is_single_file(pretrained):
-        return UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", torch_dtype=torch_dtype)
+        return UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", dtype=torch_dtype)
     folder = single_file_configs(pretrained, config_dir)
     unet = UNet2DConditionModel.from_single_file(str(pretrained), config=str(folder), subfolder="unet",
                                                  local_files_only=True, torch_dtype=torch_dtype)

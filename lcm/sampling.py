@@ -104,7 +104,7 @@ def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (
     scheduler_config = pipe.scheduler.config
     if student:
         folder, name = resolve_student_dir(student), denoiser_name(pipe)
-        setattr(pipe, name, type(getattr(pipe, name)).from_pretrained(str(folder), torch_dtype=torch_dtype))
+        setattr(pipe, name, type(getattr(pipe, name)).from_pretrained(str(folder), dtype=torch_dtype))
         scheduler_config = _saved_scheduler_config(folder.parent) or scheduler_config
     if loras and not hasattr(pipe, "load_lora_weights"):  # PixArt: no diffusers LoRA loader
         scheduler_config = _load_peft_lora(pipe, loras) or scheduler_config

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .config import to_yaml
 from .data import StreamEpoch, build_loader
+from .errors import DataError, PathNotFoundError, WriteError, write_guard
 
 logger = logging.getLogger("lcm")
 
@@ -183,7 +184,8 @@ def resolve_resume(output_dir, resume: Optional[str]) -> Optional[Path]:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "counters.json").is_file():
-        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint folder")
+        raise PathNotFoundError(f"train.resume={resume!r} is not a complete checkpoint folder (no counters.json); "
+                                f"use 'latest' or one of {checkpoint_dir(output_dir)}/step-*")
     return path
 
 
@@ -196,8 +198,19 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def last_good_checkpoint(output_dir) -> str:
+    """The newest complete checkpoint, as error messages name it ("none yet in …" before the first)."""
+    kept = list_checkpoints(output_dir)
+    return str(kept[-1]) if kept else f"none yet in {checkpoint_dir(output_dir)}"
+
+
 def save_checkpoint(accelerator: Accelerator, task: TrainingTask, cfg, step: int) -> Optional[Path]:
-    """accelerate state + our counters + extra tensors, written to `.tmp-step-N` then renamed (atomic on POSIX)."""
+    """accelerate state + our counters + extra tensors, written to `.tmp-step-N` then renamed (atomic on POSIX).
+
+    A failed write (a full disk: torch reports it as "inline_container.cc … unexpected pos") raises a `WriteError`
+    naming the folder, the free space and the last good checkpoint, which stays the latest; the partial folder is
+    removed to give the space back.
+    """
     root = checkpoint_dir(cfg.train.output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
     tmp = root / f".tmp-{final.name}"
@@ -208,6 +221,26 @@ def save_checkpoint(accelerator: Accelerator, task: TrainingTask, cfg, step: int
     if bad:
         raise FloatingPointError(f"{bad} trainable tensor(s) are not finite at step {step}; not writing a checkpoint, "
                                  f"so the last good one stays the latest in {root}")
+    try:
+        with write_guard(final, last_good_checkpoint(cfg.train.output_dir)):  # named as it would have been
+            _write_checkpoint_files(accelerator, task, cfg, step, tmp)
+    except WriteError:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if accelerator.is_main_process:
+        if final.exists():  # re-saving a step (a resume from an older checkpoint): the new state wins
+            _discard(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(cfg.train.output_dir)[: -cfg.train.checkpoints_total_limit]:
+            _discard(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint_files(accelerator: Accelerator, task: TrainingTask, cfg, step: int, tmp: Path) -> None:
+    """Everything a checkpoint holds, into the temporary folder `tmp` (renamed into place by the caller)."""
+    root = tmp.parent
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         for stale in [*root.glob(".tmp-*"), *root.glob(".del-*")]:  # left behind by a crash mid-write or mid-delete
@@ -222,13 +255,6 @@ def save_checkpoint(accelerator: Accelerator, task: TrainingTask, cfg, step: int
         (tmp / "config.yaml").write_text(to_yaml(cfg))
         # counters.json is written last: its presence marks the folder complete.
         (tmp / "counters.json").write_text(json.dumps({"global_step": step}))
-        if final.exists():  # re-saving a step (a resume from an older checkpoint): the new state wins
-            _discard(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(cfg.train.output_dir)[: -cfg.train.checkpoints_total_limit]:
-            _discard(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def load_checkpoint(accelerator: Accelerator, task: TrainingTask, path: Path) -> int:
@@ -269,8 +295,9 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        with write_guard(out / "config.yaml"):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(to_yaml(cfg))
     if task.save_model_hook:
         accelerator.register_save_state_pre_hook(task.save_model_hook)
     if task.load_model_hook:
@@ -280,7 +307,7 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
                                           rank=accelerator.process_index, world_size=accelerator.num_processes,
                                           accumulation=tc.gradient_accumulation_steps)
     if len(loader) == 0:
-        raise ValueError(f"dataset has {len(task.dataset)} usable samples, fewer than train.batch_size={tc.batch_size}")
+        raise DataError(f"dataset has {len(task.dataset)} usable samples, fewer than train.batch_size={tc.batch_size}")
     optimizer = build_optimizer(task.params, cfg.optim)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, tc.max_train_steps, accelerator.num_processes)
     # Important: a stream's loader is already this rank's (disjoint shards). accelerate.prepare would shard an iterable
@@ -335,10 +362,9 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
                     per_sample, diagnostics = task.loss_fn(model, batch, gens)
                 loss = per_sample.mean()
                 if not torch.isfinite(loss):
-                    kept = list_checkpoints(out)
                     raise FloatingPointError(
                         f"loss is {loss.item()} in step {global_step + 1} (after {global_step} completed steps); "
-                        f"stopping. Last good checkpoint: {kept[-1] if kept else f'none yet in {checkpoint_dir(out)}'}"
+                        f"stopping. Last good checkpoint: {last_good_checkpoint(out)}"
                         " — lower optim.lr or try train.mixed_precision=no, then resume from it.")
                 accelerator.backward(loss)
                 grad_norm = clip_and_step(accelerator, task.params, optimizer, lr_scheduler, cfg.optim.max_grad_norm)
@@ -364,6 +390,7 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        task.export(out / "final")
+        with write_guard(out / "final", last_good_checkpoint(out)):  # a full disk: say so, and what survives
+            task.export(out / "final")
     accelerator.end_training()
     return global_step

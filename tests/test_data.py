@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from lcm.data import add_time_ids, build_dataset, collate_fn, format_summary, to_rgb
+from lcm.errors import DataError
 
 from _helpers import data_cfg
 
@@ -308,3 +309,67 @@ def test_hf_imagefolder_directory(tmp_path, monkeypatch):
 def test_unknown_source_lists_choices(tmp_path):
     with pytest.raises(ValueError, match=r"'s3'.*folder.*hf"):
         build_dataset(make_cfg(tmp_path, source="s3"))
+
+
+# --- folder edges (issue 14 item 4) -------------------------------------------------------------------------------
+
+
+def _save_animated_gif(path):
+    frames = [Image.new("P", (32, 32), i) for i in (1, 2)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def test_animated_gif_is_unsupported_format_not_missing(tmp_path):
+    """A GIF listed in metadata.jsonl exists: it was counted as missing_file. GIFs are not read (convert to PNG)."""
+    save_rgb(tmp_path / "a.png")
+    _save_animated_gif(tmp_path / "anim.gif")
+    _save_animated_gif(tmp_path / "unlisted.gif")
+    rows = [{"file_name": "a.png", "text": "a"}, {"file_name": "anim.gif", "text": "moving"},
+            {"file_name": "gone.png", "text": "absent"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = build_dataset(make_cfg(tmp_path))
+    assert [p.name for p in ds.images] == ["a.png"]
+    assert ds.summary.n_skipped == {"unsupported_format": 2, "missing_file": 1}
+    assert "unsupported_format=2" in format_summary(ds.summary)
+
+
+def test_folder_of_only_gifs_says_so(tmp_path):
+    _save_animated_gif(tmp_path / "anim.gif")
+    with pytest.raises(DataError, match=r"no images .*1 file\(s\) in unsupported formats, e\.g\. anim\.gif"):
+        build_dataset(make_cfg(tmp_path))
+
+
+def test_duplicate_metadata_rows_are_counted_and_the_winner_named(tmp_path, caplog):
+    save_rgb(tmp_path / "a.png")
+    save_rgb(tmp_path / "b.png")
+    rows = [{"file_name": "a.png", "text": "first a"}, {"file_name": "./a.png", "text": "second a"},
+            {"file_name": "b.png", "text": "first b"}, {"file_name": "b.png", "text": "second b"},
+            {"file_name": "sub/../b.png", "text": "third b"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="lcm.data"):
+        ds = build_dataset(make_cfg(tmp_path))
+    assert {ds.images[i].name: ds.captions[i] for i in range(len(ds))} == {"a.png": "second a", "b.png": "third b"}
+    s = ds.summary
+    assert s.n_duplicate_rows == 3 and s.duplicate_winners == {"a.png": 2, "b.png": 5} and not s.n_skipped
+    line = format_summary(s)
+    assert "3 duplicate metadata row(s) overridden (the last row wins: a.png from line 2, b.png from line 5)" in line
+    assert "a.png (line 2: 'second a')" in caplog.text
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_symlink_to_outside_the_folder_is_counted_and_refusable(tmp_path, follow):
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    save_rgb(root / "a.png")
+    save_rgb(root / "sub" / "inside.png")
+    save_rgb(elsewhere / "b.png")
+    (root / "link_out.png").symlink_to(elsewhere / "b.png")
+    (root / "link_in.png").symlink_to(root / "sub" / "inside.png")  # inside the folder: not this rule's business
+    ds = build_dataset(make_cfg(root, follow_symlinks=follow))
+    names = sorted(p.name for p in ds.images)
+    if follow:
+        assert names == ["a.png", "inside.png", "link_in.png", "link_out.png"]
+        assert ds.summary.n_symlinks_outside == 1 and not ds.summary.n_skipped
+        assert "1 symlink(s) to files outside the folder followed" in format_summary(ds.summary)
+    else:
+        assert names == ["a.png", "inside.png", "link_in.png"]
+        assert ds.summary.n_skipped == {"symlink_outside": 1} and ds.summary.n_symlinks_outside == 0

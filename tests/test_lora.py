@@ -66,6 +66,13 @@ def test_no_matching_target_is_an_error(unet):
         add_lora(unet, 4, 4, ["no_such_module"])
 
 
+def test_other_peft_errors_are_not_reported_as_target_module_errors(unet):
+    """PEFT's ValueError for a bad dropout used to come out as a `lora.target_modules` error."""
+    with pytest.raises(ValueError, match=r"lora\.dropout=1\.5.*dropout probability") as err:
+        add_lora(unet, 4, 4, ["to_q"], dropout=1.5)
+    assert "target_modules" not in str(err.value)
+
+
 def test_swapped_weights_restores():
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.ones(2))]
     with swapped_weights(params, [torch.full((3,), 7.0), torch.full((2,), 9.0)]):

@@ -129,3 +129,86 @@ def test_lr_warmup_from_config(tmp_path):
         return
     with pytest.raises(ImportError, match="bitsandbytes"):
         build_optimizer(p, SimpleNamespace(**{**dict(cfg.optim), "use_8bit_adam": True}))
+
+
+# --- a full disk (issue 14 item 3) -------------------------------------------------------------------------------
+
+_TORCH_DISK_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 4352 vs 4240"
+
+
+def _disk_full(kind):
+    import errno
+
+    if kind == "torch":  # what torch.save raises when the disk fills up mid-write
+        return RuntimeError(_TORCH_DISK_FULL)
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where, kind", [("torch.save", "torch"), ("safetensors", "enospc")])
+def test_full_disk_while_checkpointing_names_path_space_and_last_good(tmp_path, monkeypatch, where, kind):
+    import lcm.trainer
+    from lcm.errors import WriteError
+
+    accelerator = Accelerator(cpu=True)
+    model, task = _task()
+    accelerator.prepare(model)
+    cfg = _cfg(tmp_path, limit=3)
+    good = save_checkpoint(accelerator, task, cfg, 10)
+    before = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
+
+    def full(*args, **kwargs):
+        raise _disk_full(kind)
+
+    if where == "torch.save":  # inside accelerate's real save_state (optimizer / RNG states go through torch.save)
+        monkeypatch.setattr(torch, "save", full)
+    else:  # our extra-state file
+        monkeypatch.setattr(lcm.trainer, "save_file", full)
+    with pytest.raises(WriteError) as err:
+        save_checkpoint(accelerator, task, cfg, 20)
+    message = str(err.value)
+    assert f"could not write {tmp_path / 'checkpoints' / 'step-000020'}" in message
+    assert (_TORCH_DISK_FULL if kind == "torch" else "No space left on device") in message
+    assert f"free on {tmp_path / 'checkpoints'}" in message
+    assert f"last good checkpoint: {good}" in message and "\n" not in message
+    # The previous checkpoint is intact and still the latest; the half-written one is gone.
+    assert resolve_resume(tmp_path, "latest") == good
+    assert {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()} == before
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    monkeypatch.undo()
+    accelerator.load_state(str(good))
+
+
+def test_full_disk_while_exporting_names_final_and_last_good(tmp_path):
+    """The final export after training: the message names final/, the free space and the checkpoint to resume."""
+    from lcm.errors import WriteError
+    from lcm.trainer import make_accelerator, train
+
+    cfg = load_config(None, ["model.pretrained=x", "data.path=y", f"train.output_dir={tmp_path}",
+                             "train.max_train_steps=1", "train.checkpoint_every=1", "train.batch_size=2",
+                             "train.report_to=none", "validation.every_n_steps=0"])
+    accelerator = make_accelerator(cfg.train)
+    model = torch.nn.Linear(2, 1)
+
+    def export(final):
+        raise _disk_full("torch")
+
+    task = TrainingTask(model=model, params=list(model.parameters()), dataset=[torch.ones(2)] * 4,
+                        collate_fn=torch.stack, loss_fn=lambda m, batch, gens: (m(batch).pow(2).sum(1), {}),
+                        export=export)
+    with pytest.raises(WriteError) as err:
+        train(cfg, accelerator, task)
+    message = str(err.value)
+    assert f"could not write {tmp_path / 'final'}" in message and "free on" in message
+    assert f"last good checkpoint: {tmp_path / 'checkpoints' / 'step-000001'}" in message
+
+
+def test_full_disk_in_export_lora_run_is_a_write_error(tmp_path, monkeypatch):
+    import lcm.export
+    from lcm.errors import WriteError
+
+    def full(*args, **kwargs):
+        raise _disk_full("enospc")
+
+    monkeypatch.setattr(lcm.export, "save_lora", full)
+    with pytest.raises(WriteError, match=rf"could not write {tmp_path / 'final'}: OSError: .*No space left.* free on"):
+        lcm.export.export_lora_run(None, None, {}, None, tmp_path / "final", 1)
