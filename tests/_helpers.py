@@ -87,3 +87,50 @@ def png_bytes(size, seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def randomise_lora_b(model, seed: int) -> None:
+    """lora_B starts at zero (the LoRA would be a no-op); seeded non-zero values make every tensor distinct, as after
+    training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def write_lora_run(tiny_sdxl_dir, run: Path, rank: int, alpha: float, seed: int = 1) -> Path:
+    """A finished run folder (config.yaml + final/) for the tiny SDXL teacher, as train_lcm_lora.py leaves it, written
+    by the real export_lora_run with seeded non-zero adapters."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from lcm.config import LCM_LORA_TARGETS, load_config, to_yaml
+    from lcm.export import export_lora_run
+    from lcm.lora import add_lora
+
+    cfg = load_config("demo_lcm_lora", [f"model.pretrained={tiny_sdxl_dir}", f"lora.rank={rank}",
+                                        f"lora.alpha={alpha}", f"train.output_dir={run}"])
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    add_lora(unet, rank, alpha, LCM_LORA_TARGETS)
+    randomise_lora_b(unet, seed)
+    scheduler = EulerDiscreteScheduler.load_config(tiny_sdxl_dir, subfolder="scheduler")
+    export_lora_run(unet, StableDiffusionXLPipeline, scheduler, cfg, run / "final", steps_trained=1)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    return run
+
+
+def save_noisy_mini_lora(out: Path) -> Path:
+    """A rank-4 LoRA on the mini teacher with small random adapters (a stand-in student), saved by save_lora."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from lcm.cli import MINI_TEACHER
+    from lcm.config import LCM_LORA_TARGETS
+    from lcm.lora import add_lora, save_lora
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(MINI_TEACHER)
+    params = add_lora(pipe.unet, 4, 4, LCM_LORA_TARGETS)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01 * torch.randn_like(p))
+    save_lora(pipe.unet, out, StableDiffusionXLPipeline)
+    return out

@@ -5,20 +5,20 @@ import warnings
 
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from lcm import cli
 from lcm.cli import main as lcm_main
-from lcm.config import LCM_LORA_TARGETS, load_config, to_yaml
-from lcm.export import (EXPORT_FORMATS, KOHYA_FILE, check_kohya_round_trip, export_lora_run, kohya_name,
+from lcm.config import LCM_LORA_TARGETS
+from lcm.export import (EXPORT_FORMATS, KOHYA_FILE, check_kohya_round_trip, kohya_name,
                         peft_to_kohya)
 from lcm.lora import add_lora
 from lcm.sampling import load_pipeline_for_sampling
 
-from _helpers import sdxl_unet_inputs
+from _helpers import randomise_lora_b, sdxl_unet_inputs, write_lora_run
 
 RANK, ALPHA = 4, 8  # alpha ≠ rank, so a lost or misread alpha changes the output by a factor of 2
 
@@ -31,28 +31,10 @@ def _out(unet):
     return unet(**_unet_inputs(unet)).sample
 
 
-def _randomise_lora_b(unet, seed):
-    """lora_B starts at zero (the LoRA would be a no-op); give it seeded non-zero values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
-
 @pytest.fixture(scope="module")
 def lora_run(tiny_sdxl_dir, tmp_path_factory):
     """A run folder as train_lcm_lora.py leaves it (config.yaml + final/), written by the real export_lora_run."""
-    run = tmp_path_factory.mktemp("export") / "run"
-    cfg = load_config("demo_lcm_lora", [f"model.pretrained={tiny_sdxl_dir}", f"lora.rank={RANK}",
-                                        f"lora.alpha={ALPHA}", f"train.output_dir={run}"])
-    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
-    add_lora(unet, RANK, ALPHA, LCM_LORA_TARGETS)
-    _randomise_lora_b(unet, seed=1)
-    teacher_scheduler = EulerDiscreteScheduler.load_config(tiny_sdxl_dir, subfolder="scheduler")
-    export_lora_run(unet, StableDiffusionXLPipeline, teacher_scheduler, cfg, run / "final", steps_trained=1)
-    (run / "config.yaml").write_text(to_yaml(cfg))
-    return run
+    return write_lora_run(tiny_sdxl_dir, tmp_path_factory.mktemp("export") / "run", RANK, ALPHA)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +43,7 @@ def style_lora(tiny_sdxl_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("style")
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
     unet.add_adapter(PeftLoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
-    _randomise_lora_b(unet, seed=2)
+    randomise_lora_b(unet, seed=2)
     StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
                                                 unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     return out

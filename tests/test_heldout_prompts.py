@@ -9,6 +9,8 @@ from lcm.cli import MINI_TEACHER, main as lcm_main
 from lcm.digits import CAPTION_TEMPLATES, HELD_OUT_TEMPLATES, PROMPT_SETS, caption, eval_prompts
 from lcm.evaluate import Row, markdown_table
 
+from _helpers import save_noisy_mini_lora
+
 
 def _all_captions(templates):
     return {caption(d, t, templates) for d in range(10) for t in range(len(templates))}
@@ -56,18 +58,7 @@ def test_table_has_a_held_out_section():
 
 
 def test_lcm_eval_heldout_rows_for_teacher_and_student(tmp_path):
-    import torch
-    from diffusers import StableDiffusionXLPipeline
-
-    from lcm.config import LCM_LORA_TARGETS
-    from lcm.lora import add_lora, save_lora
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(MINI_TEACHER)
-    params = add_lora(pipe.unet, 4, 4, LCM_LORA_TARGETS)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.01 * torch.randn_like(p))
-    save_lora(pipe.unet, tmp_path / "lora", StableDiffusionXLPipeline)
+    save_noisy_mini_lora(tmp_path / "lora")
     out = tmp_path / "eval"
     assert lcm_main(["eval", "--lora", str(tmp_path / "lora"), "--out", str(out), "--n", "10", "--steps", "2",
                      "--methods", "DDIM,LCM-LoRA", "--prompts", "both"]) == 0

@@ -9,32 +9,22 @@ import warnings
 
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lcm import serve as serve_module
 from lcm.cli import MINI_TEACHER, main as lcm_main
-from lcm.config import LCM_LORA_TARGETS, load_config, to_yaml
+from lcm.config import LCM_LORA_TARGETS
 from lcm.evaluate import default_student_name, evaluate, lora_students
-from lcm.export import export_lora_run
 from lcm.lora import LoRALoadError, add_lora, load_lora_into_training_unet, lora_state_dict, save_lora
 from lcm.sampling import load_pipeline_for_sampling
 from lcm.tiny import make_captioned_image_folder
 
-from _helpers import load_entry_script
+from _helpers import load_entry_script, randomise_lora_b, write_lora_run
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ATTENTION = (".to_q.", ".to_k.", ".to_v.", ".to_out.0.")
-
-
-def _randomise_lora_b(unet, seed: int) -> None:
-    """lora_B starts at zero; seeded non-zero values make every tensor distinct, as after training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def _legacy_attention_names(state: dict) -> dict:
@@ -60,16 +50,7 @@ def _rewrite(path, transform) -> int:
 @pytest.fixture(scope="module")
 def lora_run(tiny_sdxl_dir, tmp_path_factory):
     """A finished run folder (config.yaml + final/) for the tiny SDXL teacher, written by the real export_lora_run."""
-    run = tmp_path_factory.mktemp("loading") / "run"
-    cfg = load_config("demo_lcm_lora", [f"model.pretrained={tiny_sdxl_dir}", "lora.rank=4", "lora.alpha=8",
-                                        f"train.output_dir={run}"])
-    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
-    add_lora(unet, 4, 8, LCM_LORA_TARGETS)
-    _randomise_lora_b(unet, seed=1)
-    scheduler = EulerDiscreteScheduler.load_config(tiny_sdxl_dir, subfolder="scheduler")
-    export_lora_run(unet, StableDiffusionXLPipeline, scheduler, cfg, run / "final", steps_trained=1)
-    (run / "config.yaml").write_text(to_yaml(cfg))
-    return run
+    return write_lora_run(tiny_sdxl_dir, tmp_path_factory.mktemp("loading") / "run", 4, 8)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +136,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_fully_load(tiny_sdxl_dir, tmp
 def test_resume_loader_accepts_a_complete_state_and_refuses_renamed_keys(tiny_sdxl_dir):
     source = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
     add_lora(source, 4, 4, LCM_LORA_TARGETS)
-    _randomise_lora_b(source, seed=2)
+    randomise_lora_b(source, seed=2)
     state = lora_state_dict(source)
     target = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
     add_lora(target, 4, 4, LCM_LORA_TARGETS)
@@ -177,7 +158,7 @@ def test_pixart_peft_lora_that_does_not_fully_load_is_refused(tmp_path):
     base = save_tiny_pipeline("pixart", tmp_path / "pixart", seed=0)
     pipe = PixArtAlphaPipeline.from_pretrained(base)
     add_lora(pipe.transformer, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
-    _randomise_lora_b(pipe.transformer, seed=3)
+    randomise_lora_b(pipe.transformer, seed=3)
     save_lora(pipe.transformer, tmp_path / "lora", PixArtAlphaPipeline)
     args = ["sample", "--base", str(base), "--prompt", "a red circle", "--seeds", "0", "--steps", "1", "--height",
             "16", "--width", "16", "--dtype", "fp32"]
