@@ -75,6 +75,14 @@ def test_lora_that_does_not_fit_the_base_is_one_line(tiny_sdxl_dir, tmp_path):
     _assert_one_line(proc, "lcm", "LoRA does not match this UNet", "down_blocks.0.resnets.0.conv1")
 
 
+def test_single_file_model_without_configs_is_one_line(tmp_path):
+    """A checkpoint file that no config folder describes (no model.config_dir, nothing beside it, no shipped match)."""
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(7, 4, 3, 3)}, str(tmp_path / "m.safetensors"))
+    proc = _run("-m", "lcm.cli", "sample", "--base", str(tmp_path / "m.safetensors"), "--prompt", "x",
+                "--out", str(tmp_path / "g.png"))
+    _assert_one_line(proc, "lcm", "model.config_dir")
+
+
 def test_export_of_a_folder_that_is_not_a_run_is_one_line(tmp_path):
     proc = _run("-m", "lcm.cli", "export", str(tmp_path), "--format", "kohya")
     _assert_one_line(proc, "lcm", f"{tmp_path} is not a finished training run")
