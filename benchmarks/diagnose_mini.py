@@ -28,6 +28,7 @@ def trajectory(teacher, cond, uncond, w, schedule, n_steps: int, generators):
     from diffusers.utils.torch_utils import randn_tensor
 
     from lcm.consistency import guided_denoiser
+    from lcm.solvers import ddim_step
 
     denoise = guided_denoiser(teacher, cond, uncond, w, schedule, "epsilon")
     ts = [999 - i * (1000 // n_steps) for i in range(n_steps)]
@@ -39,7 +40,7 @@ def trajectory(teacher, cond, uncond, w, schedule, n_steps: int, generators):
         x0, eps = denoise(z, t_vec)
         if i + 1 < len(ts):
             alpha_s, sigma_s = schedule.alpha_sigma(torch.full_like(t_vec, ts[i + 1]), z.ndim)
-            z = alpha_s * x0 + sigma_s * eps  # the DDIM step (lcm.solvers.ddim_step) to the next trailing timestep
+            z = ddim_step(x0, eps, alpha_s, sigma_s)  # to the next trailing timestep
     return points, x0
 
 

@@ -160,13 +160,9 @@ def markdown(title: str, rows: list[dict], teacher: dict, steps: list[int], meta
     return "\n".join(lines) + "\n"
 
 
-def parse_seeds(spec: str) -> list[int]:
-    from lcm.sampling import parse_seeds as parse
-
-    return parse(spec)
-
-
 def main(argv=None) -> dict:
+    from lcm.sampling import parse_seeds
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0-4", help="training seeds, e.g. 0-4 or 0,3,7")
     p.add_argument("--threads", type=int, default=2, help="torch threads per training run")

@@ -17,7 +17,7 @@ import argparse
 import statistics
 import sys
 
-from benchmarks.quality_mini import RESULTS, ROOT, parse_seeds, read_log, run_cell, teacher_rows
+from benchmarks.quality_mini import RESULTS, ROOT, read_log, run_cell, teacher_rows
 
 NO_ATTENTION = ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
                 "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
@@ -91,6 +91,8 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=500, help="eval samples per cell")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    from lcm.sampling import parse_seeds
+
     if not args.table:
         names = (args.cells if args.screen else args.confirm).split(",")
         unknown = [c for c in names if c not in CELLS]
