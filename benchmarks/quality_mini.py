@@ -76,24 +76,33 @@ def train(config: str, overrides: list[str], seed: int, run_dir: Path, threads: 
     return time.perf_counter() - start
 
 
+HELDOUT_STEPS = (2, 4)  # the held-out column (issue #13 item 5): prompts from templates no training caption uses
+
+
 def score(lora_dir, out_dir: Path, n: int, steps: list[int], methods=("LCM-LoRA",),
           original_inference_steps: int = 50) -> dict:
-    """`lcm eval`'s evaluate on one run (or the teacher, methods=("DDIM",)): {steps: {"fd": …, "acc": …}}."""
+    """`lcm eval`'s evaluate on one run (or the teacher, methods=("DDIM",)): {steps: {"fd": …, "acc": …}} on the
+    training caption templates, plus {"heldout": {steps: …}} at HELDOUT_STEPS on the held-out templates."""
     from lcm.evaluate import evaluate
 
     # teacher_w = 0.5 (guidance_scale 1.5) is the mini teacher's best FD and `lcm eval`'s default; evaluate()'s own
     # default differs, so it is passed explicitly.
-    rows = evaluate(str(TEACHER), str(lora_dir) if lora_dir else None, out_dir, n=n, steps=steps,
-                    teacher_extra_steps=(), teacher_w=0.5, methods=list(methods),
-                    original_inference_steps=original_inference_steps)
-    return {str(r.steps): {"fd": r.frechet, "acc": r.accuracy} for r in rows}
+    common = dict(teacher_extra_steps=(), teacher_w=0.5, methods=list(methods),
+                  original_inference_steps=original_inference_steps)
+    lora = str(lora_dir) if lora_dir else None
+    rows = evaluate(str(TEACHER), lora, out_dir, n=n, steps=steps, **common)
+    held = evaluate(str(TEACHER), lora, Path(out_dir) / "heldout", n=n, steps=HELDOUT_STEPS, prompt_sets=("heldout",),
+                    **common)
+    scores = {str(r.steps): {"fd": r.frechet, "acc": r.accuracy} for r in rows}
+    scores["heldout"] = {str(r.steps): {"fd": r.frechet, "acc": r.accuracy} for r in held}
+    return scores
 
 
 def run_cell(name: str, config: str, overrides: list[str], seeds: list[int], log: Path, runs: Path, n: int,
              steps: list[int], threads: int) -> list[dict]:
     """Train + score every seed of one cell that the log does not already hold; returns all of the cell's rows."""
     key = cell_key(config, overrides)
-    done = {r["seed"]: r for r in read_log(log) if r.get("key") == key and r["n"] == n}
+    done = {r["seed"]: r for r in read_log(log) if r.get("key") == key and r["n"] == n and "heldout" in r["scores"]}
     for seed in seeds:
         if seed in done:
             continue
@@ -122,21 +131,48 @@ def _trained_grid(run_dir: Path) -> int:
 def teacher_rows(log: Path, n: int, steps: list[int], out: Path) -> dict:
     """The teacher's DDIM scores at the same step counts, computed once per log."""
     for r in read_log(log):
-        if r.get("cell") == "teacher DDIM" and r["n"] == n and set(map(str, steps)) <= set(r["scores"]):
+        if (r.get("cell") == "teacher DDIM" and r["n"] == n and set(map(str, steps)) <= set(r["scores"])
+                and "heldout" in r["scores"]):
             return r["scores"]
     scores = score(None, out / "teacher-eval", n, steps, methods=("DDIM",))
     append_log(log, {"cell": "teacher DDIM", "key": "teacher", "n": n, "commit": commit(), "scores": scores})
     return scores
 
 
-def summarize(rows: list[dict], steps: list[int]) -> dict:
-    """Per step count: median and min–max of FD and accuracy over the rows (seeds)."""
-    out = {}
-    for k in map(str, steps):
-        fds = [r["scores"][k]["fd"] for r in rows]
-        accs = [r["scores"][k]["acc"] for r in rows]
-        out[k] = {"fd_median": statistics.median(fds), "fd_min": min(fds), "fd_max": max(fds),
-                  "acc_median": statistics.median(accs)}
+def _stats(values: list[dict]) -> dict:
+    fds, accs = [v["fd"] for v in values], [v["acc"] for v in values]
+    return {"fd_median": statistics.median(fds), "fd_min": min(fds), "fd_max": max(fds),
+            "acc_median": statistics.median(accs), "acc_min": min(accs)}
+
+
+def summarize(rows: list[dict], steps: list[int], teacher: dict | None = None) -> dict:
+    """Per step count: median and min–max of FD and accuracy over the rows (seeds); under "heldout", the same at
+    HELDOUT_STEPS on the held-out templates, with each seed's accuracy as a fraction of the teacher's (target ≥ 0.9)."""
+    out = {str(k): _stats([r["scores"][str(k)] for r in rows]) for k in steps}
+    held = {}
+    for k in map(str, HELDOUT_STEPS):
+        held[k] = _stats([r["scores"]["heldout"][k] for r in rows])
+        if teacher is not None:
+            ratios = [r["scores"]["heldout"][k]["acc"] / teacher["heldout"][k]["acc"] for r in rows]
+            held[k].update(acc_ratio_min=min(ratios), acc_ratio_median=statistics.median(ratios))
+    out["heldout"] = held
+    return out
+
+
+def targets(summary: dict, rows: list[dict]) -> list[tuple[str, bool, str]]:
+    """Issue #13's quality targets against this summary, for the step counts it holds: (target, met, measured)."""
+    out = [(f"{k} step{'s' * (k != '1')}: median FD ≤ {limit}", summary[k]["fd_median"] <= limit,
+            f"{summary[k]['fd_median']:.1f}") for k, limit in (("1", 100), ("2", 45.6), ("4", 35)) if k in summary]
+    if "4" in summary:
+        spread = summary["4"]["fd_max"] - summary["4"]["fd_min"]
+        out.append(("4-step spread (max − min) ≤ 6 FD", spread <= 6, f"{spread:.1f}"))
+    if "4" in summary and "8" in summary:
+        worst = max(r["scores"]["8"]["fd"] / r["scores"]["4"]["fd"] for r in rows)
+        out.append(("8 steps ≤ 4 steps + 10% on every seed", worst <= 1.1, f"worst seed: 8-step FD = {worst:.2f} × 4-step"))
+    for k, v in summary.get("heldout", {}).items():
+        if "acc_ratio_min" in v:
+            out.append((f"held-out {k} steps: accuracy ≥ 90% of the teacher's on every seed", v["acc_ratio_min"] >= 0.9,
+                        f"worst seed {v['acc_ratio_min']:.1%}"))
     return out
 
 
@@ -153,10 +189,21 @@ def markdown(title: str, rows: list[dict], teacher: dict, steps: list[int], meta
         wall = f" ({r['train_s']:.0f} s)" if r["train_s"] else ""
         lines.append(f"| seed {r['seed']}{wall} | " +
                      " | ".join(cell(r["scores"][str(k)]) for k in steps) + " |")
-    s = summarize(rows, steps)
-    lines.append(f"| **median of {len(rows)} seeds** (min–max) | " + " | ".join(
-        f"**{s[str(k)]['fd_median']:.1f}** ({s[str(k)]['fd_min']:.1f}–{s[str(k)]['fd_max']:.1f}) / "
-        f"{s[str(k)]['acc_median']:.1%}" for k in steps) + " |")
+    med = lambda v: f"**{v['fd_median']:.1f}** ({v['fd_min']:.1f}–{v['fd_max']:.1f}) / {v['acc_median']:.1%}"  # noqa: E731
+    s = summarize(rows, steps, teacher)
+    lines.append(f"| **median of {len(rows)} seeds** (min–max) | " + " | ".join(med(s[str(k)]) for k in steps) + " |")
+    lines += ["", "Held-out prompts (caption templates that neither the teacher nor any student trained on):", "",
+              "| run | " + " | ".join(f"{k} steps FD / acc" for k in HELDOUT_STEPS) + " |",
+              "|---|" + "---|" * len(HELDOUT_STEPS)]
+    lines.append("| teacher DDIM (w = 0.5) | " + " | ".join(cell(teacher["heldout"][str(k)]) for k in HELDOUT_STEPS)
+                 + " |")
+    for r in rows:
+        lines.append(f"| seed {r['seed']} | " + " | ".join(cell(r["scores"]["heldout"][str(k)]) for k in HELDOUT_STEPS)
+                     + " |")
+    lines.append(f"| **median of {len(rows)} seeds** (min–max) | "
+                 + " | ".join(med(s["heldout"][str(k)]) for k in HELDOUT_STEPS) + " |")
+    lines += ["", "| target (issue #13) | met | measured |", "|---|---|---|"]
+    lines += [f"| {t} | {'yes' if ok else '**no**'} | {m} |" for t, ok, m in targets(s, rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -183,7 +230,7 @@ def main(argv=None) -> dict:
             "platform": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
             "threads": args.threads, "load": round(os.getloadavg()[0], 2), "n": args.n,
             "wall_s": time.perf_counter() - start, "commit": commit()}
-    result = {"meta": meta, "teacher_ddim": teacher, "rows": rows, "summary": summarize(rows, steps)}
+    result = {"meta": meta, "teacher_ddim": teacher, "rows": rows, "summary": summarize(rows, steps, teacher)}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(markdown(f"LCM-LoRA `{args.config}` {' '.join(args.overrides)}", rows,
                                                     teacher, steps, meta))
