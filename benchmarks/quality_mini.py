@@ -117,7 +117,8 @@ def run_cell(name: str, config: str, overrides: list[str], seeds: list[int], log
                                                    original_inference_steps=n_steps)}
         append_log(log, row)
         done[seed] = row
-        print(f"{name} seed {seed}: " + "  ".join(f"{k}-step FD {v['fd']:.1f}" for k, v in row["scores"].items()),
+        print(f"{name} seed {seed}: " + "  ".join(f"{k}-step FD {v['fd']:.1f}" for k, v in row["scores"].items() if k != "heldout")
+              + "  held-out " + "  ".join(f"{k}-step FD {v['fd']:.1f}" for k, v in row["scores"]["heldout"].items()),
               flush=True)
     return [done[s] for s in seeds]
 

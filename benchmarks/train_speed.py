@@ -52,6 +52,65 @@ def build_train_step(pretrained: str, data: str, resolution: int, batch_size: in
     return step
 
 
+def build_preset_step(config: str = "mini_lcm_lora", batch_size: int = 64, overrides: tuple = (), expose: bool = False):
+    """One optimiser step of a shipped preset on its own model and the digits folder, exactly as trainer.train runs it
+    (per-step RNG seeding, per-sample generators, loss under autocast, backward, clip + AdamW + lr schedule, EMA).
+
+    The returned `step(clock=None) -> seconds` adds its generator / backward / optimiser seconds to `clock` when given.
+    `expose=True` returns {"step", "net", "pipe", "task"} instead (benchmarks/profile_step.py hooks the modules).
+    """
+    import time
+
+    from lcm.config import LCMLoraConfig
+    from lcm.digits import export_digits_folder
+    from lcm.entry import parse_train_args, prepare_run
+    from lcm.trainer import build_lr_scheduler, build_optimizer, clip_and_step, sample_generators, \
+        seed_global_rng_for_step, step_generator
+
+    from tests._helpers import load_entry_script
+
+    data = ROOT / "runs" / "mini" / "digits"
+    if not (data / "metadata.jsonl").is_file():
+        export_digits_folder(data)
+    args = parse_train_args(["--config", config, f"data.path={data}", f"train.batch_size={batch_size}",
+                             "train.report_to=none", "train.output_dir=" + tempfile.mkdtemp(prefix="lcm-bench-"),
+                             *overrides], "", "")
+    run = prepare_run(args, LCMLoraConfig)
+    task = load_entry_script("train_lcm_lora").build_task(run)
+    cfg, accelerator = run.cfg, run.accelerator
+    optimizer = build_optimizer(task.params, cfg.optim)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_train_steps, 1)
+    model, optimizer, lr_scheduler = accelerator.prepare(task.model, optimizer, lr_scheduler)
+    model.train()
+    batch = run.collate_fn([run.dataset[i] for i in range(batch_size)])
+    steps = itertools.count()
+
+    def step(clock=None):
+        clock = {} if clock is None else clock
+        tick = time.perf_counter
+        start = tick()
+        n = next(steps)
+        seed_global_rng_for_step(step_generator(cfg.train.seed, 0, 1, n, 0, accelerator.device))
+        gens = sample_generators(cfg.train.seed, n * batch_size, batch_size)
+        t0 = tick()
+        clock["per-sample generators"] = clock.get("per-sample generators", 0.0) + t0 - start
+        with accelerator.autocast():
+            per_sample, _ = task.loss_fn(model, batch, gens)
+        t1 = tick()
+        accelerator.backward(per_sample.mean())
+        t2 = tick()
+        clip_and_step(accelerator, task.params, optimizer, lr_scheduler, cfg.optim.max_grad_norm)
+        task.after_optimizer_step()
+        t3 = tick()
+        clock["backward"] = clock.get("backward", 0.0) + t2 - t1
+        clock["optimiser (clip, AdamW, EMA)"] = clock.get("optimiser (clip, AdamW, EMA)", 0.0) + t3 - t2
+        return t3 - start
+
+    if expose:
+        return {"step": step, "net": task.model, "pipe": run.pipe, "task": task}
+    return step
+
+
 def main(argv=None) -> dict:
     from lcm.tiny import make_captioned_image_folder, save_tiny_pipeline
 
