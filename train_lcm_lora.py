@@ -18,6 +18,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from lcm.config import LCMLoraConfig
+from lcm import fused_lora
 from lcm.consistency import lcd_loss
 from lcm.encode import lcd_batch_from_data
 from lcm.entry import apply_speed_options, parse_train_args, prepare_run, run_task, validation_grid
@@ -36,6 +37,8 @@ def build_task(run) -> TrainingTask:
 
     net = denoiser_of(pipe)  # the UNet, or PixArt's transformer
     params = add_lora(net, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
+    if cfg.lora.fused_forward:
+        fused_lora.install(net)  # before apply_speed_options: torch.compile then traces the fused layers
     apply_speed_options(net, cfg.train)
     named = {n: p for n, p in net.named_parameters() if p.requires_grad}
     ema = EMATarget(named, cfg.distill.ema_decay) if cfg.distill.ema_decay > 0 else None

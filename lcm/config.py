@@ -136,6 +136,9 @@ class LoraConfig:
     alpha: float = bounded(64.0, gt=0)  # the update is scaled by alpha / rank: 0 would train nothing
     dropout: float = bounded(0.0, ge=0, lt=1)
     target_modules: list[str] = field(default_factory=lambda: list(LCM_LORA_TARGETS))
+    # each LoRA layer as one kernel with W + s·B·A (lcm/fused_lora.py): the same function, faster; layers where that
+    # would not be exact (dropout, DoRA, fp16 base weights) keep PEFT's forward on their own
+    fused_forward: bool = True
 
 
 @dataclass
