@@ -52,14 +52,24 @@ def build_train_step(pretrained: str, data: str, resolution: int, batch_size: in
     return step
 
 
-def build_preset_step(config: str = "mini_lcm_lora", batch_size: int = 64, overrides: tuple = (), expose: bool = False):
+def build_preset_step(config: str = "mini_lcm_lora", batch_size: int = 64, overrides: tuple = (), expose: bool = False,
+                      root: str | None = None):
     """One optimiser step of a shipped preset on its own model and the digits folder, exactly as trainer.train runs it
     (per-step RNG seeding, per-sample generators, loss under autocast, backward, clip + AdamW + lr schedule, EMA).
 
     The returned `step(clock=None) -> seconds` adds its generator / backward / optimiser seconds to `clock` when given.
     `expose=True` returns {"step", "net", "pipe", "task"} instead (benchmarks/profile_step.py hooks the modules).
+    `root`: another checkout of this repository (e.g. an older commit's worktree) whose `lcm` package and
+    train_lcm_lora.py are timed instead; only in a fresh process (the harness's), before `lcm` is first imported.
     """
+    import importlib.util
+    import sys
     import time
+
+    if root is not None:
+        if "lcm" in sys.modules and not sys.modules["lcm"].__file__.startswith(str(root)):
+            raise RuntimeError("lcm is already imported from another checkout; time other roots in a fresh process")
+        sys.path.insert(0, str(root))
 
     from lcm.config import LCMLoraConfig
     from lcm.digits import export_digits_folder
@@ -67,16 +77,17 @@ def build_preset_step(config: str = "mini_lcm_lora", batch_size: int = 64, overr
     from lcm.trainer import build_lr_scheduler, build_optimizer, clip_and_step, sample_generators, \
         seed_global_rng_for_step, step_generator
 
-    from tests._helpers import load_entry_script
-
     data = ROOT / "runs" / "mini" / "digits"
     if not (data / "metadata.jsonl").is_file():
         export_digits_folder(data)
-    args = parse_train_args(["--config", config, f"data.path={data}", f"train.batch_size={batch_size}",
-                             "train.report_to=none", "train.output_dir=" + tempfile.mkdtemp(prefix="lcm-bench-"),
-                             *overrides], "", "")
+    args = parse_train_args(["--config", config, f"data.path={data}", f"model.pretrained={MINI_TEACHER}",
+                             f"train.batch_size={batch_size}", "train.report_to=none",
+                             "train.output_dir=" + tempfile.mkdtemp(prefix="lcm-bench-"), *overrides], "", "")
     run = prepare_run(args, LCMLoraConfig)
-    task = load_entry_script("train_lcm_lora").build_task(run)
+    spec = importlib.util.spec_from_file_location("train_lcm_lora", Path(root or ROOT) / "train_lcm_lora.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    task = script.build_task(run)
     cfg, accelerator = run.cfg, run.accelerator
     optimizer = build_optimizer(task.params, cfg.optim)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_train_steps, 1)
@@ -111,12 +122,70 @@ def build_preset_step(config: str = "mini_lcm_lora", batch_size: int = 64, overr
     return step
 
 
+BASELINE = "815721d"  # the code issue #13 measured (1.35 s/step on its machine); ratios are taken against it
+
+
+def _checkout(commit: str) -> Path:
+    """A detached worktree of `commit` (made once), so its code can be timed beside today's in one harness run."""
+    import subprocess
+
+    path = Path(tempfile.gettempdir()) / f"lcm-bench-{commit}"
+    if not (path / "train_lcm_lora.py").is_file():
+        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(path), commit], cwd=ROOT, check=True,
+                       capture_output=True)
+    return path
+
+
+def _latent_cache(overrides: list[str]) -> Path:
+    """`lcm cache` of the digits folder for the mini preset (made once)."""
+    import subprocess
+    import sys
+
+    out = ROOT / "runs" / "mini" / "digits-cache"
+    if not (out / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "lcm.cli", "cache", "--config", "mini_lcm_lora",
+                        f"data.path={ROOT / 'runs' / 'mini' / 'digits'}", f"model.pretrained={MINI_TEACHER}",
+                        f"data.cache_dir={out}", *overrides], cwd=ROOT, check=True)
+    return out
+
+
+def preset_cases(batch_size: int, baseline: str = BASELINE) -> tuple[list[Case], list[Ratio]]:
+    """The mini preset at rank 32 (issue #13 item 4): the baseline commit, today with PEFT's LoRA forward, today
+    (fused LoRA forward), and today on `lcm cache` latents. Every case trains the same thing (EMA target 0.95)."""
+    same = ["distill.ema_decay=0.95"]  # the baseline commit's preset had the online target; time one configuration
+    build = dict(config="mini_lcm_lora", batch_size=batch_size)
+    cases = [
+        Case(f"{baseline}", build_preset_step, dict(build, overrides=same, root=str(_checkout(baseline))),
+             units=batch_size, unit="sample"),
+        Case("now, PEFT LoRA forward", build_preset_step, dict(build, overrides=[*same, "lora.fused_forward=false"]),
+             units=batch_size, unit="sample"),
+        Case("now", build_preset_step, dict(build, overrides=same), units=batch_size, unit="sample"),
+        Case("now, latent cache", build_preset_step,
+             dict(build, overrides=[*same, f"data.cache_dir={_latent_cache([])}"]), units=batch_size, unit="sample"),
+    ]
+    ratios = [
+        Ratio(f"{baseline} / now, time", baseline, "now", target_min=1.55),
+        Ratio(f"{baseline} / now with latent cache, time", baseline, "now, latent cache", target_min=1.55),
+        Ratio("PEFT forward / fused forward, time", "now, PEFT LoRA forward", "now"),
+        Ratio(f"now / {baseline}, peak RSS", "now", baseline, metric="peak_rss_mib", target_max=1.0),
+    ]
+    return cases, ratios
+
+
 def main(argv=None) -> dict:
     from lcm.tiny import make_captioned_image_folder, save_tiny_pipeline
 
     p = bench_arg_parser(__doc__.splitlines()[0])
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8, or 64 with --preset")
+    p.add_argument("--preset", action="store_true",
+                   help=f"the mini LoRA preset at batch 64 against commit {BASELINE} (issue #13), not the tiny models")
     args = p.parse_args(argv)
+    if args.preset:
+        cases, ratios = preset_cases(args.batch_size or 64)
+        return run_benchmark(f"LCM-LoRA mini preset training step, batch {args.batch_size or 64}, rank 32", cases,
+                             ratios, repeats=args.repeats, warmup=args.warmup, rounds=args.rounds,
+                             threads=args.threads, out_dir=args.out, slug="train_speed_preset")
+    args.batch_size = args.batch_size or 8
     tmp = Path(tempfile.mkdtemp(prefix="lcm-bench-train-"))
     # name → (pretrained folder, image resolution). Tiny sizes: the test default, and 2× the widths at 2× the pixels.
     models = {
