@@ -57,6 +57,7 @@ from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 
 from .errors import DataError
+from .seeds import epoch_seed, item_seed, key_seed, rank_seed, seeded_order
 
 logger = logging.getLogger(__name__)
 
@@ -320,16 +321,6 @@ def nearest_bucket(size_hw: tuple[int, int], buckets: Sequence[tuple[int, int]])
     return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed seed per (run seed, epoch) for the batch order; disjoint from the per-item seeds (3 words)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def _seeded_order(items: Sequence[Any], seed: int) -> list[Any]:
-    """`items` in a random order drawn from `seed` alone (torch's randperm, the same on every rank and worker)."""
-    return [items[i] for i in torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()]
-
-
 class BucketBatchSampler(torch.utils.data.Sampler):
     """Batches of one bucket each, in an order that depends only on (seed, epoch): shuffle each bucket, cut it into
     full batches (a bucket's remainder is dropped for the epoch), then shuffle the batches across buckets."""
@@ -347,7 +338,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return sum(len(g) // self.batch_size for g in self.groups.values())
 
     def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         batches = []
         for bucket in sorted(self.groups):  # sorted: the order never depends on dict insertion
             members = self.groups[bucket]
@@ -381,11 +372,6 @@ def add_time_ids(
     parts = [torch.atleast_2d(torch.as_tensor(x)) for x in (original_size, crop_top_left, target_size)]
     time_ids = torch.cat(parts, dim=-1)
     return time_ids if dtype is None else time_ids.to(dtype)
-
-
-def _item_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed seed per (run seed, epoch, item), so augmentations never depend on worker count or order."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -456,7 +442,7 @@ class CaptionedImages(Dataset):
     def draw_transform(self, image_hw: tuple[int, int], index: int) -> tuple[tuple[int, int], int, int, bool]:
         """(target (h, w), crop top, crop left, flip) for item `index` this epoch, from its own seeded generator."""
         target = self.target_size(index)
-        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+        generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         top, left, flip = draw_crop_flip(cover_size(image_hw, target), target, center_crop=self.center_crop,
                                          random_flip=self.random_flip, generator=generator)
         return target, top, left, flip
@@ -829,14 +815,6 @@ def _check_stream_urls(spec: str, urls: list[str]) -> None:
                              f"{', '.join(sorted(k + '://' for k in gopen_schemes if k not in ('__default__', 'pipe')))})")
 
 
-def _key_seed(seed: int, epoch: int, key: str) -> int:
-    """A sample's augmentation seed from its identity (shard URL + key), so it never depends on ranks, workers or
-    stream order."""
-    import hashlib
-
-    return _item_seed(seed, epoch, int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little"))
-
-
 @dataclass
 class _Slot:
     """A sample that passed the header check, still encoded: its place in a batch is fixed before it is decoded."""
@@ -876,7 +854,7 @@ class StreamingImages:
     def shards(self, rank: int, world_size: int, worker: int = 0, num_workers: int = 1) -> list[str]:
         """This rank's and worker's shards in this epoch: one (seed, epoch) shuffle shared by all ranks, then
         disjoint slices, ranks first (webdataset's split_by_node, then split_by_worker)."""
-        return _seeded_order(self.urls, _epoch_seed(self.seed, self.epoch))[rank::world_size][worker::num_workers]
+        return seeded_order(self.urls, epoch_seed(self.seed, self.epoch))[rank::world_size][worker::num_workers]
 
     def _on_error(self, err: Exception) -> bool:
         """webdataset handler: a shard that cannot be opened or read is skipped with a warning and counted.
@@ -910,8 +888,8 @@ class StreamingImages:
         from webdataset.filters import shuffle
 
         for npass in itertools.count():
-            pass_seed = _epoch_seed(seed, npass)
-            slots = self._read(shards if npass == 0 else _seeded_order(shards, pass_seed))
+            pass_seed = epoch_seed(seed, npass)
+            slots = self._read(shards if npass == 0 else seeded_order(shards, pass_seed))
             if self.shuffle_buffer > 1:
                 slots = shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=pass_seed)(slots)
             found = 0
@@ -925,14 +903,12 @@ class StreamingImages:
                 skip: int = 0) -> Iterator[list[dict[str, Any]]]:
         """Worker `worker`'s share of this rank's `n_batches` batches of the epoch (batches j ≡ worker mod
         num_workers, the order DataLoader collects them in), after dropping the first `skip` rank batches undecoded."""
-        from .trainer import rank_seed  # the one per-rank seed (trainer imports this module, hence here)
-
         quota = len(range(worker, n_batches, num_workers)) - len(range(worker, skip, num_workers))
         skip = len(range(worker, skip, num_workers))  # this worker's share of the consumed batches
         if quota <= 0:
             return
         shards = self.shards(rank, world_size, worker, num_workers)
-        slots = self._slots(shards, _item_seed(rank_seed(self.seed, rank, world_size), self.epoch, worker))
+        slots = self._slots(shards, item_seed(rank_seed(self.seed, rank, world_size), self.epoch, worker))
         made = given = 0
         open_batches: dict[tuple[int, int], list[_Slot]] = {}
         for slot in slots:  # one open batch per bucket (a single one without buckets); full ones go out in order
@@ -967,7 +943,7 @@ class StreamingImages:
                                type(err).__name__, err)
                 items.append(None)
                 continue
-            generator = torch.Generator().manual_seed(_key_seed(self.seed, self.epoch, slot.key))
+            generator = torch.Generator().manual_seed(key_seed(self.seed, self.epoch, slot.key))
             top, left, flip = draw_crop_flip(cover_size(slot.size, slot.target), slot.target,
                                              center_crop=self.center_crop, random_flip=self.random_flip,
                                              generator=generator)

@@ -4,12 +4,11 @@ Entry scripts (`train_lcm_lora.py`, later `train_lcd.py`) describe *what* to tra
 decides *how*. Checkpoints are written to a temporary folder and renamed, so a crash mid-write never leaves a broken
 latest checkpoint.
 
-Resuming is exact (tests/test_resume.py kills a run and compares bits): the shuffle order depends on (seed, epoch)
-only, crops/flips on (seed, epoch, item), VAE noise/ε/grid index/w on a generator per sample keyed by its position in
-the run's sample stream (so they also do not depend on the number of ranks), LoRA dropout on the global RNG reseeded
-per (seed, rank, step, micro-batch), and optimiser, LR schedule, EMA and accumulation counters are
-restored from the checkpoint. A streamed dataset (lcm/data.py) resumes by replaying its epoch's stream, which
-depends on (seed, epoch) only, and dropping the batches already consumed before decoding them.
+Resuming is exact (tests/test_resume.py kills a run and compares bits): every random draw comes from a seed in
+lcm/seeds.py (the shuffle order, crops/flips, each sample's VAE noise/ε/grid index/w, LoRA dropout; its docstring
+states the contract), and optimiser, LR schedule, EMA and accumulation counters are restored from the checkpoint.
+A streamed dataset (lcm/data.py) resumes by replaying its epoch's stream, which depends on (seed, epoch) only, and
+dropping the batches already consumed before decoding them.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from .config import to_yaml
 from .data import StreamEpoch, build_loader
 from .errors import DataError, PathNotFoundError, WriteError, write_guard
+from .seeds import sample_generators, sample_position, seed_global_rng_for_step, step_generator
 
 logger = logging.getLogger("lcm")
 
@@ -43,7 +43,7 @@ CHECKPOINT_PREFIX = "step-"
 @dataclass
 class TrainingTask:
     """What an entry script hands the loop. `loss_fn(model, batch, generators)` returns (per-sample loss, diagnostics);
-    `generators` holds one per sample of the micro-batch (`sample_generators`)."""
+    `generators` holds one per sample of the micro-batch (`seeds.sample_generators`)."""
 
     model: torch.nn.Module  # holds the trainable parameters; prepared (DDP-wrapped) by accelerate
     params: list  # the trainable parameters (LoRA tensors or the whole student)
@@ -58,53 +58,6 @@ class TrainingTask:
     validate: Callable[[int, Path], None] = lambda step, out_dir: None
     export: Callable[[Path], None] = lambda final_dir: None
     summary: dict = field(default_factory=dict)
-
-
-def rank_seed(seed: int, rank: int, world_size: int) -> int:
-    """The one per-rank seed (DiT's global_seed × world + rank): ranks differ, runs repeat."""
-    return seed * world_size + rank
-
-
-def _splitmix64(x: int) -> int:
-    """SplitMix64's finaliser: scrambles an integer key so nearby keys give unrelated seeds."""
-    x = (x + 0x9E3779B97F4A7C15) % 2**64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
-    return x ^ (x >> 31)
-
-
-def step_generator(seed: int, rank: int, world_size: int, step: int, micro: int, device) -> torch.Generator:
-    """A fresh generator per (rank, optimiser step, micro-batch): the noise of step s never depends on resuming."""
-    g = torch.Generator(device=device)
-    g.manual_seed((rank_seed(seed, rank, world_size) * 1_000_003 + step) * 64 + micro)
-    return g
-
-
-def seed_global_rng_for_step(gen: torch.Generator) -> None:
-    """Reseed torch's global RNG from this micro-step's generator, for what cannot take a generator (LoRA dropout).
-
-    Dropout draws from the global RNG, so without this its masks would depend on everything that ran before in the
-    process (validation, a resume). The seed is scrambled so the masks are not the same stream as one drawn from
-    `gen`'s integer seed.
-    """
-    torch.manual_seed(_splitmix64(gen.initial_seed()) % 2**63)
-
-
-def sample_position(step: int, micro: int, rank: int, world_size: int, accumulation: int, batch_size: int) -> int:
-    """Where this micro-batch's first sample sits in the run's stream of samples (counted over all ranks).
-
-    accelerate shards a map-style loader by whole batches, round-robin over ranks, so rank r's micro-batch m of
-    optimiser step s is batch (s·A + m)·W + r of the shuffled stream. The position is therefore the same for a sample
-    whether the global batch of step s is one rank × W·b, W ranks × b, or one rank × b with W·A micro-batches.
-    """
-    return ((step * accumulation + micro) * world_size + rank) * batch_size
-
-
-def sample_generators(seed: int, first: int, n: int) -> list[torch.Generator]:
-    """One CPU generator per sample, keyed by (seed, stream position): a sample's VAE noise, ε, grid index and w do
-    not depend on how the global batch is split over ranks and micro-batches, nor on the device (EDM's per-image
-    generators). This is what lets 2 ranks × B/2 reproduce 1 rank × B (tests/test_distributed.py)."""
-    return [torch.Generator().manual_seed(_splitmix64(seed * 2**40 + first + i) % 2**63) for i in range(n)]
 
 
 DETERMINISTIC_ENV = "LCM_DETERMINISTIC"  # "1": torch.use_deterministic_algorithms(True) for bit-exact reruns on GPU

@@ -22,3 +22,18 @@ def test_math_modules_import_only_torch(name):
         else:
             continue
         assert roots <= allowed, f"{name}.py imports {roots - allowed}"
+
+
+def test_seeds_module_imports_only_torch_and_the_standard_library():
+    # lcm/seeds.py is a leaf: every module may import it, so it imports nothing of lcm and no heavy dependency.
+    tree = ast.parse((ROOT / "seeds.py").read_text())
+    allowed = {"torch", "hashlib", "typing", "__future__"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots = {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert not node.level, f"seeds.py imports .{node.module}"
+            roots = {node.module.split(".")[0]}
+        else:
+            continue
+        assert roots <= allowed, f"seeds.py imports {roots - allowed}"
