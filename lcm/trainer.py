@@ -7,7 +7,7 @@ latest checkpoint.
 Resuming is exact (tests/test_resume.py kills a run and compares bits): every random draw comes from a seed in
 lcm/seeds.py (the shuffle order, crops/flips, each sample's VAE noise/ε/grid index/w, LoRA dropout; its docstring
 states the contract), and optimiser, LR schedule, EMA and accumulation counters are restored from the checkpoint.
-A streamed dataset (lcm/data.py) resumes by replaying its epoch's stream, which depends on (seed, epoch) only, and
+A streamed dataset (lcm/data/stream.py) resumes by replaying its epoch's stream, which depends on (seed, epoch) only, and
 dropping the batches already consumed before decoding them.
 """
 
