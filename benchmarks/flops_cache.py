@@ -83,7 +83,7 @@ def step_flops(pipe, batch: int, resolution: int, rank: int, checkpointing: bool
     from lcm.lora import add_lora
     from lcm.models import base_role, denoiser_role, noise_schedule_of
     from lcm.schedule import SolverGrid
-    from lcm.trainer import sample_generators
+    from lcm.seeds import sample_generators
 
     unet = pipe.unet
     add_lora(unet, rank, rank, LCM_LORA_TARGETS)
