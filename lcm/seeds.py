@@ -16,8 +16,8 @@ process, the number of ranks or loader workers, the device, or whether the run w
 Together with the optimiser, LR schedule, EMA and counters restored from a checkpoint, this is what makes a resumed run
 bit-identical to an uninterrupted one (tests/test_resume.py) and a 2-rank run equal to a 1-rank one
 (tests/test_distributed.py). Changing any function here changes every run's numbers: the values are part of the
-contract, and `epoch_seed` / `item_seed` reproduce numpy's `SeedSequence([...]).generate_state(1)[0]` bit for bit
-(tests/test_seeds.py), which is what they were computed with before this module existed.
+contract: `epoch_seed` / `item_seed` are numpy's `SeedSequence([...]).generate_state(1)[0]`, as they were before
+this module existed (tests/test_seeds.py pins values).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from typing import Any, Sequence
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
 
 
 def rank_seed(seed: int, rank: int, world_size: int) -> int:
@@ -43,48 +42,11 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _words32(values: Sequence[int]) -> list[int]:
-    """Non-negative integers as little-endian 32-bit words, concatenated (0 is one word), as numpy's SeedSequence
-    reads its entropy."""
-    words = []
-    for n in values:
-        if n < 0:
-            raise ValueError(f"seeds must be non-negative, got {n}")
-        words.append(n & _MASK32)
-        n >>= 32
-        while n:
-            words.append(n & _MASK32)
-            n >>= 32
-    return words
-
-
 def _seed_sequence_word(values: Sequence[int]) -> int:
-    """`int(numpy.random.SeedSequence(values).generate_state(1)[0])` in pure Python (O'Neill's seed_seq hash as numpy
-    implements it: a pool of 4 words, no spawn key)."""
-    mult_a, mult_b, mix_l, mix_r = 0x931E8875, 0x58F38DED, 0xCA01F9DD, 0x4973F715
-    entropy, hash_const = _words32(values), 0x43B0D7E5
+    """The first 32-bit word of numpy's `SeedSequence(values)`: a well-mixed hash of several integers."""
+    import numpy as np  # numpy comes with torch; imported here so that importing seeds stays cheap
 
-    def hashmix(value: int) -> int:
-        nonlocal hash_const
-        value ^= hash_const
-        hash_const = hash_const * mult_a & _MASK32
-        value = value * hash_const & _MASK32
-        return value ^ (value >> 16)
-
-    def mix(x: int, y: int) -> int:
-        result = (mix_l * x - mix_r * y) & _MASK32
-        return result ^ (result >> 16)
-
-    pool = [hashmix(entropy[i] if i < len(entropy) else 0) for i in range(4)]
-    for src in range(4):
-        for dst in range(4):
-            if src != dst:
-                pool[dst] = mix(pool[dst], hashmix(pool[src]))
-    for word in entropy[4:]:
-        for dst in range(4):
-            pool[dst] = mix(pool[dst], hashmix(word))
-    value = (pool[0] ^ 0x8B51F9DD) * (0x8B51F9DD * mult_b & _MASK32) & _MASK32
-    return value ^ (value >> 16)
+    return int(np.random.SeedSequence(list(values)).generate_state(1)[0])
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -24,10 +24,10 @@ def test_math_modules_import_only_torch(name):
         assert roots <= allowed, f"{name}.py imports {roots - allowed}"
 
 
-def test_seeds_module_imports_only_torch_and_the_standard_library():
-    # lcm/seeds.py is a leaf: every module may import it, so it imports nothing of lcm and no heavy dependency.
+def test_seeds_module_imports_only_torch_numpy_and_the_standard_library():
+    # lcm/seeds.py is a leaf: every module may import it, so it imports nothing of lcm and nothing torch does not bring (numpy).
     tree = ast.parse((ROOT / "seeds.py").read_text())
-    allowed = {"torch", "hashlib", "typing", "__future__"}
+    allowed = {"torch", "numpy", "hashlib", "typing", "__future__"}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             roots = {a.name.split(".")[0] for a in node.names}
