@@ -8,7 +8,9 @@ from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPi
 
 from lcm.consistency import guided_denoiser
 from lcm.guidance import guidance_scale_from_w, w_embedding
-from lcm.models import EMATarget, noise_schedule_of, student_from_teacher, denoiser_role
+from lcm.ema import EMATarget
+from lcm.models import noise_schedule_of, student_from_teacher
+from lcm.roles import denoiser_role
 from lcm.tiny import make_captioned_image_folder, save_tiny_pipeline
 from lcm.trainer import TrainingTask, make_accelerator, train
 from lcm.cli import main as lcm_main
