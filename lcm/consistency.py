@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .guidance import cfg
+from .guidance import cfg, sample_w
 from .parameterization import boundary_scalings, to_x0_eps
 from .schedule import NoiseSchedule, SolverGrid
 from .solvers import get_solver
@@ -76,6 +76,27 @@ class LCDBatch:
     w: torch.Tensor
     cond: dict = field(default_factory=dict)
     uncond: dict = field(default_factory=dict)
+
+
+def per_sample_randn(shape, generators: list[torch.Generator], device=None, dtype=None) -> torch.Tensor:
+    """Standard normal noise of `shape`, row i drawn from `generators[i]` on that generator's device, then moved to
+    `device`: a sample's noise does not depend on its batch (what diffusers' `randn_tensor` does for a list)."""
+    rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generators]
+    return torch.cat(rows).to(device)
+
+
+def draw_lcd_batch(mu: torch.Tensor, sigma: torch.Tensor, cond: dict, uncond: dict,
+                   generators: list[torch.Generator], grid: SolverGrid, w_min: float, w_max: float, device) -> LCDBatch:
+    """Every random draw of one training step, each sample's from its own generator, so a sample gets the same draws
+    whatever batch, rank or device it lands in: z₀ = μ + σ·ε_vae ~ q(z|x), the noise ε, the grid index n ~ U{0, …, N−1}
+    and the guidance w ~ U[w_min, w_max] (LCM Alg. 1). The order of the draws is part of the seeding contract."""
+    if len(generators) != mu.shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {mu.shape[0]}: need one per sample")
+    z0 = mu + sigma * per_sample_randn(mu.shape, generators, mu.device, mu.dtype)
+    return LCDBatch(z0=z0, noise=per_sample_randn(z0.shape, generators, z0.device, z0.dtype),
+                    index=torch.cat([grid.sample_index(1, g) for g in generators]).to(device),
+                    w=torch.cat([sample_w(1, w_min, w_max, g) for g in generators]).to(device),
+                    cond=cond, uncond=uncond)
 
 
 def guided_denoiser(teacher, cond: dict, uncond: dict, w, schedule: NoiseSchedule, prediction_type: str,
