@@ -15,8 +15,9 @@ from typing import Callable
 
 import torch
 
+from .constants import HUBER_C, SIGMA_DATA, TIMESTEP_SCALING
 from .guidance import cfg, sample_w
-from .parameterization import boundary_scalings, to_x0_eps
+from .parameterization import append_dims, boundary_scalings, to_x0_eps
 from .schedule import NoiseSchedule, SolverGrid
 from .solvers import get_solver
 
@@ -31,7 +32,7 @@ def l2_loss(a, b, c: float = 0.0):
     return (a - b).pow(2).flatten(1).mean(1)
 
 
-def pseudo_huber_loss(a, b, c: float = 0.001):
+def pseudo_huber_loss(a, b, c: float = HUBER_C):
     """Per-sample mean of √((a − b)² + c²) − c, element-wise as LCM-LoRA does (Song & Dhariwal 2023, arXiv:2310.14189 §3.3)."""
     return ((a - b).pow(2) + c * c).sqrt().sub(c).flatten(1).mean(1)
 
@@ -55,9 +56,9 @@ class LCDSpec:
     prediction_type: str = "epsilon"
     solver: str = "ddim"
     loss: str = "huber"
-    huber_c: float = 0.001
-    sigma_data: float = 0.5
-    timestep_scaling: float = 10.0
+    huber_c: float = HUBER_C
+    sigma_data: float = SIGMA_DATA
+    timestep_scaling: float = TIMESTEP_SCALING
     teacher_batched: bool = True  # False: cond and uncond in two teacher calls (same result; for benchmarks)
 
     def __post_init__(self):
@@ -126,8 +127,7 @@ def predict_consistency(model, z, t, cond, w, spec: LCDSpec):
     alpha, sigma = spec.schedule.alpha_sigma(t, z.ndim)
     x0_hat, _ = to_x0_eps(pred, z, alpha.to(pred.dtype), sigma.to(pred.dtype), spec.prediction_type)
     c_skip, c_out = boundary_scalings(t, spec.sigma_data, spec.timestep_scaling)
-    shape = (-1,) + (1,) * (z.ndim - 1)
-    return consistency_fn(z, x0_hat, c_skip.reshape(shape).to(z.dtype), c_out.reshape(shape).to(z.dtype))
+    return consistency_fn(z, x0_hat, append_dims(c_skip, z.ndim).to(z.dtype), append_dims(c_out, z.ndim).to(z.dtype))
 
 
 def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):

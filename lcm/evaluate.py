@@ -28,6 +28,7 @@ import torch
 from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        UNet2DConditionModel)
 
+from .constants import NUM_DDIM_TIMESTEPS
 from .guidance import guidance_scale_from_w
 from .lora import load_pipeline_lora
 from .models import load_pretrained
@@ -100,7 +101,7 @@ def sample_tensors(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: in
 
 def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequence[int] = (1, 2, 4, 8),
              teacher_extra_steps: Sequence[int] = (25,), teacher_w: float = 1.5, student_guidance: float = 1.0,
-             original_inference_steps: int = 50, methods: Optional[Sequence[str]] = None,
+             original_inference_steps: int = NUM_DDIM_TIMESTEPS, methods: Optional[Sequence[str]] = None,
              lcd: Optional[str] = None, prompt_sets: Sequence[str] = ("train",),
              config_dir: Optional[str] = None) -> list[Row]:
     """Run every (method, steps, prompt set) cell; write results.json, table.md, one grid per row and plot.png to

@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 PIPELINES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline, "pixart": PixArtAlphaPipeline}
 
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The one dtype table: names as `lcm sample --dtype` takes them; accelerate's mixed-precision modes map onto it.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {"no": DTYPES["fp32"], "fp16": DTYPES["fp16"], "bf16": DTYPES["bf16"]}  # train.mixed_precision → dtype
 
 
 def weight_dtype_for(mixed_precision: str) -> torch.dtype:

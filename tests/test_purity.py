@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-MATH = ["schedule", "parameterization", "solvers", "guidance", "consistency", "ema"]
+MATH = ["schedule", "parameterization", "solvers", "guidance", "consistency", "ema", "constants"]
 ROOT = Path(__file__).resolve().parents[1] / "lcm"
 
 
