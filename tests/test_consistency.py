@@ -6,6 +6,7 @@ from lcm.consistency import (
     LCDSpec,
     cat_cond,
     consistency_fn,
+    draw_lcd_batch,
     lcd_loss,
     predict_consistency,
     pseudo_huber_loss,
@@ -123,3 +124,21 @@ def test_per_sample_shapes_and_bad_names():
         _spec(loss="l1")
     with pytest.raises(ValueError, match="keys"):
         cat_cond({"a": torch.zeros(1)}, {"b": torch.zeros(1)})
+
+
+def test_draw_lcd_batch_gives_each_sample_its_own_draws_whatever_its_batch():
+    """A sample's z₀, ε, n and w come from its generator alone: alone or second in a batch, the same values."""
+    grid = SolverGrid(1000, 50)
+    mu, sigma = torch.randn(2, 4, 3, 3), torch.rand(2, 4, 3, 3)
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    pair = draw_lcd_batch(mu, sigma, {}, {}, gens(5, 9), grid, 3.0, 15.0, "cpu")
+    alone = draw_lcd_batch(mu[1:], sigma[1:], {}, {}, gens(9), grid, 3.0, 15.0, "cpu")
+    for field in ("z0", "noise", "index", "w"):
+        assert torch.equal(getattr(pair, field)[1:], getattr(alone, field)), field
+    assert not torch.equal(pair.noise[0], pair.noise[1])  # the two generators differ, so the check could fail
+    assert ((3.0 <= pair.w) & (pair.w <= 15.0)).all() and ((0 <= pair.index) & (pair.index < 50)).all()
+    with pytest.raises(ValueError, match="one per sample"):
+        draw_lcd_batch(mu, sigma, {}, {}, gens(5), grid, 3.0, 15.0, "cpu")
