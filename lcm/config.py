@@ -150,6 +150,8 @@ class DistillConfig:
     w_min: float = bounded(3.0, ge=0)  # LCM convention: ε̂ = ε_c + w(ε_c − ε_u); diffusers guidance_scale = w + 1
     w_max: float = bounded(15.0, ge=0)
     loss: str = "huber"
+    # per-grid-pair weight of the loss: uniform (LCM) or inverse_delta (1 / Δσ, improved consistency training)
+    loss_weighting: str = "uniform"
     huber_c: float = bounded(HUBER_C, gt=0)
     sigma_data: float = bounded(SIGMA_DATA, gt=0)
     timestep_scaling: float = bounded(TIMESTEP_SCALING, gt=0)
@@ -344,20 +346,21 @@ def _check_cross_fields(cfg) -> None:
 def registry_choices() -> dict[str, tuple]:
     """The valid names of each config key that selects from a registry: that registry's keys (imported here, not at
     module level, so reading a config stays light)."""
-    from .consistency import LOSSES
+    from .consistency import LOSS_WEIGHTINGS, LOSSES
     from .data import SOURCES
     from .models import PIPELINES
     from .solvers import SOLVERS
 
     return {"model.kind": tuple(PIPELINES), "data.source": tuple(SOURCES), "distill.solver": tuple(SOLVERS),
-            "distill.loss": tuple(LOSSES)}
+            "distill.loss": tuple(LOSSES), "distill.loss_weighting": tuple(LOSS_WEIGHTINGS)}
 
 
 def _validate(cfg) -> None:
     """Check named choices, ranges and cross-field sanity; every message names the key."""
     reg = registry_choices()
     choices: dict[str, Any] = {"model.kind": reg["model.kind"], "data.source": reg["data.source"], **CHOICES,
-                               "distill.solver": reg["distill.solver"], "distill.loss": reg["distill.loss"]}
+                               "distill.solver": reg["distill.solver"], "distill.loss": reg["distill.loss"],
+                               "distill.loss_weighting": reg["distill.loss_weighting"]}
     for key, valid in choices.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and value not in valid:

@@ -40,6 +40,25 @@ def pseudo_huber_loss(a, b, c: float = HUBER_C):
 LOSSES: dict[str, Callable] = {"l2": l2_loss, "huber": pseudo_huber_loss}
 
 
+def uniform_weights(schedule: NoiseSchedule, grid: SolverGrid) -> torch.Tensor:
+    """Every grid pair weighs the same (LCM, LCM-LoRA)."""
+    return torch.ones(grid.N)
+
+
+def inverse_delta_weights(schedule: NoiseSchedule, grid: SolverGrid) -> torch.Tensor:
+    """λ_i ∝ 1 / (σ(τ_i) − σ(τ_i − k)) in the EDM noise level σ = σ_t / α_t, the weighting of improved consistency
+    training (Song & Dhariwal 2023, arXiv:2310.14189 §3.4), normalised to mean 1 over the grid. Pairs at small t, where
+    one step moves the noise level least, weigh more."""
+    t_nk, t_n = grid.pair(torch.arange(grid.N))
+    a_nk, s_nk = schedule.alpha_sigma(t_nk)
+    a_n, s_n = schedule.alpha_sigma(t_n)
+    weights = 1.0 / (s_nk / a_nk - s_n / a_n)
+    return weights / weights.mean()
+
+
+LOSS_WEIGHTINGS: dict[str, Callable] = {"uniform": uniform_weights, "inverse_delta": inverse_delta_weights}
+
+
 def cat_cond(cond: dict, uncond: dict) -> dict:
     """Stack conditional and unconditional inputs along the batch so the teacher runs once on 2B rows."""
     if cond.keys() != uncond.keys():
@@ -60,11 +79,15 @@ class LCDSpec:
     sigma_data: float = SIGMA_DATA
     timestep_scaling: float = TIMESTEP_SCALING
     teacher_batched: bool = True  # False: cond and uncond in two teacher calls (same result; for benchmarks)
+    loss_weighting: str = "uniform"  # a LOSS_WEIGHTINGS key: the per-grid-pair weight λ_i of the loss
 
     def __post_init__(self):
         get_solver(self.solver)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; valid: {sorted(LOSSES)}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {self.loss_weighting!r}; valid: {sorted(LOSS_WEIGHTINGS)}")
+        self.pair_weights = LOSS_WEIGHTINGS[self.loss_weighting](self.schedule, self.grid)
 
 
 @dataclass
@@ -145,6 +168,8 @@ def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
         # 4. Target's consistency output at t_n — the stop-gradient side of the loss.
         f_target = predict_consistency(target, z_tn_hat, t_n, batch.cond, batch.w, spec)
     loss = LOSSES[spec.loss](f_student.float(), f_target.float(), spec.huber_c)
+    if spec.loss_weighting != "uniform":  # uniform multiplies by ones: skipped so the default stays bit-identical
+        loss = loss * spec.pair_weights.to(loss.device)[batch.index]
     diagnostics = {
         "t_nk_mean": t_nk.float().mean().detach(),
         "w_mean": batch.w.float().mean().detach(),
