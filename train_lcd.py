@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from lcm.config import LCDConfig
 from lcm.consistency import lcd_loss
+from lcm.ema import EMATarget
 from lcm.encode import lcd_batch_from_data
 from lcm.export import export_unet_run
-from lcm.lora import swapped_weights
-from lcm.models import EMATarget, denoiser_name, denoiser_role, student_from_teacher
+from lcm.models import denoiser_name, student_from_teacher
+from lcm.roles import denoiser_role, target_role
 from lcm.entry import apply_speed_options, parse_train_args, prepare_run, run_task, validation_grid
 from lcm.errors import exit_on_user_error
 from lcm.trainer import TrainingTask
@@ -43,7 +42,7 @@ def main(argv=None):
     params = [p for p in student.parameters() if p.requires_grad]
     ema = EMATarget(dict(student.named_parameters()), cfg.distill.ema_decay,
                     device="cpu" if cfg.distill.ema_on_cpu else None)
-    teacher, target = denoiser_role(teacher_net), ema.role(student)
+    teacher, target = denoiser_role(teacher_net), target_role(ema, student)
 
     def loss_fn(model, batch, gens):
         lcd = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, accelerator.device)
@@ -52,13 +51,11 @@ def main(argv=None):
 
     def final_model():
         """The exported model is the EMA target θ⁻ (consistency models sample from the EMA weights)."""
-        with torch.no_grad():
-            for p, s in zip(ema.params, ema.shadow):
-                p.copy_(s)
+        ema.copy_to(student.parameters())
         return student
 
     def validate(step, out_dir):
-        with swapped_weights(ema.params, ema.shadow):  # validate what will be exported: θ⁻
+        with ema.swapped_in():  # validate what will be exported: θ⁻
             validation_grid(run, {name: student}, step, out_dir)
 
     task = TrainingTask(

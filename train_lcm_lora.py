@@ -25,7 +25,9 @@ from lcm.entry import apply_speed_options, parse_train_args, prepare_run, run_ta
 from lcm.errors import exit_on_user_error
 from lcm.export import export_lora_run
 from lcm.lora import add_lora, load_lora_into_training_unet
-from lcm.models import EMATarget, base_role, denoiser_of, denoiser_role
+from lcm.ema import EMATarget
+from lcm.models import denoiser_of
+from lcm.roles import base_role, denoiser_role, target_role
 from lcm.trainer import TrainingTask
 
 ADAPTER_FILE = "lora_adapter.safetensors"
@@ -43,7 +45,7 @@ def build_task(run) -> TrainingTask:
     named = {n: p for n, p in net.named_parameters() if p.requires_grad}
     ema = EMATarget(named, cfg.distill.ema_decay) if cfg.distill.ema_decay > 0 else None
     teacher = base_role(net)  # frozen base: adapters disabled
-    target = ema.role(net) if ema else denoiser_role(net)  # lcd_loss evaluates it under no_grad
+    target = target_role(ema, net) if ema else denoiser_role(net)  # lcd_loss evaluates it under no_grad
 
     def loss_fn(model, batch, gens):
         lcd = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, accelerator.device)

@@ -52,8 +52,9 @@ def build(model: str, cache: bool, batch_size: int):
     from lcm.encode import lcd_batch_from_data
     from lcm.entry import parse_train_args, prepare_run
     from lcm.lora import add_lora
-    from lcm.models import base_role, denoiser_role
-    from lcm.trainer import build_optimizer, sample_generators
+    from lcm.roles import base_role, denoiser_role
+    from lcm.seeds import sample_generators
+    from lcm.trainer import build_optimizer
 
     root = Path(tempfile.mkdtemp(prefix="bench_cache_"))
     preset, teacher, data, resolution = _teacher_and_data(model, root)

@@ -78,7 +78,8 @@ def diagnose(run: Path, n: int) -> dict:
     from lcm.data import add_time_ids
     from lcm.digits import eval_prompts, load_digits_tensors
     from lcm.encode import encode_text, latent_moments
-    from lcm.models import base_role, denoiser_role, noise_schedule_of
+    from lcm.models import noise_schedule_of
+    from lcm.roles import base_role, denoiser_role
     from lcm.parameterization import to_x0_eps
     from lcm.schedule import SolverGrid, lcm_inference_timesteps
     from lcm.lora import load_pipeline_lora

@@ -81,9 +81,10 @@ def step_flops(pipe, batch: int, resolution: int, rank: int, checkpointing: bool
     from lcm.consistency import LCDSpec, lcd_loss
     from lcm.encode import encode_batch, lcd_batch_from_data
     from lcm.lora import add_lora
-    from lcm.models import base_role, denoiser_role, noise_schedule_of
+    from lcm.models import noise_schedule_of
+    from lcm.roles import base_role, denoiser_role
     from lcm.schedule import SolverGrid
-    from lcm.trainer import sample_generators
+    from lcm.seeds import sample_generators
 
     unet = pipe.unet
     add_lora(unet, rank, rank, LCM_LORA_TARGETS)

@@ -66,7 +66,7 @@ def build_train_step(unet_config: str, resolution: int, batch: int, device: str,
     from lcm.config import LCM_LORA_TARGETS
     from lcm.consistency import LCDBatch, LCDSpec, lcd_loss
     from lcm.lora import add_lora
-    from lcm.models import base_role, denoiser_role
+    from lcm.roles import base_role, denoiser_role
     from lcm.schedule import NoiseSchedule, SolverGrid, alphas_cumprod_from_config
 
     torch_dtype = getattr(torch, DTYPES[dtype])

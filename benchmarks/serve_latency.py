@@ -27,8 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lcm.serve import (browser_page, edit_and_wait, find_chromium, free_port, press_and_wait,  # noqa: E402
-                       running_server, status_text)
+from tests._browser import (browser_page, edit_and_wait, find_chromium, press_and_wait,  # noqa: E402
+                            running_server, status_text)
+from tests._helpers import free_port  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 

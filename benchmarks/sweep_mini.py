@@ -49,6 +49,8 @@ CELLS: dict[str, list[str]] = {
     # teacher solver
     "dpm2s": ["distill.solver=dpm_solver_2s"],
     "heun": ["distill.solver=heun"],
+    # per-grid-pair loss weight (the 8-step diagnosis: the student's error floor at small t)
+    "invdelta": ["distill.loss_weighting=inverse_delta"],
     # time to quality: the preset on a shorter budget (the cosine schedule ends at the shorter step count)
     "steps200": ["train.max_train_steps=200"],
     "steps100": ["train.max_train_steps=100"],

@@ -26,7 +26,8 @@ def build_train_step(pretrained: str, data: str, resolution: int, batch_size: in
     """Set up the real LCM-LoRA task (train_lcm_lora.build_task) and return one optimiser step as a callable."""
     from lcm.config import LCMLoraConfig
     from lcm.entry import parse_train_args, prepare_run
-    from lcm.trainer import build_optimizer, sample_generators
+    from lcm.seeds import sample_generators
+    from lcm.trainer import build_optimizer
 
     from tests._helpers import load_entry_script
 
@@ -74,8 +75,8 @@ def build_preset_step(config: str = "mini_lcm_lora", batch_size: int = 64, overr
     from lcm.config import LCMLoraConfig
     from lcm.digits import export_digits_folder
     from lcm.entry import parse_train_args, prepare_run
-    from lcm.trainer import build_lr_scheduler, build_optimizer, clip_and_step, sample_generators, \
-        seed_global_rng_for_step, step_generator
+    from lcm.seeds import sample_generators, seed_global_rng_for_step, step_generator
+    from lcm.trainer import build_lr_scheduler, build_optimizer, clip_and_step
 
     data = ROOT / "runs" / "mini" / "digits"
     if not (data / "metadata.jsonl").is_file():

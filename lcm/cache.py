@@ -44,9 +44,10 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .data import (DataSummary, _item_seed, add_time_ids, build_dataset, cover_size, crop_conditioning,
-                   draw_crop_flip, format_summary, is_streaming, load_image, read_bytes, transform_image)
+from .data import (DataSummary, add_time_ids, build_dataset, cover_size, crop_conditioning, draw_crop_flip,
+                   format_summary, is_streaming, load_image, read_bytes, transform_image)
 from .errors import UserError
+from .seeds import item_seed
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class CachedDataset(Dataset):
         """The coin the uncached loader would toss for this (seed, epoch, item): 1 = the flipped variant."""
         if not self.random_flip:
             return 0
-        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+        generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         target = tuple(variant["target_size"])
         resized = cover_size(tuple(variant["original_size"]), target)
         return int(draw_crop_flip(resized, target, center_crop=True, random_flip=True, generator=generator)[2])

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .constants import HUBER_C, NUM_DDIM_TIMESTEPS, SIGMA_DATA, TIMESTEP_SCALING
 from .errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -144,14 +145,16 @@ class LoraConfig:
 @dataclass
 class DistillConfig:
     # N: the teacher grid, stored as original_inference_steps in the scheduler
-    num_ddim_timesteps: int = bounded(50, ge=1, le=1000)
+    num_ddim_timesteps: int = bounded(NUM_DDIM_TIMESTEPS, ge=1, le=1000)
     solver: str = "ddim"
     w_min: float = bounded(3.0, ge=0)  # LCM convention: ε̂ = ε_c + w(ε_c − ε_u); diffusers guidance_scale = w + 1
     w_max: float = bounded(15.0, ge=0)
     loss: str = "huber"
-    huber_c: float = bounded(0.001, gt=0)
-    sigma_data: float = bounded(0.5, gt=0)
-    timestep_scaling: float = bounded(10.0, gt=0)
+    # per-grid-pair weight of the loss: uniform (LCM) or inverse_delta (1 / Δσ, improved consistency training)
+    loss_weighting: str = "uniform"
+    huber_c: float = bounded(HUBER_C, gt=0)
+    sigma_data: float = bounded(SIGMA_DATA, gt=0)
+    timestep_scaling: float = bounded(TIMESTEP_SCALING, gt=0)
     # LoRA: 0 = target is the online adapters (LCM-LoRA); > 0 keeps an adapter-only EMA
     ema_decay: float = bounded(0.0, ge=0, lt=1)
     teacher_batched: bool = True  # cond + uncond in one teacher call on 2B rows; false = two calls (benchmarks only)
@@ -233,9 +236,9 @@ class ConfigError(UserError, ValueError):
     """A configuration problem, with the offending key in the message."""
 
 
+# Named choices without a registry of their own; model.kind, data.source, distill.solver and distill.loss are checked
+# against the keys of the registries they select from (`registry_choices`).
 CHOICES = {
-    "model.kind": ("sdxl", "sd15", "pixart"),
-    "data.source": ("folder", "hf", "webdataset"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.report_to": ("tensorboard", "none"),
 }
@@ -340,14 +343,24 @@ def _check_cross_fields(cfg) -> None:
         raise ConfigError(f"data.streaming=true needs data.source=webdataset, not {cfg.data.source!r}")
 
 
-def _validate(cfg) -> None:
-    """Check named choices, ranges and cross-field sanity; every message names the key."""
-    from .consistency import LOSSES
+def registry_choices() -> dict[str, tuple]:
+    """The valid names of each config key that selects from a registry: that registry's keys (imported here, not at
+    module level, so reading a config stays light)."""
+    from .consistency import LOSS_WEIGHTINGS, LOSSES
+    from .data import SOURCES
+    from .models import PIPELINES
     from .solvers import SOLVERS
 
-    choices: dict[str, Any] = dict(CHOICES)
-    choices["distill.solver"] = tuple(SOLVERS)
-    choices["distill.loss"] = tuple(LOSSES)
+    return {"model.kind": tuple(PIPELINES), "data.source": tuple(SOURCES), "distill.solver": tuple(SOLVERS),
+            "distill.loss": tuple(LOSSES), "distill.loss_weighting": tuple(LOSS_WEIGHTINGS)}
+
+
+def _validate(cfg) -> None:
+    """Check named choices, ranges and cross-field sanity; every message names the key."""
+    reg = registry_choices()
+    choices: dict[str, Any] = {"model.kind": reg["model.kind"], "data.source": reg["data.source"], **CHOICES,
+                               "distill.solver": reg["distill.solver"], "distill.loss": reg["distill.loss"],
+                               "distill.loss_weighting": reg["distill.loss_weighting"]}
     for key, valid in choices.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and value not in valid:

@@ -15,8 +15,9 @@ from typing import Callable
 
 import torch
 
-from .guidance import cfg
-from .parameterization import boundary_scalings, to_x0_eps
+from .constants import HUBER_C, SIGMA_DATA, TIMESTEP_SCALING
+from .guidance import cfg, sample_w
+from .parameterization import append_dims, boundary_scalings, to_x0_eps
 from .schedule import NoiseSchedule, SolverGrid
 from .solvers import get_solver
 
@@ -31,12 +32,31 @@ def l2_loss(a, b, c: float = 0.0):
     return (a - b).pow(2).flatten(1).mean(1)
 
 
-def pseudo_huber_loss(a, b, c: float = 0.001):
+def pseudo_huber_loss(a, b, c: float = HUBER_C):
     """Per-sample mean of √((a − b)² + c²) − c, element-wise as LCM-LoRA does (Song & Dhariwal 2023, arXiv:2310.14189 §3.3)."""
     return ((a - b).pow(2) + c * c).sqrt().sub(c).flatten(1).mean(1)
 
 
 LOSSES: dict[str, Callable] = {"l2": l2_loss, "huber": pseudo_huber_loss}
+
+
+def uniform_weights(schedule: NoiseSchedule, grid: SolverGrid) -> torch.Tensor:
+    """Every grid pair weighs the same (LCM, LCM-LoRA)."""
+    return torch.ones(grid.N)
+
+
+def inverse_delta_weights(schedule: NoiseSchedule, grid: SolverGrid) -> torch.Tensor:
+    """λ_i ∝ 1 / (σ(τ_i) − σ(τ_i − k)) in the EDM noise level σ = σ_t / α_t, the weighting of improved consistency
+    training (Song & Dhariwal 2023, arXiv:2310.14189 §3.4), normalised to mean 1 over the grid. Pairs at small t, where
+    one step moves the noise level least, weigh more."""
+    t_nk, t_n = grid.pair(torch.arange(grid.N))
+    a_nk, s_nk = schedule.alpha_sigma(t_nk)
+    a_n, s_n = schedule.alpha_sigma(t_n)
+    weights = 1.0 / (s_nk / a_nk - s_n / a_n)
+    return weights / weights.mean()
+
+
+LOSS_WEIGHTINGS: dict[str, Callable] = {"uniform": uniform_weights, "inverse_delta": inverse_delta_weights}
 
 
 def cat_cond(cond: dict, uncond: dict) -> dict:
@@ -55,15 +75,19 @@ class LCDSpec:
     prediction_type: str = "epsilon"
     solver: str = "ddim"
     loss: str = "huber"
-    huber_c: float = 0.001
-    sigma_data: float = 0.5
-    timestep_scaling: float = 10.0
+    huber_c: float = HUBER_C
+    sigma_data: float = SIGMA_DATA
+    timestep_scaling: float = TIMESTEP_SCALING
     teacher_batched: bool = True  # False: cond and uncond in two teacher calls (same result; for benchmarks)
+    loss_weighting: str = "uniform"  # a LOSS_WEIGHTINGS key: the per-grid-pair weight λ_i of the loss
 
     def __post_init__(self):
         get_solver(self.solver)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; valid: {sorted(LOSSES)}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {self.loss_weighting!r}; valid: {sorted(LOSS_WEIGHTINGS)}")
+        self.pair_weights = LOSS_WEIGHTINGS[self.loss_weighting](self.schedule, self.grid)
 
 
 @dataclass
@@ -76,6 +100,27 @@ class LCDBatch:
     w: torch.Tensor
     cond: dict = field(default_factory=dict)
     uncond: dict = field(default_factory=dict)
+
+
+def per_sample_randn(shape, generators: list[torch.Generator], device=None, dtype=None) -> torch.Tensor:
+    """Standard normal noise of `shape`, row i drawn from `generators[i]` on that generator's device, then moved to
+    `device`: a sample's noise does not depend on its batch (what diffusers' `randn_tensor` does for a list)."""
+    rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generators]
+    return torch.cat(rows).to(device)
+
+
+def draw_lcd_batch(mu: torch.Tensor, sigma: torch.Tensor, cond: dict, uncond: dict,
+                   generators: list[torch.Generator], grid: SolverGrid, w_min: float, w_max: float, device) -> LCDBatch:
+    """Every random draw of one training step, each sample's from its own generator, so a sample gets the same draws
+    whatever batch, rank or device it lands in: z₀ = μ + σ·ε_vae ~ q(z|x), the noise ε, the grid index n ~ U{0, …, N−1}
+    and the guidance w ~ U[w_min, w_max] (LCM Alg. 1). The order of the draws is part of the seeding contract."""
+    if len(generators) != mu.shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {mu.shape[0]}: need one per sample")
+    z0 = mu + sigma * per_sample_randn(mu.shape, generators, mu.device, mu.dtype)
+    return LCDBatch(z0=z0, noise=per_sample_randn(z0.shape, generators, z0.device, z0.dtype),
+                    index=torch.cat([grid.sample_index(1, g) for g in generators]).to(device),
+                    w=torch.cat([sample_w(1, w_min, w_max, g) for g in generators]).to(device),
+                    cond=cond, uncond=uncond)
 
 
 def guided_denoiser(teacher, cond: dict, uncond: dict, w, schedule: NoiseSchedule, prediction_type: str,
@@ -105,8 +150,7 @@ def predict_consistency(model, z, t, cond, w, spec: LCDSpec):
     alpha, sigma = spec.schedule.alpha_sigma(t, z.ndim)
     x0_hat, _ = to_x0_eps(pred, z, alpha.to(pred.dtype), sigma.to(pred.dtype), spec.prediction_type)
     c_skip, c_out = boundary_scalings(t, spec.sigma_data, spec.timestep_scaling)
-    shape = (-1,) + (1,) * (z.ndim - 1)
-    return consistency_fn(z, x0_hat, c_skip.reshape(shape).to(z.dtype), c_out.reshape(shape).to(z.dtype))
+    return consistency_fn(z, x0_hat, append_dims(c_skip, z.ndim).to(z.dtype), append_dims(c_out, z.ndim).to(z.dtype))
 
 
 def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
@@ -124,6 +168,8 @@ def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
         # 4. Target's consistency output at t_n — the stop-gradient side of the loss.
         f_target = predict_consistency(target, z_tn_hat, t_n, batch.cond, batch.w, spec)
     loss = LOSSES[spec.loss](f_student.float(), f_target.float(), spec.huber_c)
+    if spec.loss_weighting != "uniform":  # uniform multiplies by ones: skipped so the default stays bit-identical
+        loss = loss * spec.pair_weights.to(loss.device)[batch.index]
     diagnostics = {
         "t_nk_mean": t_nk.float().mean().detach(),
         "w_mean": batch.w.float().mean().detach(),

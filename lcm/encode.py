@@ -1,12 +1,12 @@
-"""Turn a data batch into model inputs: fp32 VAE latents and text conditioning (both SDXL encoders, SD1.5's one, or
-PixArt's T5 with its attention mask), encoded now or read from the latent cache (lcm/cache.py)."""
+"""Turn a data batch into model inputs: fp32 VAE latent moments and text conditioning (both SDXL encoders, SD1.5's one,
+or PixArt's T5 with its attention mask), encoded now or read from the latent cache (lcm/cache.py). No random draws: the
+step's draws (z₀ ~ q(z|x), ε, n, w) are `consistency.draw_lcd_batch`'s."""
 
 from __future__ import annotations
 
 import torch
 
-from .consistency import LCDBatch
-from .guidance import sample_w
+from .consistency import LCDBatch, draw_lcd_batch
 from .models import denoiser_name
 
 
@@ -17,14 +17,6 @@ def latent_moments(vae, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch
     posterior = vae.encode(pixel_values.to(device=vae.device, dtype=torch.float32)).latent_dist
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (posterior.mean - shift) * vae.config.scaling_factor, posterior.std * vae.config.scaling_factor
-
-
-def sample_latents(mu: torch.Tensor, sigma: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """z₀ ~ q(z|x), each image's ε from its own generator (as diffusers' posterior.sample draws it): a fresh draw per
-    step, whether (μ, σ) came from the VAE just now or from the latent cache."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    return mu + sigma * randn_tensor(mu.shape, generator=generators, device=mu.device, dtype=mu.dtype)
 
 
 @torch.no_grad()
@@ -68,23 +60,19 @@ def encode_batch(pipe, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor,
     return mu, sigma, cond, uncond
 
 
-def lcd_batch_from_data(pipe, batch: dict, generators: list[torch.Generator], distill_cfg, grid, device) -> LCDBatch:
-    """A data batch → LCDBatch: fp32 latents, text conditioning with SDXL (h, w) micro-conditioning, and every
-    random draw of the step (VAE noise, ε, grid index n, guidance w) from each sample's own CPU generator, so a sample
-    gets the same draws whatever batch, rank or device it lands in.
-
-    A batch from the latent cache (`latent_mean` …) already holds (μ, σ, cond, uncond): no encoder runs."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    if len(generators) != len(batch["caption"]):
-        raise ValueError(f"{len(generators)} generators for a batch of {len(batch['caption'])}: need one per sample")
+def encoded_inputs(pipe, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    """(μ, σ, cond, uncond) on `device`: read from a latent-cache batch (`latent_mean` …: no encoder runs), else
+    encoded now (`encode_batch`)."""
     if "latent_mean" in batch:
         mu, sigma = batch["latent_mean"].to(device), batch["latent_std"].to(device)
         cond, uncond = ({k: v.to(device) for k, v in batch[part].items()} for part in ("cond", "uncond"))
-    else:
-        mu, sigma, cond, uncond = encode_batch(pipe, batch, device)
-    z0 = sample_latents(mu, sigma, generators)
-    return LCDBatch(z0=z0, noise=randn_tensor(z0.shape, generator=generators, device=z0.device, dtype=z0.dtype),
-                    index=torch.cat([grid.sample_index(1, g) for g in generators]).to(device),
-                    w=torch.cat([sample_w(1, distill_cfg.w_min, distill_cfg.w_max, g) for g in generators]).to(device),
-                    cond=cond, uncond=uncond)
+        return mu, sigma, cond, uncond
+    return encode_batch(pipe, batch, device)
+
+
+def lcd_batch_from_data(pipe, batch: dict, generators: list[torch.Generator], distill_cfg, grid, device) -> LCDBatch:
+    """A data batch → LCDBatch: fp32 latent moments and text conditioning with SDXL (h, w) micro-conditioning from
+    `encoded_inputs`, then the step's random draws (VAE noise, ε, grid index n, guidance w) from each sample's own CPU
+    generator by `consistency.draw_lcd_batch`; nothing here draws."""
+    mu, sigma, cond, uncond = encoded_inputs(pipe, batch, device)
+    return draw_lcd_batch(mu, sigma, cond, uncond, generators, grid, distill_cfg.w_min, distill_cfg.w_max, device)

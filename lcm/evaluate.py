@@ -22,12 +22,13 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        UNet2DConditionModel)
 
+from .constants import NUM_DDIM_TIMESTEPS
 from .guidance import guidance_scale_from_w
 from .lora import load_pipeline_lora
 from .models import load_pretrained
@@ -100,7 +101,7 @@ def sample_tensors(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: in
 
 def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequence[int] = (1, 2, 4, 8),
              teacher_extra_steps: Sequence[int] = (25,), teacher_w: float = 1.5, student_guidance: float = 1.0,
-             original_inference_steps: int = 50, methods: Optional[Sequence[str]] = None,
+             original_inference_steps: int = NUM_DDIM_TIMESTEPS, methods: Optional[Sequence[str]] = None,
              lcd: Optional[str] = None, prompt_sets: Sequence[str] = ("train",),
              config_dir: Optional[str] = None) -> list[Row]:
     """Run every (method, steps, prompt set) cell; write results.json, table.md, one grid per row and plot.png to
@@ -108,9 +109,10 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
 
     A student row runs only when its weights are given (`lora`, `lcd`); asking for it by name without them is an error.
     `lora` may hold several LoRA students (see `lora_students`), each its own named rows; in `methods`, "LCM-LoRA"
-    stands for all of them and a student's name for that one.
+    stands for all of them and a student's name for that one. How each kind of row sets up its sampler and guidance
+    is its entry in `ROW_KINDS`.
     """
-    from .classifier import classify, digit_features, frechet_distance
+    from .classifier import digit_features
     from .digits import PROMPT_SETS, eval_prompts, load_digits_tensors
 
     out = Path(out_dir)
@@ -118,54 +120,21 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
     if not prompt_sets or any(p not in PROMPT_SETS for p in prompt_sets):
         raise ValueError(f"prompt sets {list(prompt_sets)}: choose from {', '.join(PROMPT_SETS)}")
     prompt_table = {name: eval_prompts(n, name) for name in dict.fromkeys(prompt_sets)}
-    seeds = list(range(n))
     pipe = load_pretrained(DiffusionPipeline, teacher, config_dir)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     real, _ = load_digits_tensors("held_out", size=size)
     real_feats = digit_features(real)
-    base_config = pipe.scheduler.config
     students = lora_students(lora)
     methods = _expand_methods(methods or [*TEACHER_SOLVERS, *students, *(["LCD"] if lcd else [])], students)
+    plan = _row_plan(methods, students, lcd)
+    setup = RowSetup(pipe, pipe.scheduler.config, list(steps), list(teacher_extra_steps),
+                     guidance_scale_from_w(teacher_w), student_guidance, original_inference_steps)
     rows: list[Row] = []
-
-    def run(name: str, k: int, g: float):
-        for prompt_set, (prompts, labels) in prompt_table.items():  # same seeds and digits, other prompt text
-            images, secs = sample_tensors(pipe, prompts, seeds, k, g)
-            acc = (classify(images) == torch.tensor(labels)).float().mean().item()
-            row = Row(name, k, g, acc, frechet_distance(digit_features(images), real_feats), secs / n, prompt_set)
-            rows.append(row)
-            grid = [_to_pil(images[i]) for i in range(min(len(images), 40))]
-            stem = re.sub(r"[^\w.-]", "_", name.replace("+", "p"))  # a student's name may come from any folder
-            stem += f"_{k}step" + ("" if prompt_set == "train" else "_heldout")
-            image_grid(grid, 10).save(out / "grids" / f"{stem}.png")
-            print(f"{name:>14} {k:>3} steps {prompt_set:>8}  acc {acc:6.1%}  FD {row.frechet:8.2f}  "
-                  f"{row.sec_per_image * 1e3:7.2f} ms/img", flush=True)
-
-    g_teacher = guidance_scale_from_w(teacher_w)
-    for name in methods:
-        if name in TEACHER_SOLVERS:
-            pipe.scheduler = TEACHER_SOLVERS[name](base_config)
-            for k in list(steps) + ([] if name != "DDIM" else list(teacher_extra_steps)):
-                run(name, k, g_teacher)
-        elif name in students:
-            with _fused_student(pipe, resolve_lora_dir(students[name])):
-                pipe.scheduler = lcm_scheduler_for(base_config, original_inference_steps)
-                for k in steps:
-                    run(name, k, student_guidance)
-        elif name == "LCD":
-            if lcd is None:
-                raise ValueError("the LCD row needs --lcd (a train_lcd.py run folder or its UNet)")
-            teacher_unet = pipe.unet
-            pipe.unet = UNet2DConditionModel.from_pretrained(resolve_student_dir(lcd))
-            if pipe.unet.config.time_cond_proj_dim is None:
-                raise ValueError(f"{lcd}: this UNet has no guidance embedding (time_cond_proj_dim); not a full-LCD student")
-            pipe.scheduler = lcm_scheduler_for(base_config, original_inference_steps)
-            for k in steps:
-                run(name, k, g_teacher)  # the student embeds w = g − 1: the teacher's own w
-            pipe.unet = teacher_unet
-        else:
-            raise ValueError(f"unknown method {name!r}; valid: {[*TEACHER_SOLVERS, *STUDENTS, *students]}")
+    for name, kind, source in plan:
+        with ROW_KINDS[kind](setup, name, source) as (guidance_scale, row_steps):
+            for k in row_steps:
+                rows += _run_cells(pipe, name, k, guidance_scale, prompt_table, real_feats, out)
     real_vs_real = _real_vs_real(real_feats, size)
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "n": n, "teacher_w": teacher_w,
                                                   "real_vs_real_frechet": real_vs_real,
@@ -173,6 +142,94 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
     (out / "table.md").write_text(markdown_table(rows, real_vs_real, n))
     plot(rows, out / "plot.png")
     return rows
+
+
+def _run_cells(pipe, name: str, k: int, guidance_scale: float, prompt_table: dict, real_feats: torch.Tensor,
+               out: Path) -> list[Row]:
+    """One method at k steps on every prompt set (same seeds and digits, other prompt text): a Row and a grid each."""
+    from .classifier import classify, digit_features, frechet_distance
+
+    rows = []
+    for prompt_set, (prompts, labels) in prompt_table.items():
+        n = len(prompts)
+        images, secs = sample_tensors(pipe, prompts, list(range(n)), k, guidance_scale)
+        acc = (classify(images) == torch.tensor(labels)).float().mean().item()
+        row = Row(name, k, guidance_scale, acc, frechet_distance(digit_features(images), real_feats), secs / n,
+                  prompt_set)
+        rows.append(row)
+        grid = [_to_pil(images[i]) for i in range(min(len(images), 40))]
+        stem = re.sub(r"[^\w.-]", "_", name.replace("+", "p"))  # a student's name may come from any folder
+        stem += f"_{k}step" + ("" if prompt_set == "train" else "_heldout")
+        image_grid(grid, 10).save(out / "grids" / f"{stem}.png")
+        print(f"{name:>14} {k:>3} steps {prompt_set:>8}  acc {acc:6.1%}  FD {row.frechet:8.2f}  "
+              f"{row.sec_per_image * 1e3:7.2f} ms/img", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ row kinds
+# A row kind is a context manager `(setup, name, source) -> (guidance_scale, steps)`: inside it the pipeline samples
+# as that row's method (its scheduler, its weights); on exit the teacher pipeline is as it was. A new student kind is
+# one entry in ROW_KINDS plus the names it answers to in `_row_plan`.
+
+@dataclass
+class RowSetup:
+    """What every row kind reads: the teacher pipeline, its own scheduler config and the table's step/guidance choices."""
+
+    pipe: object
+    base_config: dict
+    steps: list[int]
+    teacher_extra_steps: list[int]  # DDIM only: a many-step reference row
+    teacher_guidance: float  # diffusers guidance_scale = teacher w + 1
+    student_guidance: float
+    original_inference_steps: int  # the students' N (LCMScheduler grid)
+
+
+@contextlib.contextmanager
+def _teacher_row(setup: RowSetup, name: str, source=None) -> Iterator[tuple[float, list[int]]]:
+    """A teacher solver from TEACHER_SOLVERS at the teacher's CFG."""
+    setup.pipe.scheduler = TEACHER_SOLVERS[name](setup.base_config)
+    yield setup.teacher_guidance, setup.steps + (setup.teacher_extra_steps if name == "DDIM" else [])
+
+
+@contextlib.contextmanager
+def _lora_row(setup: RowSetup, name: str, source: str) -> Iterator[tuple[float, list[int]]]:
+    """An LCM-LoRA student: the LoRA fused into the teacher's UNet, LCMScheduler, sampled at `student_guidance`."""
+    with _fused_student(setup.pipe, resolve_lora_dir(source)):
+        setup.pipe.scheduler = lcm_scheduler_for(setup.base_config, setup.original_inference_steps)
+        yield setup.student_guidance, setup.steps
+
+
+@contextlib.contextmanager
+def _lcd_row(setup: RowSetup, name: str, source: str) -> Iterator[tuple[float, list[int]]]:
+    """A full-LCD student: its whole UNet in place of the teacher's, LCMScheduler, at guidance_scale = w + 1 with the
+    teacher's w (the student embeds w = g − 1; the stock pipeline runs no CFG pass for such a UNet)."""
+    pipe, teacher_unet = setup.pipe, setup.pipe.unet
+    pipe.unet = UNet2DConditionModel.from_pretrained(resolve_student_dir(source))
+    try:
+        if pipe.unet.config.time_cond_proj_dim is None:
+            raise ValueError(f"{source}: this UNet has no guidance embedding (time_cond_proj_dim); not a full-LCD student")
+        pipe.scheduler = lcm_scheduler_for(setup.base_config, setup.original_inference_steps)
+        yield setup.teacher_guidance, setup.steps
+    finally:
+        pipe.unet = teacher_unet
+
+
+ROW_KINDS = {"teacher": _teacher_row, "lora": _lora_row, "lcd": _lcd_row}
+
+
+def _row_plan(methods: Sequence[str], students: Mapping[str, str], lcd: Optional[str]) -> list[tuple[str, str, object]]:
+    """(row name, row kind, its weights) per method, in order; an unknown name or a student without weights is an
+    error before anything is sampled."""
+    kinds: dict[str, tuple[str, object]] = {name: ("teacher", None) for name in TEACHER_SOLVERS}
+    kinds.update({name: ("lora", path) for name, path in students.items()})
+    if lcd is not None:
+        kinds["LCD"] = ("lcd", lcd)
+    for name in methods:
+        if name == "LCD" and lcd is None:
+            raise ValueError("the LCD row needs --lcd (a train_lcd.py run folder or its UNet)")
+        if name not in kinds:
+            raise ValueError(f"unknown method {name!r}; valid: {[*TEACHER_SOLVERS, *STUDENTS, *students]}")
+    return [(name, *kinds[name]) for name in methods]
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .parameterization import append_dims
+
 
 def sample_w(batch: int, w_min: float, w_max: float, generator: torch.Generator | None = None, device=None):
     """w ~ U[w_min, w_max], one per sample."""
@@ -19,7 +21,7 @@ def sample_w(batch: int, w_min: float, w_max: float, generator: torch.Generator 
 def cfg(pred_cond, pred_uncond, w):
     """ε̂ = ε_c + w (ε_c − ε_u), w broadcast per sample (LCM eq. 9)."""
     if torch.is_tensor(w):
-        w = w.reshape((-1,) + (1,) * (pred_cond.ndim - 1)).to(pred_cond.dtype)
+        w = append_dims(w, pred_cond.ndim).to(pred_cond.dtype)
     return pred_cond + w * (pred_cond - pred_uncond)
 
 

@@ -1,7 +1,7 @@
-"""LoRA on the denoiser through PEFT: add adapters, switch roles with named context managers, save and load.
+"""LoRA on the denoiser through PEFT: add adapters, save and load them, and check a LoRA file fits and fully loads.
 
-The teacher of LCM-LoRA is the same network with its adapters disabled; the target is the same network with the EMA
-adapter weights swapped in. Both are context managers so no caller toggles adapters inline.
+The teacher of LCM-LoRA is the same network with its adapters disabled (`lcm.roles.adapters_disabled`); the target is
+the same network with the EMA adapter weights swapped in (`lcm.ema.swapped_weights`).
 
 UNets carry diffusers' PEFT integration (`add_adapter`, `load_lora_weights` on the pipeline). PixArt's transformer has
 none in diffusers, so there the adapter is injected with PEFT directly and saved in PEFT's own folder format
@@ -11,16 +11,14 @@ loads — the way PixArt's own LCM-LoRA is published.
 
 from __future__ import annotations
 
-import contextlib
 import re
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from pathlib import Path
 
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -53,42 +51,6 @@ def add_lora(model, rank: int, alpha: float, target_modules: Iterable[str], drop
         p.data = p.data.float()
         p.requires_grad_(True)
     return params
-
-
-def _set_adapters_enabled(model, enabled: bool) -> None:
-    # What diffusers' disable_adapters/enable_adapters do, for any module tree carrying PEFT layers.
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.enable_adapters(enabled=enabled)
-
-
-@contextlib.contextmanager
-def adapters_disabled(model) -> Iterator[None]:
-    """Run the base model: the LCM-LoRA teacher is the denoiser with its adapters switched off."""
-    _set_adapters_enabled(model, False)
-    try:
-        yield
-    finally:
-        _set_adapters_enabled(model, True)
-
-
-@contextlib.contextmanager
-def swapped_weights(params: list[torch.nn.Parameter], replacement: list[torch.Tensor]) -> Iterator[None]:
-    """Temporarily point `params` at `replacement` values (e.g. EMA adapters for the target), restoring after.
-
-    Important: the swap rebinds `p.data` instead of copying into `p`. The student's forward has already saved these
-    parameters for its backward pass; an in-place copy would bump their version counters and make that backward fail
-    ("modified by an inplace operation"). Rebinding leaves the saved tensors untouched, and the originals are back
-    before any backward runs.
-    """
-    saved = [p.data for p in params]
-    for p, r in zip(params, replacement):
-        p.data = r.detach().to(device=p.device, dtype=p.dtype)
-    try:
-        yield
-    finally:
-        for p, s in zip(params, saved):
-            p.data = s
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .constants import NUM_DDIM_TIMESTEPS
 from .consistency import LCDBatch, LCDSpec, guided_denoiser, lcd_loss, predict_consistency
 from .ema import ema_update_
 from .guidance import cfg, sample_w
@@ -322,7 +323,7 @@ def pf_ode_endpoint(mixture: GaussianMixture, z_T, y, w, schedule: NoiseSchedule
 
 
 def ideal_consistency_sample(mixture: GaussianMixture, z_T, y, w, schedule: NoiseSchedule, num_steps: int,
-                             original_steps: int = 50):
+                             original_steps: int = NUM_DDIM_TIMESTEPS):
     """`consistency_sample` (deterministic) with the perfect consistency function f*(z, t) = exact PF-ODE endpoint."""
     z = z_T
     timesteps = lcm_inference_timesteps(num_steps, original_steps, schedule.T)

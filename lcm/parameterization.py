@@ -1,4 +1,4 @@
-"""Prediction-type conversions (ε ↔ x̂₀ ↔ v) and the consistency boundary scalings.
+"""Prediction-type conversions (ε ↔ x̂₀ ↔ v), the consistency boundary scalings, and `append_dims`.
 
 With z_t = α_t x₀ + σ_t ε and α² + σ² = 1: v = α_t ε − σ_t x₀ (Salimans & Ho 2022, arXiv:2202.00512 §4).
 """
@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from .constants import SIGMA_DATA, TIMESTEP_SCALING
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-sample tensor (B,) viewed as (B, 1, …, 1) with `ndim` dims, to broadcast against a batch of latents."""
+    return x.reshape((-1,) + (1,) * (ndim - 1))
 
 
 def x0_from_eps(z, eps, alpha, sigma):
@@ -46,7 +53,7 @@ def to_x0_eps(pred, z, alpha, sigma, prediction_type: str):
     raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {list(PREDICTION_TYPES)}")
 
 
-def boundary_scalings(t, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+def boundary_scalings(t, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING):
     """(c_skip, c_out) with c_skip(0) = 1, c_out(0) = 0 (LCM arXiv:2310.04378 eq. 4 / Song et al. 2023 App. C).
 
     c_skip = σ_d² / ((s·t)² + σ_d²), c_out = s·t / √((s·t)² + σ_d²). The discrete timestep t is scaled by

@@ -12,9 +12,11 @@ import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 from PIL import Image
 
+from .constants import NUM_DDIM_TIMESTEPS, TIMESTEP_SCALING
 from .lora import (PEFT_CONFIG_FILE, PEFT_KEY_PREFIX, PEFT_WEIGHTS_FILE, check_lora_landed, check_lora_matches,
                    load_pipeline_lora)
 
+from .models import DTYPES, denoiser_name, load_pretrained
 from .presets import build_scheduler, get_preset
 
 logger = logging.getLogger("lcm")
@@ -24,11 +26,10 @@ def auto_device_dtype(device: Optional[str] = None, dtype: Optional[str] = None)
     """cuda → bf16 (fp16 where bf16 is unsupported), otherwise cpu → fp32; explicit choices win."""
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype not in (None, "auto"):
-        if dtype not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(names)} or auto")
-        return device, names[dtype]
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(DTYPES)} or auto")
+        return device, DTYPES[dtype]
     if device.startswith("cuda"):
         return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return device, torch.float32
@@ -51,7 +52,8 @@ def parse_seeds(spec: str) -> list[int]:
     return seeds
 
 
-def lcm_scheduler_for(base_config, original_inference_steps: int = 50, timestep_scaling: float = 10.0) -> LCMScheduler:
+def lcm_scheduler_for(base_config, original_inference_steps: int = NUM_DDIM_TIMESTEPS,
+                      timestep_scaling: float = TIMESTEP_SCALING) -> LCMScheduler:
     """LCMScheduler on the teacher's betas, with the distillation grid N stored as `original_inference_steps`."""
     # Keep only what LCMScheduler understands (the teacher may carry Euler/DDIM-only keys), so nothing is ignored
     # silently; clip_sample is forced off: clipping x̂₀ to [-1, 1] wrecks latent-space sampling.
@@ -92,8 +94,6 @@ def load_pipeline_for_sampling(base: str, loras: Sequence[tuple[str, float]] = (
     """Base pipeline (a folder, a hub id, or a single-file checkpoint with its `config_dir`) + LoRA(s) or a full-LCD
     `student` (it replaces the base's UNet/transformer) + the preset's scheduler (LCMScheduler by default), on device
     and dtype."""
-    from .models import denoiser_name, load_pretrained
-
     get_preset(preset)  # an unknown preset fails here, before any model is loaded
     if student and loras:
         raise ValueError("give either a full-LCD student or LoRA(s), not both")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from .constants import NUM_DDIM_TIMESTEPS
+from .parameterization import append_dims
+
 
 def scaled_linear_alphas_cumprod(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
     """ᾱ_t of SD/SDXL: betas linear in √β (DDPM, Ho et al. 2020, with SD's "scaled_linear" betas)."""
@@ -43,9 +46,8 @@ class NoiseSchedule:
     def alpha_sigma(self, t: torch.Tensor, ndim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(α_t, σ_t) at integer timesteps t, shaped (B, 1, …, 1) to broadcast against a tensor of `ndim` dims."""
         abar = self.alphas_cumprod.to(t.device)[t.long()]
-        shape = (-1,) + (1,) * (ndim - 1)
         alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()
-        return alpha.float().reshape(shape), sigma.float().reshape(shape)
+        return append_dims(alpha.float(), ndim), append_dims(sigma.float(), ndim)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z_t = α_t x₀ + σ_t ε (forward process, DDPM eq. 4)."""
@@ -56,7 +58,7 @@ class NoiseSchedule:
 class SolverGrid:
     """The teacher's N-step skipping grid τ_i = (i+1)·k − 1, k = T/N (LCM, Luo et al. 2023, arXiv:2310.04378 §4.2)."""
 
-    def __init__(self, T: int = 1000, num_ddim_timesteps: int = 50):
+    def __init__(self, T: int = 1000, num_ddim_timesteps: int = NUM_DDIM_TIMESTEPS):
         if T % num_ddim_timesteps:
             raise ValueError(f"num_ddim_timesteps={num_ddim_timesteps} must divide T={T}")
         self.T, self.N = T, num_ddim_timesteps
@@ -73,7 +75,7 @@ class SolverGrid:
         return torch.randint(0, self.N, (batch,), generator=generator, device=device)
 
 
-def lcm_inference_timesteps(num_steps: int, original_steps: int = 50, T: int = 1000) -> list[int]:
+def lcm_inference_timesteps(num_steps: int, original_steps: int = NUM_DDIM_TIMESTEPS, T: int = 1000) -> list[int]:
     """The timesteps LCMScheduler samples at: num_steps points evenly taken from the training grid, descending from τ_{N−1}.
 
     Mirrors LCMScheduler.set_timesteps (strength 1): the descending training grid is subsampled by

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .parameterization import append_dims
 from .schedule import NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -158,8 +159,7 @@ def dpm_solver_2s_solver(denoise: Denoiser, z_t, t, s, schedule: NoiseSchedule):
     z = z_t.to(work)
     u = lambda_midpoint_timestep(schedule, t, s)
     lam = half_log_snr(schedule.alphas_cumprod.to(t.device))
-    shape = (-1,) + (1,) * (z.ndim - 1)
-    lam_t, lam_u, lam_s = (lam[i.long()].reshape(shape) for i in (t, u, s))  # float64 for accurate differences
+    lam_t, lam_u, lam_s = (append_dims(lam[i.long()], z.ndim) for i in (t, u, s))  # float64 for accurate differences
     h = lam_s - lam_t
     r = torch.where(h != 0, (lam_u - lam_t) / h, torch.ones_like(h))  # t == s: h = 0, the step is the identity
     h, h_u, r = h.to(work), (lam_u - lam_t).to(work), r.to(work)

@@ -4,12 +4,11 @@ Entry scripts (`train_lcm_lora.py`, later `train_lcd.py`) describe *what* to tra
 decides *how*. Checkpoints are written to a temporary folder and renamed, so a crash mid-write never leaves a broken
 latest checkpoint.
 
-Resuming is exact (tests/test_resume.py kills a run and compares bits): the shuffle order depends on (seed, epoch)
-only, crops/flips on (seed, epoch, item), VAE noise/ε/grid index/w on a generator per sample keyed by its position in
-the run's sample stream (so they also do not depend on the number of ranks), LoRA dropout on the global RNG reseeded
-per (seed, rank, step, micro-batch), and optimiser, LR schedule, EMA and accumulation counters are
-restored from the checkpoint. A streamed dataset (lcm/data.py) resumes by replaying its epoch's stream, which
-depends on (seed, epoch) only, and dropping the batches already consumed before decoding them.
+Resuming is exact (tests/test_resume.py kills a run and compares bits): every random draw comes from a seed in
+lcm/seeds.py (the shuffle order, crops/flips, each sample's VAE noise/ε/grid index/w, LoRA dropout; its docstring
+states the contract), and optimiser, LR schedule, EMA and accumulation counters are restored from the checkpoint.
+A streamed dataset (lcm/data/stream.py) resumes by replaying its epoch's stream, which depends on (seed, epoch) only, and
+dropping the batches already consumed before decoding them.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from .config import to_yaml
 from .data import StreamEpoch, build_loader
 from .errors import DataError, PathNotFoundError, WriteError, write_guard
+from .seeds import sample_generators, sample_position, seed_global_rng_for_step, step_generator
 
 logger = logging.getLogger("lcm")
 
@@ -43,7 +43,7 @@ CHECKPOINT_PREFIX = "step-"
 @dataclass
 class TrainingTask:
     """What an entry script hands the loop. `loss_fn(model, batch, generators)` returns (per-sample loss, diagnostics);
-    `generators` holds one per sample of the micro-batch (`sample_generators`)."""
+    `generators` holds one per sample of the micro-batch (`seeds.sample_generators`)."""
 
     model: torch.nn.Module  # holds the trainable parameters; prepared (DDP-wrapped) by accelerate
     params: list  # the trainable parameters (LoRA tensors or the whole student)
@@ -58,53 +58,6 @@ class TrainingTask:
     validate: Callable[[int, Path], None] = lambda step, out_dir: None
     export: Callable[[Path], None] = lambda final_dir: None
     summary: dict = field(default_factory=dict)
-
-
-def rank_seed(seed: int, rank: int, world_size: int) -> int:
-    """The one per-rank seed (DiT's global_seed × world + rank): ranks differ, runs repeat."""
-    return seed * world_size + rank
-
-
-def _splitmix64(x: int) -> int:
-    """SplitMix64's finaliser: scrambles an integer key so nearby keys give unrelated seeds."""
-    x = (x + 0x9E3779B97F4A7C15) % 2**64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
-    return x ^ (x >> 31)
-
-
-def step_generator(seed: int, rank: int, world_size: int, step: int, micro: int, device) -> torch.Generator:
-    """A fresh generator per (rank, optimiser step, micro-batch): the noise of step s never depends on resuming."""
-    g = torch.Generator(device=device)
-    g.manual_seed((rank_seed(seed, rank, world_size) * 1_000_003 + step) * 64 + micro)
-    return g
-
-
-def seed_global_rng_for_step(gen: torch.Generator) -> None:
-    """Reseed torch's global RNG from this micro-step's generator, for what cannot take a generator (LoRA dropout).
-
-    Dropout draws from the global RNG, so without this its masks would depend on everything that ran before in the
-    process (validation, a resume). The seed is scrambled so the masks are not the same stream as one drawn from
-    `gen`'s integer seed.
-    """
-    torch.manual_seed(_splitmix64(gen.initial_seed()) % 2**63)
-
-
-def sample_position(step: int, micro: int, rank: int, world_size: int, accumulation: int, batch_size: int) -> int:
-    """Where this micro-batch's first sample sits in the run's stream of samples (counted over all ranks).
-
-    accelerate shards a map-style loader by whole batches, round-robin over ranks, so rank r's micro-batch m of
-    optimiser step s is batch (s·A + m)·W + r of the shuffled stream. The position is therefore the same for a sample
-    whether the global batch of step s is one rank × W·b, W ranks × b, or one rank × b with W·A micro-batches.
-    """
-    return ((step * accumulation + micro) * world_size + rank) * batch_size
-
-
-def sample_generators(seed: int, first: int, n: int) -> list[torch.Generator]:
-    """One CPU generator per sample, keyed by (seed, stream position): a sample's VAE noise, ε, grid index and w do
-    not depend on how the global batch is split over ranks and micro-batches, nor on the device (EDM's per-image
-    generators). This is what lets 2 ranks × B/2 reproduce 1 rank × B (tests/test_distributed.py)."""
-    return [torch.Generator().manual_seed(_splitmix64(seed * 2**40 + first + i) % 2**63) for i in range(n)]
 
 
 DETERMINISTIC_ENV = "LCM_DETERMINISTIC"  # "1": torch.use_deterministic_algorithms(True) for bit-exact reruns on GPU
@@ -285,10 +238,56 @@ def _flat_hparams(cfg) -> dict:
     return flat
 
 
+@dataclass
+class _Run:
+    """What `train` prepares once and its helpers share: the accelerate-prepared model, optimiser, LR schedule and
+    loader, and the optimiser-step counter (the one piece of loop state a checkpoint restores). One trainable module
+    with its optimiser today; a second (a discriminator) would add its own here and its own step in `_micro_step`."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    loader: torch.utils.data.DataLoader
+    bucket_sampler: Optional[torch.utils.data.Sampler]  # ours, when data.buckets: accelerate cannot set its epoch
+    stream: bool  # the loader is this rank's stream of whole batches (StreamEpoch), not a map-style loader
+    steps_per_epoch: int
+    step: int = 0  # completed optimiser steps
+
+
+@dataclass
+class _MicroStep:
+    """One micro-batch's outcome; the last one of an accumulation window is what the step logs."""
+
+    loss: torch.Tensor
+    grad_norm: Optional[torch.Tensor]
+    diagnostics: dict
+
+
 def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
     """Run optimiser steps until `train.max_train_steps`; checkpoint, validate and export along the way."""
     tc = cfg.train
-    out = Path(tc.output_dir)
+    _prepare_run_folder(cfg, accelerator, task)
+    run = _prepare(cfg, accelerator, task)
+    progress = tqdm(total=tc.max_train_steps, initial=run.step, desc="lcm", disable=not accelerator.is_main_process)
+    run.model.train()
+    while run.step < tc.max_train_steps:
+        for micro, batch in enumerate(_epoch_batches(cfg, accelerator, task, run)):
+            result = _micro_step(cfg, accelerator, task, run, micro, batch)
+            if not accelerator.sync_gradients:
+                continue  # inside an accumulation window: no optimiser step yet
+            run.step += 1
+            task.after_optimizer_step()
+            _end_of_step(cfg, accelerator, task, run, result, progress)
+            if run.step >= tc.max_train_steps:
+                break
+    progress.close()
+    _finish(cfg, accelerator, task)
+    return run.step
+
+
+def _prepare_run_folder(cfg, accelerator: Accelerator, task: TrainingTask) -> None:
+    """Determinism switch, the resolved config.yaml in the run folder, and the task's checkpoint hooks."""
+    out = Path(cfg.train.output_dir)
     if os.environ.get(DETERMINISTIC_ENV, "") == "1":
         # CPU kernels here are already deterministic at a fixed thread count; CUDA ones (atomics in backward, cuBLAS
         # workspaces) are not, and raise instead of silently differing once this is on.
@@ -303,6 +302,10 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
     if task.load_model_hook:
         accelerator.register_load_state_pre_hook(task.load_model_hook)
 
+
+def _prepare(cfg, accelerator: Accelerator, task: TrainingTask) -> _Run:
+    """Loader, optimiser and LR schedule through accelerate, then the checkpoint to resume from and the trackers."""
+    tc = cfg.train
     loader, bucket_sampler = build_loader(task.dataset, task.collate_fn, tc.batch_size, tc.seed, cfg.data.num_workers,
                                           rank=accelerator.process_index, world_size=accelerator.num_processes,
                                           accumulation=tc.gradient_accumulation_steps)
@@ -322,75 +325,89 @@ def train(cfg, accelerator: Accelerator, task: TrainingTask) -> int:
         model, optimizer, loader, lr_scheduler = accelerator.prepare(task.model, optimizer, loader, lr_scheduler)
 
     global_step = 0
-    resume_from = resolve_resume(out, tc.resume)
+    resume_from = resolve_resume(tc.output_dir, tc.resume)
     if resume_from is not None:
         global_step = load_checkpoint(accelerator, task, resume_from)
         logger.info("resumed from %s at step %d", resume_from, global_step)
     if tc.report_to != "none":
         accelerator.init_trackers("lcm", config=_flat_hparams(cfg))
 
-    batches_per_step = tc.gradient_accumulation_steps
+    accumulation, world = tc.gradient_accumulation_steps, accelerator.num_processes
+    accelerator.print(f"{world} process(es) × batch {tc.batch_size} × accumulation {accumulation} = global batch "
+                      f"{world * tc.batch_size * accumulation}")
     # Important: accelerate also steps on an epoch's last, partial accumulation window (it syncs at the end of the
     # dataloader), so an epoch is ceil(batches / accumulation) optimiser steps. Resume maps step → (epoch, batch) with
     # this number; the floor would resume into the wrong epoch whenever the two differ.
-    steps_per_epoch = math.ceil(len(loader) / batches_per_step)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    accelerator.print(f"{world} process(es) × batch {tc.batch_size} × accumulation {batches_per_step} = global batch "
-                      f"{world * tc.batch_size * batches_per_step}")
-    progress = tqdm(total=tc.max_train_steps, initial=global_step, desc="lcm", disable=not accelerator.is_main_process)
-    model.train()
-    while global_step < tc.max_train_steps:
-        epoch = global_step // steps_per_epoch
-        if bucket_sampler is not None:  # accelerate cannot reach it through its multi-process shard wrapper
-            bucket_sampler.set_epoch(epoch)
-        if hasattr(task.dataset, "set_epoch"):
-            task.dataset.set_epoch(epoch)  # per-item crop/flip randomness depends on (seed, epoch, index)
-        skip = (global_step % steps_per_epoch) * batches_per_step
-        if stream:  # the stream replays the epoch and drops the first `skip` batches before decoding them
-            loader.dataset.skip = skip
-            epoch_loader = loader
-        else:
-            loader.set_epoch(epoch)
-            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for micro, batch in enumerate(epoch_loader):
-            with accelerator.accumulate(model):
-                m = micro % batches_per_step
-                seed_global_rng_for_step(step_generator(tc.seed, rank, world, global_step, m, accelerator.device))
-                first = sample_position(global_step, m, rank, world, batches_per_step, tc.batch_size)
-                gens = sample_generators(tc.seed, first, tc.batch_size)
-                with accelerator.autocast():
-                    per_sample, diagnostics = task.loss_fn(model, batch, gens)
-                loss = per_sample.mean()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} in step {global_step + 1} (after {global_step} completed steps); "
-                        f"stopping. Last good checkpoint: {last_good_checkpoint(out)}"
-                        " — lower optim.lr or try train.mixed_precision=no, then resume from it.")
-                accelerator.backward(loss)
-                grad_norm = clip_and_step(accelerator, task.params, optimizer, lr_scheduler, cfg.optim.max_grad_norm)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            task.after_optimizer_step()
-            progress.update(1)
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            if grad_norm is not None:
-                logs["grad_norm"] = float(grad_norm)
-            logs.update({k: float(v) for k, v in diagnostics.items()})
-            progress.set_postfix(loss=f"{logs['loss']:.4g}")
-            if global_step % tc.log_every == 0 or global_step == tc.max_train_steps:
-                accelerator.log(logs, step=global_step)
-            if tc.checkpoint_every > 0 and global_step % tc.checkpoint_every == 0:
-                save_checkpoint(accelerator, task, cfg, global_step)
-            every = cfg.validation.every_n_steps
-            if accelerator.is_main_process and every > 0 and global_step % every == 0:
-                task.validate(global_step, out / "samples")
-            if global_step >= tc.max_train_steps:
-                break
-    progress.close()
+    return _Run(model, optimizer, lr_scheduler, loader, bucket_sampler, stream,
+                steps_per_epoch=math.ceil(len(loader) / accumulation), step=global_step)
+
+
+def _epoch_batches(cfg, accelerator: Accelerator, task: TrainingTask, run: _Run):
+    """The batches left in the epoch `run.step` falls in, map-style or streamed alike: every epoch-dependent draw is
+    set to this epoch, and the batches a resumed run already consumed this epoch are skipped."""
+    accumulation = cfg.train.gradient_accumulation_steps
+    epoch = run.step // run.steps_per_epoch
+    if run.bucket_sampler is not None:  # accelerate cannot reach it through its multi-process shard wrapper
+        run.bucket_sampler.set_epoch(epoch)
+    if hasattr(task.dataset, "set_epoch"):
+        task.dataset.set_epoch(epoch)  # per-item crop/flip randomness depends on (seed, epoch, index)
+    skip = (run.step % run.steps_per_epoch) * accumulation
+    if run.stream:  # the stream replays the epoch and drops the first `skip` batches before decoding them
+        run.loader.dataset.skip = skip
+        return run.loader
+    run.loader.set_epoch(epoch)
+    return accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
+
+
+def _micro_step(cfg, accelerator: Accelerator, task: TrainingTask, run: _Run, micro: int, batch) -> _MicroStep:
+    """Loss and backward of one micro-batch; on the last of an accumulation window, clip and step the optimiser.
+
+    Its random draws are keyed by (seed, step, micro-batch, rank) and by each sample's stream position (lcm/seeds.py),
+    which is what makes resuming and the number of ranks invisible in the result.
+    """
+    tc = cfg.train
+    rank, world, accumulation = accelerator.process_index, accelerator.num_processes, tc.gradient_accumulation_steps
+    with accelerator.accumulate(run.model):
+        m = micro % accumulation
+        seed_global_rng_for_step(step_generator(tc.seed, rank, world, run.step, m, accelerator.device))
+        first = sample_position(run.step, m, rank, world, accumulation, tc.batch_size)
+        gens = sample_generators(tc.seed, first, tc.batch_size)
+        with accelerator.autocast():
+            per_sample, diagnostics = task.loss_fn(run.model, batch, gens)
+        loss = per_sample.mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} in step {run.step + 1} (after {run.step} completed steps); "
+                f"stopping. Last good checkpoint: {last_good_checkpoint(tc.output_dir)}"
+                " — lower optim.lr or try train.mixed_precision=no, then resume from it.")
+        accelerator.backward(loss)
+        grad_norm = clip_and_step(accelerator, task.params, run.optimizer, run.lr_scheduler, cfg.optim.max_grad_norm)
+    return _MicroStep(loss, grad_norm, diagnostics)
+
+
+def _end_of_step(cfg, accelerator: Accelerator, task: TrainingTask, run: _Run, result: _MicroStep, progress) -> None:
+    """After optimiser step `run.step`: progress bar, tracker logs, checkpoint and validation when they are due."""
+    tc, step = cfg.train, run.step
+    progress.update(1)
+    logs = {"loss": result.loss.detach().item(), "lr": run.lr_scheduler.get_last_lr()[0]}
+    if result.grad_norm is not None:
+        logs["grad_norm"] = float(result.grad_norm)
+    logs.update({k: float(v) for k, v in result.diagnostics.items()})
+    progress.set_postfix(loss=f"{logs['loss']:.4g}")
+    if step % tc.log_every == 0 or step == tc.max_train_steps:
+        accelerator.log(logs, step=step)
+    if tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0:
+        save_checkpoint(accelerator, task, cfg, step)
+    every = cfg.validation.every_n_steps
+    if accelerator.is_main_process and every > 0 and step % every == 0:
+        task.validate(step, Path(tc.output_dir) / "samples")
+
+
+def _finish(cfg, accelerator: Accelerator, task: TrainingTask) -> None:
+    """Wait for every rank, export the final artefacts from the main one, close the trackers."""
+    out = Path(cfg.train.output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with write_guard(out / "final", last_good_checkpoint(out)):  # a full disk: say so, and what survives
             task.export(out / "final")
     accelerator.end_training()
-    return global_step

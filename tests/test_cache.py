@@ -14,7 +14,8 @@ from lcm.config import load_config
 from lcm.consistency import LCDSpec, lcd_loss
 from lcm.data import build_dataset, collate_fn
 from lcm.encode import lcd_batch_from_data
-from lcm.models import load_pipeline, noise_schedule_of, denoiser_role
+from lcm.models import load_pipeline, noise_schedule_of
+from lcm.roles import denoiser_role
 from lcm.schedule import SolverGrid
 from lcm.tiny import save_tiny_pipeline
 

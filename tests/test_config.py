@@ -15,6 +15,7 @@ def test_defaults_and_overrides_typed():
 @pytest.mark.parametrize("override, key", [("train.bogus=1", "train.bogus"), ("bogus.x=1", "bogus"),
                                            ("train.batch_size=abc", "train.batch_size"),
                                            ("distill.solver=rk45", "distill.solver"),
+                                           ("distill.loss_weighting=snr", "distill.loss_weighting"),
                                            ("train.mixed_precision=fp8", "train.mixed_precision"),
                                            ("lora.rank=0", "lora.rank")])
 def test_bad_keys_and_values_name_the_key(override, key):

@@ -6,6 +6,7 @@ from lcm.consistency import (
     LCDSpec,
     cat_cond,
     consistency_fn,
+    draw_lcd_batch,
     lcd_loss,
     predict_consistency,
     pseudo_huber_loss,
@@ -123,3 +124,48 @@ def test_per_sample_shapes_and_bad_names():
         _spec(loss="l1")
     with pytest.raises(ValueError, match="keys"):
         cat_cond({"a": torch.zeros(1)}, {"b": torch.zeros(1)})
+
+
+def test_draw_lcd_batch_gives_each_sample_its_own_draws_whatever_its_batch():
+    """A sample's z₀, ε, n and w come from its generator alone: alone or second in a batch, the same values."""
+    grid = SolverGrid(1000, 50)
+    mu, sigma = torch.randn(2, 4, 3, 3), torch.rand(2, 4, 3, 3)
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    pair = draw_lcd_batch(mu, sigma, {}, {}, gens(5, 9), grid, 3.0, 15.0, "cpu")
+    alone = draw_lcd_batch(mu[1:], sigma[1:], {}, {}, gens(9), grid, 3.0, 15.0, "cpu")
+    for field in ("z0", "noise", "index", "w"):
+        assert torch.equal(getattr(pair, field)[1:], getattr(alone, field)), field
+    assert not torch.equal(pair.noise[0], pair.noise[1])  # the two generators differ, so the check could fail
+    assert ((3.0 <= pair.w) & (pair.w <= 15.0)).all() and ((0 <= pair.index) & (pair.index < 50)).all()
+    with pytest.raises(ValueError, match="one per sample"):
+        draw_lcd_batch(mu, sigma, {}, {}, gens(5), grid, 3.0, 15.0, "cpu")
+
+
+def test_inverse_delta_weights_are_one_over_the_step_in_edm_sigma():
+    """λ_i ∝ 1/(σ(τ_i) − σ(τ_i − k)), σ = √((1 − ᾱ)/ᾱ), recomputed here from ᾱ in float64; mean 1 over the grid."""
+    spec = _spec(loss_weighting="inverse_delta")
+    abar = scaled_linear_alphas_cumprod().double()
+    sigma = ((1 - abar) / abar).sqrt()
+    hi = torch.arange(50) * 20 + 19
+    lo = (hi - 20).clamp(min=0)
+    expected = 1 / (sigma[hi] - sigma[lo])
+    expected = expected / expected.mean()
+    torch.testing.assert_close(spec.pair_weights.double(), expected, rtol=1e-4, atol=0)
+    # pairs below t = 300 all weigh more than any above t = 700 (not monotone at the very bottom: the pair 19 → 0
+    # moves σ more than 39 → 19)
+    assert spec.pair_weights[:15].min() > 2.5 * spec.pair_weights[35:].max()
+    assert torch.equal(_spec().pair_weights, torch.ones(50))
+
+
+def test_loss_weighting_scales_each_sample_by_its_pairs_weight():
+    student, teacher, batch = TinyEps(1), TinyEps(2), _batch(B=16)
+    plain, _ = lcd_loss(student, student, teacher, batch, _spec())
+    spec = _spec(loss_weighting="inverse_delta")
+    weighted, _ = lcd_loss(student, student, teacher, batch, spec)
+    torch.testing.assert_close(weighted, plain * spec.pair_weights[batch.index])
+    assert not torch.allclose(weighted, plain)
+    with pytest.raises(ValueError, match="loss weighting"):
+        _spec(loss_weighting="snr")

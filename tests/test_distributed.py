@@ -2,7 +2,7 @@
 
 What matches, and why it can: the shuffled sample stream depends on (seed, epoch) only, accelerate deals its batches
 round-robin to the ranks, and every random draw of a sample (VAE noise, ε, grid index, w) comes from a generator keyed
-by the sample's position in that stream (`trainer.sample_generators`), so both runs see the same samples with the same
+by the sample's position in that stream (`seeds.sample_generators`), so both runs see the same samples with the same
 noise in every optimiser step, and DDP's gradient average equals the mean over the global batch. What cannot match
 bit for bit: float sums in another order (a batch of 4 vs two of 2, gloo's all-reduce); AdamW divides by √v̂, which
 magnifies that noise on the few elements whose gradient is itself near zero. So "matches" means: no element differs by

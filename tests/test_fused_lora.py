@@ -8,7 +8,9 @@ from peft.tuners.lora import layer as lora_layer
 
 from lcm import fused_lora
 from lcm.config import LCM_LORA_TARGETS
-from lcm.lora import add_lora, adapters_disabled, swapped_weights
+from lcm.ema import swapped_weights
+from lcm.lora import add_lora
+from lcm.roles import adapters_disabled
 from tests._helpers import randomise_lora_b, sdxl_unet_inputs
 
 

@@ -3,8 +3,10 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from lcm.config import LCM_LORA_TARGETS
-from lcm.lora import adapters_disabled, add_lora, swapped_weights
-from lcm.models import base_role, noise_schedule_of, denoiser_role
+from lcm.ema import swapped_weights
+from lcm.lora import add_lora
+from lcm.models import noise_schedule_of
+from lcm.roles import adapters_disabled, base_role, denoiser_role
 
 
 @pytest.fixture

@@ -11,8 +11,9 @@ from peft import PeftModel
 from lcm.consistency import guided_denoiser
 from lcm.encode import encode_text
 from lcm.guidance import guidance_scale_from_w
-from lcm.lora import add_lora, adapters_disabled
-from lcm.models import denoiser_role, noise_schedule_of, student_from_teacher
+from lcm.lora import add_lora
+from lcm.models import noise_schedule_of, student_from_teacher
+from lcm.roles import adapters_disabled, denoiser_role
 from lcm.sampling import generate, load_pipeline_for_sampling
 from lcm.tiny import make_captioned_image_folder, save_tiny_pipeline
 from lcm.cli import main as lcm_main

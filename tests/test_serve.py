@@ -142,7 +142,8 @@ def test_page_in_headless_chromium(tiny_sdxl_dir, random_lora_dir):
     """Type a prompt, get an image; type more, get a different one with its timing; compare mode shows the teacher;
     a burst of keystrokes is served with fewer generations than keys and ends on the full prompt (latest wins)."""
     pytest.importorskip("playwright", reason="playwright is not installed (pip install -e '.[dev]')")
-    from lcm.serve import browser_page, edit_and_wait, find_chromium, free_port, image_src, running_server, status_text
+    from tests._browser import browser_page, edit_and_wait, find_chromium, image_src, running_server, status_text
+    from tests._helpers import free_port
 
     chromium = find_chromium()
     if chromium is None:

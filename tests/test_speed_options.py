@@ -15,7 +15,8 @@ from lcm.config import LCM_LORA_TARGETS, load_config
 from lcm.consistency import LCDBatch, LCDSpec, lcd_loss
 from lcm.entry import apply_speed_options
 from lcm.lora import add_lora
-from lcm.models import WEIGHT_DTYPES, base_role, noise_schedule_of, denoiser_role
+from lcm.models import WEIGHT_DTYPES, noise_schedule_of
+from lcm.roles import base_role, denoiser_role
 from lcm.schedule import SolverGrid
 from lcm.tiny import build_tiny_sdxl_pipeline
 

@@ -8,7 +8,9 @@ from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPi
 
 from lcm.consistency import guided_denoiser
 from lcm.guidance import guidance_scale_from_w, w_embedding
-from lcm.models import EMATarget, noise_schedule_of, student_from_teacher, denoiser_role
+from lcm.ema import EMATarget
+from lcm.models import noise_schedule_of, student_from_teacher
+from lcm.roles import denoiser_role
 from lcm.tiny import make_captioned_image_folder, save_tiny_pipeline
 from lcm.trainer import TrainingTask, make_accelerator, train
 from lcm.cli import main as lcm_main
@@ -124,3 +126,27 @@ def test_v_prediction_teacher_yields_consistent_x0_and_eps(tmp_path):
         x0_wrong, _ = guided_denoiser(role, cond, uncond, torch.zeros(2), schedule, "epsilon")(z, t)
         x0_right, _ = guided_denoiser(role, cond, uncond, torch.zeros(2), schedule, "v_prediction")(z, t)
         assert (x0_wrong - x0_right).abs().max() > 1e-2
+
+
+def test_train_lcd_exports_the_ema_target_not_the_online_student(tmp_path):
+    """final/unet is θ⁻ (`EMATarget.copy_to`): equal to the checkpointed EMA shadow, and different from the online
+    weights θ saved beside it (with μ = 0.5 after two steps the two differ, so the check can fail)."""
+    from safetensors.torch import load_file
+
+    teacher = save_tiny_pipeline("sdxl", tmp_path / "teacher")
+    data = make_captioned_image_folder(tmp_path / "data", n=4, size=16)
+    out = tmp_path / "run"
+    assert _train_lcd()(["--config", "lcd_sdxl", f"model.pretrained={teacher}", f"data.path={data}",
+                         f"train.output_dir={out}", "data.resolution=16", "train.batch_size=2",
+                         "train.gradient_accumulation_steps=1", "train.max_train_steps=2", "train.mixed_precision=no",
+                         "train.gradient_checkpointing=false", "train.report_to=none", "train.checkpoint_every=2",
+                         "validation.every_n_steps=0", "distill.w_embed_dim=32", "distill.ema_decay=0.5",
+                         "optim.lr=1e-3"]) == 0
+    ckpt = out / "checkpoints/step-000002"
+    shadow = {k.removeprefix("ema."): v for k, v in load_file(ckpt / "extra_state.safetensors").items()}
+    online = load_file(next(ckpt.glob("model*.safetensors")))
+    exported = UNet2DConditionModel.from_pretrained(out / "final", subfolder="unet").state_dict()
+    assert set(shadow) <= set(exported)
+    for name, t in shadow.items():
+        assert torch.equal(exported[name], t), name
+    assert any(not torch.equal(online[n], t) for n, t in shadow.items())

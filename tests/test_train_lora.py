@@ -33,6 +33,11 @@ def _args(teacher, data, out, *extra, kind="sdxl"):
 _unet_inputs = sdxl_unet_inputs
 
 
+# The grid N and the boundary scaling s are trained with values other than the defaults (50, 10), which are also
+# LCMScheduler's own: an export that dropped them would still show the defaults and pass.
+GRID = ("distill.num_ddim_timesteps=20", "distill.timestep_scaling=5.0")
+
+
 @pytest.fixture(scope="module")
 def trained_run(tiny_sdxl_dir, tmp_path_factory):
     """Train 2 steps (checkpoint at 2, validation grid at 2), then resume from `latest` to step 3 and export."""
@@ -40,9 +45,9 @@ def trained_run(tiny_sdxl_dir, tmp_path_factory):
     data = make_captioned_image_folder(tmp / "data", n=6, size=24)
     out = tmp / "run"
     train = _script("train_lcm_lora")
-    assert train.main(_args(tiny_sdxl_dir, data, out, "train.max_train_steps=2", "train.checkpoint_every=2",
+    assert train.main(_args(tiny_sdxl_dir, data, out, *GRID, "train.max_train_steps=2", "train.checkpoint_every=2",
                             "validation.every_n_steps=2", "validation.seeds=[0,1]")) == 0
-    assert train.main(_args(tiny_sdxl_dir, data, out, "train.max_train_steps=3", "train.checkpoint_every=1",
+    assert train.main(_args(tiny_sdxl_dir, data, out, *GRID, "train.max_train_steps=3", "train.checkpoint_every=1",
                             "--resume", "latest")) == 0
     return out
 
@@ -81,8 +86,10 @@ def test_exported_lora_loads_in_diffusers_and_matches_training_model(trained_run
 
 def test_exported_scheduler_and_card(trained_run):
     sched = LCMScheduler.from_pretrained(trained_run / "final", subfolder="scheduler")
-    assert sched.config.original_inference_steps == 50 and sched.config.clip_sample is False
-    assert "base model" in (trained_run / "final/README.md").read_text()
+    assert sched.config.original_inference_steps == 20 and sched.config.timestep_scaling == 5.0  # as trained (GRID)
+    assert sched.config.clip_sample is False
+    card = (trained_run / "final/README.md").read_text()
+    assert "base model" in card and "N = 20" in card
 
 
 def test_lcm_sample_writes_pngs_of_requested_size(trained_run, tiny_sdxl_dir, tmp_path):

@@ -11,11 +11,10 @@ from lcm.trainer import (
     TrainingTask,
     clip_and_step,
     list_checkpoints,
-    rank_seed,
     resolve_resume,
     save_checkpoint,
-    step_generator,
 )
+from lcm.seeds import rank_seed, step_generator
 
 
 def _linear_with_grad(scale):

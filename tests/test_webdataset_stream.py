@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file
 
-import lcm.data
+import lcm.data.stream
 from lcm.cache import CacheError, build_cache
 from lcm.config import ConfigError, load_config
 from lcm.data import build_dataset, build_loader, collate_fn, is_streaming
@@ -194,7 +194,7 @@ def test_resume_skips_consumed_batches_without_decoding_them(tmp_path, monkeypat
                  bucket_step=4, center_crop=False, random_flip=True)
     full = _epoch(ds, batch_size=2, epoch=1)  # 16 samples = 8 batches: the stream passes its shards twice
     decoded = []
-    monkeypatch.setattr(lcm.data, "load_image", lambda ref: decoded.append(ref) or Image.open(io.BytesIO(ref)).convert("RGB"))
+    monkeypatch.setattr(lcm.data.stream, "load_image", lambda ref: decoded.append(ref) or Image.open(io.BytesIO(ref)).convert("RGB"))
     tail = _epoch(ds, batch_size=2, epoch=1, skip=5)
     assert len(decoded) == 2 * 3  # only the 3 batches it yields
     assert len(tail) == 3
