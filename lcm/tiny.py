@@ -190,6 +190,27 @@ def _check_prediction_type(prediction_type: str) -> None:
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
 
 
+def _sdxl_unet_config(sample_size, block_out_channels, cross_attention_dim, layers_per_block,
+                      transformer_layers_per_block, addition_time_embed_dim, text_projection_dim,
+                      time_cond_proj_dim) -> dict:
+    """The UNet config of a tiny SDXL: SDXL's block layout and `text_time` added conditioning at toy widths."""
+    n = len(block_out_channels)
+    return dict(
+        sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block, norm_num_groups=8,
+        # SDXL: no attention in the first (highest-resolution) block.
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        transformer_layers_per_block=tuple(transformer_layers_per_block),
+        attention_head_dim=tuple(c // 16 for c in block_out_channels),  # diffusers' name for the head *count*
+        use_linear_projection=True, cross_attention_dim=cross_attention_dim,
+        addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
+        # 6 size/crop numbers (original size, crop top-left, target size), each Fourier-embedded, + pooled text.
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + text_projection_dim,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+
+
 def build_tiny_sdxl_pipeline(
     seed: int = 0,
     sample_size: int = 8,
@@ -220,21 +241,9 @@ def build_tiny_sdxl_pipeline(
         tokenizer = make_tokenizer(Path(tmp) / "tokenizer", words)
         tokenizer_2 = make_tokenizer(Path(tmp) / "tokenizer_2", words)
 
-    n = len(block_out_channels)
-    unet_config = dict(
-        sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=tuple(block_out_channels),
-        layers_per_block=layers_per_block, norm_num_groups=8,
-        # SDXL: no attention in the first (highest-resolution) block.
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        transformer_layers_per_block=tuple(transformer_layers_per_block),
-        attention_head_dim=tuple(c // 16 for c in block_out_channels),  # diffusers' name for the head *count*
-        use_linear_projection=True, cross_attention_dim=cross_attention_dim,
-        addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
-        # 6 size/crop numbers (original size, crop top-left, target size), each Fourier-embedded, + pooled text.
-        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + text_projection_dim,
-        time_cond_proj_dim=time_cond_proj_dim,
-    )
+    unet_config = _sdxl_unet_config(sample_size, block_out_channels, cross_attention_dim, layers_per_block,
+                                    transformer_layers_per_block, addition_time_embed_dim, text_projection_dim,
+                                    time_cond_proj_dim)
     unet_config.update(unet_kwargs or {})
     _seeded(seed, "unet")
     unet = UNet2DConditionModel(**unet_config)
