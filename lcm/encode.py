@@ -1,5 +1,5 @@
 """Turn a data batch into model inputs: fp32 VAE latent moments and text conditioning (both SDXL encoders, SD1.5's one,
-or PixArt's T5 with its attention mask), encoded now or read from the latent cache (lcm/cache.py). No random draws: the
+or PixArt's T5 with its attention mask), encoded now or read from the latent cache (lcm/cache/). No random draws: the
 step's draws (z₀ ~ q(z|x), ε, n, w) are `consistency.draw_lcd_batch`'s."""
 
 from __future__ import annotations

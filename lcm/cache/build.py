@@ -1,28 +1,11 @@
-"""The latent cache (`lcm cache`): encode a dataset once, then train without the VAE or the text encoders.
+"""Writing the cache (`lcm cache`): plan the records the data and encoders need, encode the missing ones, commit.
 
-What is stored, per training item, in safetensors shards under `data.cache_dir`:
-- the VAE posterior's moments (μ, σ) in latent units, not one sample: training draws z₀ = μ + σ·ε afresh each step
-  from the step's generator, exactly as the uncached path does, so caching changes no random draw;
-- the text conditioning dicts (cond, uncond) that `encode.encode_text` returns, whatever keys the model family uses
-  (SDXL: token + pooled embeddings + time_ids; SD1.5: token embeddings). Unconditional tensors that are equal to the
-  empty caption's (SDXL's zeros, SD1.5's empty-prompt encoding) are stored once, not per item.
-
-Keys. A latent record is keyed by (image file digest, target size, crop, flip, VAE identity); a text record by
-(caption, micro-conditioning numbers, text-encoder identity). An identity is the digest of the files of those
-components in the model folder (memoised by size + mtime, so a training start only stats them), or `id@revision` for
-a hub id. Re-running `lcm cache` re-encodes exactly the records whose key changed: a new image, caption, crop size,
-VAE or text encoder; everything else is reused after its checksum is verified.
-
-Augmentation: random crops cannot be cached (a new crop per epoch), so caching needs `data.center_crop=true`;
-with `data.random_flip=true` both flips are cached and training picks one per (seed, epoch, item) with the same coin
-as the uncached loader. Buckets are cached at each image's bucket.
+Re-running `lcm cache` re-encodes exactly the records whose key changed: a new image, caption, crop size, VAE or
+text encoder; everything else is reused after its checksum is verified (a damaged record is re-encoded).
 
 Several processes: `accelerate launch --num_processes N -m lcm.cli cache …` shares the work out (each process encodes
 a share on its own device into its own shards; the main process commits the manifest after all have finished) and
 writes the records one process would write.
-
-Integrity: every record carries a digest of its bytes, checked on every read; a damaged or missing shard raises
-`CacheError` naming the file and the fix (re-run `lcm cache`, which re-encodes what is damaged), never wrong data.
 """
 
 from __future__ import annotations
@@ -39,208 +22,15 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
 from omegaconf import OmegaConf
-from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .data import (DataSummary, add_time_ids, build_dataset, cover_size, crop_conditioning, draw_crop_flip,
-                   format_summary, is_streaming, load_image, read_bytes, transform_image)
-from .errors import UserError
-from .seeds import item_seed
+from ..data import (DataSummary, add_time_ids, build_dataset, cover_size, crop_conditioning, draw_crop_flip,
+                    format_summary, is_streaming, load_image, read_bytes, transform_image)
+from .format import (FORMAT, MANIFEST, CacheError, _data_settings, _digest, _Shards, _tensor_digest,
+                     encoder_identity, read_manifest)
 
-logger = logging.getLogger(__name__)
-
-FORMAT = 1  # bump when what a record holds changes: every key changes with it
-MANIFEST = "manifest.json"
-# Data keys that do not change what is encoded (so may differ between `lcm cache` and training).
-_RUNTIME_DATA_KEYS = ("num_workers", "cache_dir")
-
-
-class CacheError(UserError, ValueError):
-    """The cache cannot be used as it is: damaged, or made for other data settings or encoders."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Digests and identities
-
-
-def _digest(*parts: Any) -> str:
-    """A short stable digest of JSON-able parts."""
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
-
-
-def _file_digest(path: Path, memo: dict) -> str:
-    """Content digest of a file, memoised by (path, size, mtime): unchanged weights are hashed once, not every run."""
-    st = path.stat()
-    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    if stamp not in memo:
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        memo[stamp] = h.hexdigest()
-    return memo[stamp]
-
-
-def encoder_identity(model_cfg, memo: dict) -> dict[str, str]:
-    """{"latent": VAE identity, "text": text encoders + tokenizers identity} for `model_cfg`.
-
-    A local pipeline folder is identified by the contents of those components' files; a hub id by id@revision
-    (pin `model.revision` to a commit for a cache that cannot go stale). A single-file checkpoint holds every
-    component in one file, so its whole content counts (a new UNet in the same file re-encodes too: conservative),
-    plus those components' files in its config folder (tokenizers, configs).
-    """
-    from .models import encoder_names, is_single_file, single_file_configs
-
-    names, root = encoder_names(model_cfg.kind), Path(model_cfg.pretrained)
-    single = is_single_file(model_cfg.pretrained)
-    if single:
-        root = single_file_configs(model_cfg.pretrained, model_cfg.config_dir)
-
-    def identity(prefixes: tuple[str, ...]) -> str:
-        parts = [n for n in names if n.startswith(prefixes)]
-        if not root.is_dir():
-            return _digest(FORMAT, model_cfg.kind, model_cfg.pretrained, model_cfg.revision or "main",
-                           model_cfg.variant, parts)
-        files = sorted(p for n in parts if (root / n).is_dir() for p in (root / n).rglob("*") if p.is_file())
-        folder = [(p.relative_to(root).as_posix(), _file_digest(p, memo)) for p in files]
-        if single:
-            return _digest(FORMAT, model_cfg.kind, _file_digest(Path(model_cfg.pretrained), memo), folder)
-        return _digest(FORMAT, model_cfg.kind, folder)
-
-    return {"latent": identity(("vae",)), "text": identity(("text_encoder", "tokenizer"))}
-
-
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """Digest of a record's names, dtypes, shapes and bytes: what a read checks before handing tensors out."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _data_settings(data_cfg) -> dict:
-    """The data config that decides what is encoded (everything but runtime knobs)."""
-    settings = OmegaConf.to_container(data_cfg, resolve=True) if OmegaConf.is_config(data_cfg) else dict(data_cfg)
-    return {k: v for k, v in settings.items() if k not in _RUNTIME_DATA_KEYS}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Reading
-
-
-class _Shards:
-    """Open safetensors shards of one cache, per process (handles are not picklable, so DataLoader workers reopen)."""
-
-    def __init__(self, root: Path, records: dict):
-        self.root, self.records, self._open = root, records, {}
-
-    def __getstate__(self):
-        return {**self.__dict__, "_open": {}}
-
-    def _handle(self, shard: str):
-        if shard not in self._open:
-            path = self.root / shard
-            try:
-                self._open[shard] = safe_open(str(path), framework="pt")
-            except Exception as err:  # missing file, truncated or garbled header: safetensors raises several types
-                raise CacheError(f"cache shard {path} cannot be read ({type(err).__name__}: {err}); re-run "
-                                 f"`lcm cache` with the same config to re-encode what it held") from err
-        return self._open[shard]
-
-    def read(self, key: str) -> dict[str, torch.Tensor]:
-        """A record's tensors, after checking them against the digest written with them."""
-        record = self.records[key]
-        path = self.root / record["shard"]
-        try:
-            handle = self._handle(record["shard"])
-            tensors = {name: handle.get_tensor(f"{key}/{name}") for name in record["tensors"]}
-        except CacheError:
-            raise
-        except Exception as err:
-            raise CacheError(f"cache shard {path}: record {key} cannot be read ({type(err).__name__}: {err}); "
-                             f"re-run `lcm cache` with the same config to re-encode it") from err
-        if _tensor_digest(tensors) != record["digest"]:
-            raise CacheError(f"cache shard {path}: record {key} fails its checksum (the file is damaged); re-run "
-                             f"`lcm cache` with the same config to re-encode it")
-        return tensors
-
-
-def read_manifest(cache_dir: str | Path) -> dict:
-    """The manifest of a cache folder; CacheError if there is none or it is not one this version wrote."""
-    path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
-        raise CacheError(f"data.cache_dir={str(cache_dir)!r} holds no {MANIFEST}; create it with "
-                         f"`lcm cache --config …` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as err:
-        raise CacheError(f"{path} is not valid JSON ({err}); re-run `lcm cache`") from err
-    if manifest.get("format") != FORMAT:
-        raise CacheError(f"{path} has cache format {manifest.get('format')!r}, this version reads {FORMAT}; "
-                         f"re-run `lcm cache`")
-    return manifest
-
-
-def check_cache_matches(manifest: dict, cfg, cache_dir) -> None:
-    """Refuse a cache made with other data settings or other encoders than `cfg` would train with."""
-    cached, wanted = manifest["data"], _data_settings(cfg.data)
-    changed = sorted(k for k in set(cached) | set(wanted) if cached.get(k) != wanted.get(k))
-    if changed:
-        diffs = ", ".join(f"data.{k}: cache {cached.get(k)!r} vs config {wanted.get(k)!r}" for k in changed)
-        raise CacheError(f"cache {cache_dir} was made with other data settings ({diffs}); re-run `lcm cache` "
-                         f"with this config (unchanged entries are reused)")
-    identity = encoder_identity(cfg.model, dict(manifest["files"]))
-    for part, what in (("latent", "VAE"), ("text", "text encoders")):
-        if identity[part] != manifest["identity"][part]:
-            raise CacheError(f"cache {cache_dir} was encoded with another {what} than model.pretrained="
-                             f"{cfg.model.pretrained!r}; re-run `lcm cache` with this config")
-
-
-class CachedDataset(Dataset):
-    """Training items from a latent cache: (μ, σ, cond, uncond) + the item's size conditioning; no image decoding."""
-
-    def __init__(self, cfg, seed: int = 0):
-        root = Path(cfg.data.cache_dir)
-        manifest = read_manifest(root)
-        check_cache_matches(manifest, cfg, root)
-        self.items, self.seed, self.epoch = manifest["items"], seed, 0
-        self.random_flip = cfg.data.random_flip
-        self.shards = _Shards(root, manifest["records"])
-        self.uncond_ref = manifest["uncond_ref"]
-        self.summary = DataSummary(**manifest["summary"])
-        self.buckets = [tuple(v[0]["target_size"]) for v in self.items] if cfg.data.buckets else None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        variants = self.items[index]
-        variant = variants[self._flip(variants[0], index)]
-        latent, text = self.shards.read(variant["latent"]), self.shards.read(variant["text"])
-        shared = self.shards.read(self.uncond_ref)
-        parts = {"cond": {}, "uncond": {}}
-        for name, tensor in {**shared, **text}.items():  # the item's own tensors win over the shared ones
-            part, _, key = name.partition(".")
-            parts[part][key] = tensor
-        return {"latent_mean": latent["mean"], "latent_std": latent["std"], **parts, "caption": variant["caption"],
-                **{k: torch.tensor(variant[k]) for k in ("original_size", "crop_top_left", "target_size")},
-                "index": index}
-
-    def _flip(self, variant: dict, index: int) -> int:
-        """The coin the uncached loader would toss for this (seed, epoch, item): 1 = the flipped variant."""
-        if not self.random_flip:
-            return 0
-        generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
-        target = tuple(variant["target_size"])
-        resized = cover_size(tuple(variant["original_size"]), target)
-        return int(draw_crop_flip(resized, target, center_crop=True, random_flip=True, generator=generator)[2])
+logger = logging.getLogger(__package__)  # "lcm.cache", as before the split into a package
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -386,7 +176,7 @@ def _time_ids(variants: list[dict]) -> torch.Tensor:
 
 def _shared_uncond(pipe, size: tuple[int, int], target: tuple[int, int], device) -> dict[str, torch.Tensor]:
     """The empty caption's unconditional tensors (at the first item's size conditioning): the shared reference."""
-    from .encode import encode_text
+    from ..encode import encode_text
 
     _, top, left = _center_crop(size, target)
     ref = {"original_size": list(size), "crop_top_left": [top, left], "target_size": list(target)}
@@ -418,7 +208,7 @@ class _Encoder:
         return transform_image(image, target, top, left, v["flip"])
 
     def __call__(self, batch: list[dict]) -> None:
-        from .encode import encode_batch
+        from ..encode import encode_batch
 
         variants = [e["variant"] for e in batch]
         inputs = {"pixel_values": torch.stack([self._pixels(e) for e in batch]),
@@ -457,59 +247,60 @@ def _commit(root: Path, manifest: dict) -> int:
     return len(stale)
 
 
-def build_cache(cfg, batch_size: int = 16, device: Optional[str] = None, shard_mb: float = 1024.0) -> CacheReport:
-    """Bring `cfg.data.cache_dir` up to date with `cfg.data` and `cfg.model`, encoding only what is missing.
-
-    Items with any missing record run through the encoders (both: one batched call each); only missing records are
-    written. The new manifest is the commit point; shards no live record uses are then removed.
-
-    Under `accelerate launch --num_processes N` every process calls this: each encodes a share of the calls on its
-    own device (accelerate's), and returns once the main process has committed the manifest. `device` picks the
-    device of a single process.
-    """
-    from .models import load_pipeline
-
-    if not cfg.data.cache_dir:
+def _check_cacheable(data_cfg) -> None:
+    """Refuse data settings a cache cannot hold: no cache folder, streamed data, random crops."""
+    if not data_cfg.cache_dir:
         raise CacheError("set data.cache_dir=FOLDER: where `lcm cache` writes and training reads the cache")
-    if is_streaming(cfg.data):
-        raise CacheError(f"data.path {cfg.data.path!r} is streamed (a URL, pipe: or compressed shards, or "
+    if is_streaming(data_cfg):
+        raise CacheError(f"data.path {data_cfg.path!r} is streamed (a URL, pipe: or compressed shards, or "
                          "data.streaming=true); the cache needs random access: use local uncompressed .tar shards")
-    if not cfg.data.center_crop:
+    if not data_cfg.center_crop:
         raise CacheError("data.center_crop=false draws a new random crop every epoch, which cannot be cached; set "
                          "data.center_crop=true to cache (random flips are cached both ways)")
+
+
+def _process_state(device: Optional[str]) -> tuple[PartialState, Any]:
+    """accelerate's process state, and the device this process encodes on."""
     # As `Accelerator` does: ACCELERATE_USE_CPU (`accelerate launch --cpu`, or CPU ranks) makes the processes gloo ones.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if device is not None and state.num_processes > 1:
         raise CacheError(f"--device={device} is for one process; under accelerate launch each of the "
                          f"{state.num_processes} processes encodes on its own device: drop --device")
-    device = device or state.device
-    root = Path(cfg.data.cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    old = read_manifest(root) if (root / MANIFEST).is_file() else {"records": {}, "files": {}}
-    memo = dict(old["files"])
-    identity = encoder_identity(cfg.model, memo)
-    dataset = build_dataset(cfg.data, seed=cfg.train.seed)  # the same index (and skips) as uncached training
-    shards = _Shards(root, dict(old["records"]))
+    return state, device or state.device
 
-    # 1. The shared unconditional reference: the old one if intact and from the same text encoders, else a new one.
-    first = dataset.sizes[0], dataset.target_size(0)
+
+def _reference_key(old: dict, identity: dict, shards: _Shards, first: tuple, state: PartialState) -> str:
+    """The shared unconditional reference: the old one if intact and from the same text encoders, else a new one."""
     ref_key = old.get("uncond_ref")
     if (ref_key is None or old["identity"]["text"] != identity["text"]
             or not _verified(shards, [ref_key], state)[0]):  # the same on every process, so all call or none
         ref_key = _digest("uncond", identity["text"], first)
+    return ref_key
 
-    # 2. Keys of every variant; reuse what is present and intact; plan the encoder calls for the rest.
+
+def _plan_calls(cfg, dataset, identity: dict, ref_key: str, old: dict, shards: _Shards, state: PartialState,
+                batch_size: int) -> tuple[list[list[dict]], set, int, list[list[dict]]]:
+    """Keys of every variant; reuse what is present and intact; plan the encoder calls for the rest.
+
+    (plan, present keys, how many old records were damaged, the encoder calls). A collective."""
     flips = (False, True) if cfg.data.random_flip else (False,)
     plan = _plan(dataset, _image_digests(dataset, state), identity, ref_key, flips)
     wanted = {v[k] for variants in plan for v in variants for k in ("latent", "text")} | {ref_key}
     present, damaged = _verified(shards, [k for k in wanted if k in old["records"]], state)
     todo = [(i, v) for i, variants in enumerate(plan) for v in variants
             if v["latent"] not in present or v["text"] not in present]
-    batches = _batches(todo, present, batch_size)
+    return plan, present, damaged, _batches(todo, present, batch_size)
 
-    # 3. Each process runs its share of the calls into its own shards. The main process fixes the run's shard
-    #    generation (before anyone writes) and the shared reference every process compares uncond tensors with.
-    new_ref = ref_key not in present
+
+def _encode_share(cfg, batches: list[list[dict]], new_ref: bool, ref_key: str, shards: _Shards, dataset,
+                  first: tuple, device, shard_mb: float, state: PartialState) -> tuple[_ShardWriter, _Encoder]:
+    """This process's share of the calls, into its own shards (flushed). A collective.
+
+    The main process fixes the run's shard generation (before anyone writes) and the shared reference every process
+    compares uncond tensors with."""
+    from ..models import load_pipeline
+
+    root = shards.root
     with state.split_between_processes(batches) as mine:
         pipe = None
         if mine or (new_ref and state.is_main_process):
@@ -527,10 +318,12 @@ def build_cache(cfg, batch_size: int = 16, device: Optional[str] = None, shard_m
         for batch in tqdm(mine, desc="lcm cache", disable=not state.is_main_process):
             encoder(batch)
         writer.flush()
+    return writer, encoder
 
-    # 4. Gather every process's records (a barrier: all have finished writing); the manifest names exactly the live
-    #    records. Every process computes the same report; only the main one writes.
-    done = gather_object([(writer.records, sorted(encoder.failed), encoder.n_latent, encoder.n_text)])
+
+def _new_manifest(cfg, old: dict, present: set, done: list, plan: list[list[dict]], dataset, identity: dict,
+                  memo: dict, ref_key: str) -> tuple[dict, set]:
+    """The manifest naming exactly the live records, from every process's records; and the live keys."""
     records = {k: old["records"][k] for k in present}
     failed: set[int] = set()
     for new, lost, _, _ in done:
@@ -546,7 +339,43 @@ def build_cache(cfg, batch_size: int = 16, device: Optional[str] = None, shard_m
     manifest = {"format": FORMAT, "data": _data_settings(cfg.data), "identity": identity,
                 "model": OmegaConf.to_container(cfg.model, resolve=True), "files": memo, "summary": summary,
                 "uncond_ref": ref_key, "records": records, "items": items}
+    return manifest, live
+
+
+def build_cache(cfg, batch_size: int = 16, device: Optional[str] = None, shard_mb: float = 1024.0) -> CacheReport:
+    """Bring `cfg.data.cache_dir` up to date with `cfg.data` and `cfg.model`, encoding only what is missing.
+
+    Items with any missing record run through the encoders (both: one batched call each); only missing records are
+    written. The new manifest is the commit point; shards no live record uses are then removed.
+
+    Under `accelerate launch --num_processes N` every process calls this: each encodes a share of the calls on its
+    own device (accelerate's), and returns once the main process has committed the manifest. `device` picks the
+    device of a single process.
+    """
+    _check_cacheable(cfg.data)
+    state, device = _process_state(device)
+    root = Path(cfg.data.cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    old = read_manifest(root) if (root / MANIFEST).is_file() else {"records": {}, "files": {}}
+    memo = dict(old["files"])
+    identity = encoder_identity(cfg.model, memo)
+    dataset = build_dataset(cfg.data, seed=cfg.train.seed)  # the same index (and skips) as uncached training
+    shards = _Shards(root, dict(old["records"]))
+
+    # 1. The shared unconditional reference. 2. Keys, reuse, and the plan of the encoder calls.
+    first = dataset.sizes[0], dataset.target_size(0)
+    ref_key = _reference_key(old, identity, shards, first, state)
+    plan, present, damaged, batches = _plan_calls(cfg, dataset, identity, ref_key, old, shards, state, batch_size)
+
+    # 3. Each process runs its share of the calls into its own shards.
+    writer, encoder = _encode_share(cfg, batches, ref_key not in present, ref_key, shards, dataset, first, device,
+                                    shard_mb, state)
+
+    # 4. Gather every process's records (a barrier: all have finished writing); the manifest names exactly the live
+    #    records. Every process computes the same report; only the main one writes.
+    done = gather_object([(writer.records, sorted(encoder.failed), encoder.n_latent, encoder.n_text)])
+    manifest, live = _new_manifest(cfg, old, present, done, plan, dataset, identity, memo, ref_key)
     removed = [_commit(root, manifest) if state.is_main_process else None]
     broadcast_object_list(removed)  # no process returns before the manifest is committed
-    return CacheReport(len(items), sum(d[2] for d in done), sum(d[3] for d in done), len(live & present), damaged,
-                       removed[0], format_summary(DataSummary(**summary)))
+    return CacheReport(len(manifest["items"]), sum(d[2] for d in done), sum(d[3] for d in done), len(live & present),
+                       damaged, removed[0], format_summary(DataSummary(**manifest["summary"])))
