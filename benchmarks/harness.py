@@ -68,6 +68,18 @@ def _rss_mib(field: str = "VmHWM") -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def time_calls(step: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of `step` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def _child(build, params: dict, warmup: int, repeats: int, threads: int, queue) -> None:
     """Runs in the spawned process: build, warm up, time `repeats` calls, report times and the peak RSS."""
     try:
@@ -78,13 +90,7 @@ def _child(build, params: dict, warmup: int, repeats: int, threads: int, queue) 
         t0 = time.perf_counter()
         step = build(**params)
         setup_s = time.perf_counter() - t0
-        for _ in range(warmup):
-            step()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+        times = time_calls(step, warmup, repeats)
         result = {"times": times, "setup_s": setup_s, "peak_rss_mib": _rss_mib(), "rss_at_start_mib": rss_start}
         if torch.cuda.is_available():  # the accelerator's peak: weights, activations, optimiser state, workspaces
             result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20

@@ -19,15 +19,11 @@ import time
 
 import torch
 
+from benchmarks.harness import time_calls
+
 
 def _median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, warmup=1, repeats=repeats))
 
 
 def main(argv=None) -> dict:
