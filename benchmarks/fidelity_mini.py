@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.quality_mini import RESULTS, TEACHER, commit
+from benchmarks.quality_mini import RESULTS, TEACHER, _trained_grid, commit
 
 
 def fidelity(runs: list[Path], n: int, steps: list[int], reference_steps: int) -> dict:
@@ -49,8 +49,7 @@ def fidelity(runs: list[Path], n: int, steps: list[int], reference_steps: int) -
     out["rows"]["teacher DDIM"] = {str(k): row(k, g) for k in steps}
     for run in runs:
         with _fused_student(pipe, run / "final"):
-            cfg = json.loads((run / "final" / "scheduler" / "scheduler_config.json").read_text())
-            pipe.scheduler = lcm_scheduler_for(base, int(cfg["original_inference_steps"]))
+            pipe.scheduler = lcm_scheduler_for(base, _trained_grid(run))
             out["rows"][run.name] = {str(k): row(k, 1.0) for k in steps}
         print(run.name, out["rows"][run.name], flush=True)
     return out

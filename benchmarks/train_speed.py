@@ -63,9 +63,12 @@ def build_preset_step(config: str = "mini_lcm_lora", batch_size: int = 64, overr
     `root`: another checkout of this repository (e.g. an older commit's worktree) whose `lcm` package and
     train_lcm_lora.py are timed instead; only in a fresh process (the harness's), before `lcm` is first imported.
     """
-    import importlib.util
     import sys
     import time
+
+    # Our helpers first, from this checkout; neither imports lcm at import time.
+    from benchmarks.quality_mini import ensure_digits
+    from tests._helpers import load_entry_script
 
     if root is not None:
         if "lcm" in sys.modules and not sys.modules["lcm"].__file__.startswith(str(root)):
@@ -73,22 +76,15 @@ def build_preset_step(config: str = "mini_lcm_lora", batch_size: int = 64, overr
         sys.path.insert(0, str(root))
 
     from lcm.config import LCMLoraConfig
-    from lcm.digits import export_digits_folder
     from lcm.entry import parse_train_args, prepare_run
     from lcm.seeds import sample_generators, seed_global_rng_for_step, step_generator
     from lcm.trainer import build_lr_scheduler, build_optimizer, clip_and_step
 
-    data = ROOT / "runs" / "mini" / "digits"
-    if not (data / "metadata.jsonl").is_file():
-        export_digits_folder(data)
-    args = parse_train_args(["--config", config, f"data.path={data}", f"model.pretrained={MINI_TEACHER}",
+    args = parse_train_args(["--config", config, f"data.path={ensure_digits()}", f"model.pretrained={MINI_TEACHER}",
                              f"train.batch_size={batch_size}", "train.report_to=none",
                              "train.output_dir=" + tempfile.mkdtemp(prefix="lcm-bench-"), *overrides], "", "")
     run = prepare_run(args, LCMLoraConfig)
-    spec = importlib.util.spec_from_file_location("train_lcm_lora", Path(root or ROOT) / "train_lcm_lora.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    task = script.build_task(run)
+    task = load_entry_script("train_lcm_lora", root or ROOT).build_task(run)
     cfg, accelerator = run.cfg, run.accelerator
     optimizer = build_optimizer(task.params, cfg.optim)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_train_steps, 1)
@@ -142,10 +138,12 @@ def _latent_cache(overrides: list[str]) -> Path:
     import subprocess
     import sys
 
+    from benchmarks.quality_mini import ensure_digits
+
     out = ROOT / "runs" / "mini" / "digits-cache"
     if not (out / "manifest.json").is_file():
         subprocess.run([sys.executable, "-m", "lcm.cli", "cache", "--config", "mini_lcm_lora",
-                        f"data.path={ROOT / 'runs' / 'mini' / 'digits'}", f"model.pretrained={MINI_TEACHER}",
+                        f"data.path={ensure_digits()}", f"model.pretrained={MINI_TEACHER}",
                         f"data.cache_dir={out}", *overrides], cwd=ROOT, check=True)
     return out
 

@@ -12,9 +12,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_entry_script(name: str):
-    """Import a top-level entry script (train_lcm_lora.py, train_lcd.py) as a module, to call its `main(argv)`."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+def load_entry_script(name: str, root: Path = ROOT):
+    """Import a top-level entry script (train_lcm_lora.py, train_lcd.py) as a module, to call its `main(argv)`;
+    `root` is the checkout it comes from (benchmarks time an older commit's worktree)."""
+    spec = importlib.util.spec_from_file_location(name, Path(root) / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
