@@ -18,11 +18,10 @@ from __future__ import annotations
 import sys
 
 from lcm.config import LCDConfig
-from lcm.consistency import lcd_loss
 from lcm.ema import EMATarget
-from lcm.encode import lcd_batch_from_data
 from lcm.export import export_unet_run
 from lcm.models import denoiser_name, student_from_teacher
+from lcm.objective_task import build_objective
 from lcm.roles import denoiser_role, target_role
 from lcm.entry import apply_speed_options, parse_train_args, prepare_run, run_task, validation_grid
 from lcm.errors import exit_on_user_error
@@ -44,10 +43,10 @@ def main(argv=None):
                     device="cpu" if cfg.distill.ema_on_cpu else None)
     teacher, target = denoiser_role(teacher_net), target_role(ema, student)
 
-    def loss_fn(model, batch, gens):
-        lcd = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, accelerator.device)
-        # The student goes through the accelerate-prepared module (gradient sync); w enters via its embedding.
-        return lcd_loss(denoiser_role(model), target, teacher, lcd, spec)
+    # The student goes through the accelerate-prepared module (gradient sync); w enters via its embedding.
+    # distill.objective picks the loss; an adversarial one adds a discriminator on the frozen teacher's encoder.
+    objective = build_objective(cfg, pipe, spec, accelerator.device, denoiser_role, target, teacher,
+                                backbone=teacher_net)
 
     def final_model():
         """The exported model is the EMA target θ⁻ (consistency models sample from the EMA weights)."""
@@ -59,7 +58,8 @@ def main(argv=None):
             validation_grid(run, {name: student}, step, out_dir)
 
     task = TrainingTask(
-        model=student, params=params, dataset=dataset, collate_fn=run.collate_fn, loss_fn=loss_fn,
+        model=student, params=params, dataset=dataset, collate_fn=run.collate_fn, loss_fn=objective.loss_fn,
+        critics=objective.critics, before_step=objective.before_step,
         after_optimizer_step=ema.update, extra_state=ema.state, load_extra_state=ema.load,
         validate=validate,
         export=lambda final: export_unet_run(final_model(), pipe.scheduler.config, cfg, final, cfg.train.max_train_steps,

@@ -19,14 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from lcm.config import LCMLoraConfig
 from lcm import fused_lora
-from lcm.consistency import lcd_loss
-from lcm.encode import lcd_batch_from_data
 from lcm.entry import apply_speed_options, parse_train_args, prepare_run, run_task, validation_grid
 from lcm.errors import exit_on_user_error
 from lcm.export import export_lora_run
 from lcm.lora import add_lora, load_lora_into_training_unet
 from lcm.ema import EMATarget
 from lcm.models import denoiser_of
+from lcm.objective_task import build_objective
 from lcm.roles import base_role, denoiser_role, target_role
 from lcm.trainer import TrainingTask
 
@@ -47,22 +46,24 @@ def build_task(run) -> TrainingTask:
     teacher = base_role(net)  # frozen base: adapters disabled
     target = target_role(ema, net) if ema else denoiser_role(net)  # lcd_loss evaluates it under no_grad
 
-    def loss_fn(model, batch, gens):
-        lcd = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, accelerator.device)
-        # The student goes through the accelerate-prepared module (gradient sync under DDP); teacher/target unwrapped.
-        return lcd_loss(denoiser_role(model), target, teacher, lcd, spec)
+    # The student goes through the accelerate-prepared module (gradient sync under DDP); teacher/target unwrapped.
+    # distill.objective picks the loss (lcd, lcd_adv, add) and, for the adversarial ones, the discriminator critic,
+    # whose frozen backbone is this same network with its adapters off.
+    objective = build_objective(cfg, pipe, spec, accelerator.device, denoiser_role, target, teacher, backbone=net)
 
     def save_hook(models, weights, out_dir):
-        # Checkpoint the adapters only: the frozen base is the teacher's and never changes.
+        # Checkpoint the adapters only: the frozen base is the teacher's and never changes. The student is model 0;
+        # a discriminator's heads (model 1) stay in accelerate's own files.
         save_file(get_peft_model_state_dict(accelerator.unwrap_model(models[0])), f"{out_dir}/{ADAPTER_FILE}")
-        weights.pop()
+        weights.pop(0)
 
     def load_hook(models, in_dir):
         path = f"{in_dir}/{ADAPTER_FILE}"
-        load_lora_into_training_unet(accelerator.unwrap_model(models.pop()), load_file(path), source=path)
+        load_lora_into_training_unet(accelerator.unwrap_model(models.pop(0)), load_file(path), source=path)
 
     return TrainingTask(
-        model=net, params=params, dataset=run.dataset, collate_fn=run.collate_fn, loss_fn=loss_fn,
+        model=net, params=params, dataset=run.dataset, collate_fn=run.collate_fn, loss_fn=objective.loss_fn,
+        critics=objective.critics, before_step=objective.before_step,
         after_optimizer_step=ema.update if ema else (lambda: None),
         extra_state=ema.state if ema else dict, load_extra_state=ema.load if ema else (lambda state: None),
         save_model_hook=save_hook, load_model_hook=load_hook,

@@ -158,6 +158,9 @@ class DistillConfig:
     # LoRA: 0 = target is the online adapters (LCM-LoRA); > 0 keeps an adapter-only EMA
     ema_decay: float = bounded(0.0, ge=0, lt=1)
     teacher_batched: bool = True  # cond + uncond in one teacher call on 2B rows; false = two calls (benchmarks only)
+    # lcd (consistency) | lcd_adv (LCD + adversarial term on the student's x̂₀) | add (SDXL-Turbo's ADD); the last two
+    # train a discriminator as well (the `adversarial` section)
+    objective: str = "lcd"
 
 
 @dataclass
@@ -171,6 +174,35 @@ class OptimConfig:
     lr_scheduler: str = "constant_with_warmup"  # any diffusers.optimization scheduler name
     lr_warmup_steps: int = bounded(0, ge=0)
     max_grad_norm: float = bounded(1.0)  # <= 0 disables clipping
+
+
+def _discriminator_optim() -> "OptimConfig":
+    # GAN practice (StyleGAN, ADD): no first-moment momentum, β₂ = 0.99, no weight decay, constant rate
+    return OptimConfig(lr=1e-4, adam_beta1=0.0, adam_beta2=0.99, weight_decay=0.0, lr_scheduler="constant")
+
+
+@dataclass
+class AdversarialConfig:
+    """The discriminator and the adversarial terms of distill.objective=lcd_adv | add (lcm/objectives.py)."""
+
+    backbone: str = "frozen"  # frozen: the teacher's encoder, adapters off, no gradients into it
+    loss: str = "hinge"  # hinge | nonsaturating
+    # generator-side weight of the adversarial term (lcd_adv: beside LCD's 1; add: beside λ·distillation), reached
+    # linearly over warmup_steps
+    weight: float = bounded(0.1, ge=0)
+    warmup_steps: int = bounded(0, ge=0)
+    r1_gamma: float = bounded(0.0, ge=0)  # R1 on real inputs, γ/2·‖∇D‖²; 0 = off
+    # t̂ ~ shift(sigmoid(loc + scale·n)) (LADD's logit-normal); timestep round(t̂·(T − 1))
+    t_hat_loc: float = bounded(1.0, ge=-10, le=10)
+    t_hat_scale: float = bounded(1.0, gt=0)
+    t_hat_shift: float = bounded(1.0, gt=0)
+    head_hidden: int = bounded(64, ge=4)  # width of each feature level's head
+    d_steps_per_g: int = bounded(1, ge=1)
+    optim: OptimConfig = field(default_factory=_discriminator_optim)
+    # ADD only: the student's fixed timesteps, λ and c(t) of the distillation term
+    student_timesteps: list[int] = bounded(default_factory=lambda: [999, 749, 499, 249], ge=0, le=999)
+    distill_weight: float = bounded(2.5, ge=0)
+    distill_weighting: str = "alpha_bar"
 
 
 @dataclass
@@ -211,6 +243,7 @@ class LCMLoraConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
 @dataclass
@@ -230,6 +263,7 @@ class LCDConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=8e-6))
     validation: ValidationConfig = field(default_factory=lambda: ValidationConfig(guidance_scale=8.0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/lcd"))
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
 class ConfigError(UserError, ValueError):
@@ -241,6 +275,7 @@ class ConfigError(UserError, ValueError):
 CHOICES = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.report_to": ("tensorboard", "none"),
+    "adversarial.backbone": ("frozen",),  # trainable (SDXL-Lightning's copy of the encoder): not built yet
 }
 
 
@@ -346,21 +381,23 @@ def _check_cross_fields(cfg) -> None:
 def registry_choices() -> dict[str, tuple]:
     """The valid names of each config key that selects from a registry: that registry's keys (imported here, not at
     module level, so reading a config stays light)."""
+    from .adversarial import D_LOSSES
     from .consistency import LOSS_WEIGHTINGS, LOSSES
     from .data import SOURCES
     from .models import PIPELINES
+    from .objectives import ADD_WEIGHTINGS, OBJECTIVES
     from .solvers import SOLVERS
 
     return {"model.kind": tuple(PIPELINES), "data.source": tuple(SOURCES), "distill.solver": tuple(SOLVERS),
-            "distill.loss": tuple(LOSSES), "distill.loss_weighting": tuple(LOSS_WEIGHTINGS)}
+            "distill.loss": tuple(LOSSES), "distill.loss_weighting": tuple(LOSS_WEIGHTINGS),
+            "distill.objective": OBJECTIVES, "adversarial.loss": tuple(D_LOSSES),
+            "adversarial.distill_weighting": tuple(ADD_WEIGHTINGS)}
 
 
 def _validate(cfg) -> None:
     """Check named choices, ranges and cross-field sanity; every message names the key."""
     reg = registry_choices()
-    choices: dict[str, Any] = {"model.kind": reg["model.kind"], "data.source": reg["data.source"], **CHOICES,
-                               "distill.solver": reg["distill.solver"], "distill.loss": reg["distill.loss"],
-                               "distill.loss_weighting": reg["distill.loss_weighting"]}
+    choices: dict[str, Any] = {**reg, **CHOICES}
     for key, valid in choices.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and value not in valid:

@@ -155,6 +155,13 @@ def predict_consistency(model, z, t, cond, w, spec: LCDSpec):
 
 def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
     """Per-sample d(f_θ(z_{t_{n+k}}, t_{n+k}), sg[f_θ⁻(ẑ_{t_n}, t_n)]) and a small diagnostics dict (LCM Alg. 1)."""
+    loss, diagnostics, _ = lcd_terms(student, target, teacher, batch, spec)
+    return loss, diagnostics
+
+
+def lcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
+    """`lcd_loss` plus the student's consistency output f_θ(z_{t_{n+k}}) with its graph (the objectives that add a
+    term on the student's clean-latent estimate use it)."""
     t_nk, t_n = spec.grid.pair(batch.index)
     # 1. Forward-diffuse the clean latent to t_{n+k}.
     z_tnk = spec.schedule.add_noise(batch.z0, batch.noise, t_nk)
@@ -175,4 +182,4 @@ def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
         "w_mean": batch.w.float().mean().detach(),
         "target_norm": f_target.float().flatten(1).norm(dim=1).mean().detach(),
     }
-    return loss, diagnostics
+    return loss, diagnostics, f_student

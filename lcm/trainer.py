@@ -13,37 +13,51 @@ dropping the batches already consumed before decoding them.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .checkpoints import last_good_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from .config import to_yaml
 from .data import StreamEpoch, build_loader
-from .errors import DataError, PathNotFoundError, WriteError, write_guard
+from .errors import DataError, write_guard
 from .seeds import sample_generators, sample_position, seed_global_rng_for_step, step_generator
 
 logger = logging.getLogger("lcm")
 
-CHECKPOINT_PREFIX = "step-"
+
+@dataclass
+class Critic:
+    """A second trainable module (a discriminator), stepped after the student on the same micro-batch with its own
+    optimiser, LR schedule, gradient clipping, checkpoint state and DDP wrapping. `loss_fn(model, handoff,
+    generators)` returns (per-sample loss, diagnostics); `handoff` is what the student's loss returned third (its
+    real and generated samples, detached), `generators` the micro-batch's per-sample generators, continued."""
+
+    name: str
+    model: torch.nn.Module
+    params: list
+    loss_fn: Callable
+    optim: Any  # an OptimConfig: lr, betas, schedule, warm-up and max_grad_norm of this module alone
+    steps_per_generator_step: int = 1
 
 
 @dataclass
 class TrainingTask:
-    """What an entry script hands the loop. `loss_fn(model, batch, generators)` returns (per-sample loss, diagnostics);
-    `generators` holds one per sample of the micro-batch (`seeds.sample_generators`)."""
+    """What an entry script hands the loop. `loss_fn(model, batch, generators)` returns (per-sample loss, diagnostics)
+    or (per-sample loss, diagnostics, handoff) when critics follow; `generators` holds one per sample of the
+    micro-batch (`seeds.sample_generators`). Order within a step: the student's loss, backward and optimiser step,
+    then each critic in list order (a critic with `steps_per_generator_step` n takes n steps), then
+    `after_optimizer_step` (the EMA)."""
 
     model: torch.nn.Module  # holds the trainable parameters; prepared (DDP-wrapped) by accelerate
     params: list  # the trainable parameters (LoRA tensors or the whole student)
@@ -58,6 +72,12 @@ class TrainingTask:
     validate: Callable[[int, Path], None] = lambda step, out_dir: None
     export: Callable[[Path], None] = lambda final_dir: None
     summary: dict = field(default_factory=dict)
+    critics: list = field(default_factory=list)  # Critic modules stepped after the student, in this order
+    before_step: Callable[[int], None] = lambda step: None  # told the completed-step count before each micro-batch
+
+    def all_params(self) -> list:
+        """Every trainable tensor: the student's, then each critic's."""
+        return [*self.params, *(p for c in self.critics for p in c.params)]
 
 
 DETERMINISTIC_ENV = "LCM_DETERMINISTIC"  # "1": torch.use_deterministic_algorithms(True) for bit-exact reruns on GPU
@@ -111,114 +131,6 @@ def clip_and_step(accelerator: Accelerator, params, optimizer, lr_scheduler, max
     return grad_norm
 
 
-# --- checkpoints -----------------------------------------------------------------------------------------------------
-
-
-def checkpoint_dir(output_dir) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def list_checkpoints(output_dir) -> list[Path]:
-    """Complete checkpoints, oldest first. Half-written ones live under a `.tmp-` name and are never listed."""
-    root = checkpoint_dir(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and (p / "counters.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def resolve_resume(output_dir, resume: Optional[str]) -> Optional[Path]:
-    """`latest` → the newest complete checkpoint (None when there is none yet); a path → that checkpoint."""
-    if not resume:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "counters.json").is_file():
-        raise PathNotFoundError(f"train.resume={resume!r} is not a complete checkpoint folder (no counters.json); "
-                                f"use 'latest' or one of {checkpoint_dir(output_dir)}/step-*")
-    return path
-
-
-def _discard(path: Path) -> None:
-    """Delete a checkpoint folder so that a crash midway never leaves a half-deleted folder under a valid name:
-    rename it out of the `step-` namespace first (atomic), then remove it."""
-    trash = path.with_name(f".del-{path.name}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def last_good_checkpoint(output_dir) -> str:
-    """The newest complete checkpoint, as error messages name it ("none yet in …" before the first)."""
-    kept = list_checkpoints(output_dir)
-    return str(kept[-1]) if kept else f"none yet in {checkpoint_dir(output_dir)}"
-
-
-def save_checkpoint(accelerator: Accelerator, task: TrainingTask, cfg, step: int) -> Optional[Path]:
-    """accelerate state + our counters + extra tensors, written to `.tmp-step-N` then renamed (atomic on POSIX).
-
-    A failed write (a full disk: torch reports it as "inline_container.cc … unexpected pos") raises a `WriteError`
-    naming the folder, the free space and the last good checkpoint, which stays the latest; the partial folder is
-    removed to give the space back.
-    """
-    root = checkpoint_dir(cfg.train.output_dir)
-    final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = root / f".tmp-{final.name}"
-    # Never let non-finite weights become the latest checkpoint. Summed over ranks, so that all of them stop together
-    # even when each holds only a shard (FSDP).
-    bad = torch.tensor(sum(int(not torch.isfinite(p.detach()).all()) for p in task.params), device=accelerator.device)
-    bad = int(accelerator.reduce(bad, reduction="sum"))
-    if bad:
-        raise FloatingPointError(f"{bad} trainable tensor(s) are not finite at step {step}; not writing a checkpoint, "
-                                 f"so the last good one stays the latest in {root}")
-    try:
-        with write_guard(final, last_good_checkpoint(cfg.train.output_dir)):  # named as it would have been
-            _write_checkpoint_files(accelerator, task, cfg, step, tmp)
-    except WriteError:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if accelerator.is_main_process:
-        if final.exists():  # re-saving a step (a resume from an older checkpoint): the new state wins
-            _discard(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(cfg.train.output_dir)[: -cfg.train.checkpoints_total_limit]:
-            _discard(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _write_checkpoint_files(accelerator: Accelerator, task: TrainingTask, cfg, step: int, tmp: Path) -> None:
-    """Everything a checkpoint holds, into the temporary folder `tmp` (renamed into place by the caller)."""
-    root = tmp.parent
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in [*root.glob(".tmp-*"), *root.glob(".del-*")]:  # left behind by a crash mid-write or mid-delete
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every rank takes part (RNG states per rank; sharded states under FSDP)
-    if accelerator.is_main_process:
-        extra = task.extra_state()
-        if extra:
-            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / "extra_state.safetensors"))
-        (tmp / "config.yaml").write_text(to_yaml(cfg))
-        # counters.json is written last: its presence marks the folder complete.
-        (tmp / "counters.json").write_text(json.dumps({"global_step": step}))
-
-
-def load_checkpoint(accelerator: Accelerator, task: TrainingTask, path: Path) -> int:
-    """Restore accelerate state and our extra tensors; returns the optimiser step to continue from."""
-    accelerator.load_state(str(path))
-    extra = path / "extra_state.safetensors"
-    if extra.is_file():
-        task.load_extra_state(load_file(str(extra)))
-    return json.loads((path / "counters.json").read_text())["global_step"]
-
-
 # --- the loop --------------------------------------------------------------------------------------------------------
 
 
@@ -241,8 +153,8 @@ def _flat_hparams(cfg) -> dict:
 @dataclass
 class _Run:
     """What `train` prepares once and its helpers share: the accelerate-prepared model, optimiser, LR schedule and
-    loader, and the optimiser-step counter (the one piece of loop state a checkpoint restores). One trainable module
-    with its optimiser today; a second (a discriminator) would add its own here and its own step in `_micro_step`."""
+    loader, each critic's prepared (model, optimiser, LR schedule), and the optimiser-step counter (the one piece of
+    loop state a checkpoint restores; critics step with the student, so one counter serves all)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -252,6 +164,15 @@ class _Run:
     stream: bool  # the loader is this rank's stream of whole batches (StreamEpoch), not a map-style loader
     steps_per_epoch: int
     step: int = 0  # completed optimiser steps
+    critics: list = field(default_factory=list)  # _CriticRun, in the task's critic order
+
+
+@dataclass
+class _CriticRun:
+    critic: Critic
+    model: torch.nn.Module  # prepared (DDP-wrapped on several ranks)
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
 
 
 @dataclass
@@ -313,6 +234,7 @@ def _prepare(cfg, accelerator: Accelerator, task: TrainingTask) -> _Run:
         raise DataError(f"dataset has {len(task.dataset)} usable samples, fewer than train.batch_size={tc.batch_size}")
     optimizer = build_optimizer(task.params, cfg.optim)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, tc.max_train_steps, accelerator.num_processes)
+    critic_parts = _critic_parts(task, tc, accelerator.num_processes)
     # Important: a stream's loader is already this rank's (disjoint shards). accelerate.prepare would shard an iterable
     # by reading the whole stream on every rank, so it is wrapped as a one-process loader: accelerate then only moves
     # its batches to the device and marks the epoch's end for gradient accumulation.
@@ -320,9 +242,12 @@ def _prepare(cfg, accelerator: Accelerator, task: TrainingTask) -> _Run:
     if stream:
         loader = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
                                      dispatch_batches=False)
-        model, optimizer, lr_scheduler = accelerator.prepare(task.model, optimizer, lr_scheduler)
+        model, optimizer, lr_scheduler, *critic_parts = accelerator.prepare(task.model, optimizer, lr_scheduler,
+                                                                             *critic_parts)
     else:
-        model, optimizer, loader, lr_scheduler = accelerator.prepare(task.model, optimizer, loader, lr_scheduler)
+        model, optimizer, loader, lr_scheduler, *critic_parts = accelerator.prepare(task.model, optimizer, loader,
+                                                                                     lr_scheduler, *critic_parts)
+    critics = [_CriticRun(c, *critic_parts[3 * i: 3 * i + 3]) for i, c in enumerate(task.critics)]
 
     global_step = 0
     resume_from = resolve_resume(tc.output_dir, tc.resume)
@@ -339,7 +264,20 @@ def _prepare(cfg, accelerator: Accelerator, task: TrainingTask) -> _Run:
     # dataloader), so an epoch is ceil(batches / accumulation) optimiser steps. Resume maps step → (epoch, batch) with
     # this number; the floor would resume into the wrong epoch whenever the two differ.
     return _Run(model, optimizer, lr_scheduler, loader, bucket_sampler, stream,
-                steps_per_epoch=math.ceil(len(loader) / accumulation), step=global_step)
+                steps_per_epoch=math.ceil(len(loader) / accumulation), step=global_step, critics=critics)
+
+
+def _critic_parts(task: TrainingTask, tc, num_processes: int) -> list:
+    """(model, optimiser, LR schedule) of every critic, flat, in order, for one `accelerator.prepare` call: the
+    prepared order is the checkpoint order (the student is model 0, critic i is model i + 1)."""
+    parts = []
+    for critic in task.critics:
+        if critic.steps_per_generator_step > 1 and tc.gradient_accumulation_steps > 1:
+            raise ValueError(f"critic {critic.name!r}: steps_per_generator_step > 1 needs "
+                             "train.gradient_accumulation_steps=1 (each extra step would need a window of its own)")
+        opt = build_optimizer(critic.params, critic.optim)
+        parts += [critic.model, opt, build_lr_scheduler(opt, critic.optim, tc.max_train_steps, num_processes)]
+    return parts
 
 
 def _epoch_batches(cfg, accelerator: Accelerator, task: TrainingTask, run: _Run):
@@ -367,13 +305,14 @@ def _micro_step(cfg, accelerator: Accelerator, task: TrainingTask, run: _Run, mi
     """
     tc = cfg.train
     rank, world, accumulation = accelerator.process_index, accelerator.num_processes, tc.gradient_accumulation_steps
-    with accelerator.accumulate(run.model):
+    with accelerator.accumulate(run.model, *(c.model for c in run.critics)):
         m = micro % accumulation
         seed_global_rng_for_step(step_generator(tc.seed, rank, world, run.step, m, accelerator.device))
         first = sample_position(run.step, m, rank, world, accumulation, tc.batch_size)
         gens = sample_generators(tc.seed, first, tc.batch_size)
+        task.before_step(run.step)
         with accelerator.autocast():
-            per_sample, diagnostics = task.loss_fn(run.model, batch, gens)
+            per_sample, diagnostics, *handoff = task.loss_fn(run.model, batch, gens)
         loss = per_sample.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -382,7 +321,28 @@ def _micro_step(cfg, accelerator: Accelerator, task: TrainingTask, run: _Run, mi
                 " — lower optim.lr or try train.mixed_precision=no, then resume from it.")
         accelerator.backward(loss)
         grad_norm = clip_and_step(accelerator, task.params, run.optimizer, run.lr_scheduler, cfg.optim.max_grad_norm)
+        for critic in run.critics:
+            diagnostics = {**diagnostics, **_critic_step(accelerator, critic, handoff[0] if handoff else None, gens)}
     return _MicroStep(loss, grad_norm, diagnostics)
+
+
+def _critic_step(accelerator: Accelerator, run: _CriticRun, handoff, gens) -> dict:
+    """The critic's loss on the student's handoff, backward and (at the end of a window) its optimiser step, repeated
+    `steps_per_generator_step` times; its diagnostics, prefixed with its name unless already prefixed."""
+    c = run.critic
+    for _ in range(c.steps_per_generator_step):
+        with accelerator.autocast():
+            per_sample, diagnostics = c.loss_fn(run.model, handoff, gens)
+        loss = per_sample.mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{c.name} loss is {loss.item()}; stopping — lower its lr or raise R1's gamma")
+        accelerator.backward(loss)
+        grad_norm = clip_and_step(accelerator, c.params, run.optimizer, run.lr_scheduler, c.optim.max_grad_norm)
+    out = {k if k.startswith(c.name) else f"{c.name}_{k}": v for k, v in diagnostics.items()}
+    out[f"{c.name}_lr"] = run.lr_scheduler.get_last_lr()[0]
+    if grad_norm is not None:
+        out[f"{c.name}_grad_norm"] = grad_norm
+    return out
 
 
 def _end_of_step(cfg, accelerator: Accelerator, task: TrainingTask, run: _Run, result: _MicroStep, progress) -> None:

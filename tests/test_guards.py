@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from lcm.config import LCM_LORA_TARGETS, load_config
 from lcm.lora import add_lora, check_lora_matches, load_lora_into_training_unet, lora_state_dict, save_lora
 from lcm.tiny import build_tiny_sdxl_pipeline, make_captioned_image_folder
-from lcm.trainer import TrainingTask, list_checkpoints, resolve_resume, save_checkpoint
+from lcm.checkpoints import list_checkpoints, resolve_resume, save_checkpoint
+from lcm.trainer import TrainingTask
 
 from _helpers import load_entry_script
 

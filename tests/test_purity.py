@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-MATH = ["schedule", "parameterization", "solvers", "guidance", "consistency", "ema", "constants"]
+MATH = ["schedule", "parameterization", "solvers", "guidance", "consistency", "ema", "constants", "adversarial",
+        "objectives"]
 ROOT = Path(__file__).resolve().parents[1] / "lcm"
 
 

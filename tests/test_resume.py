@@ -17,10 +17,11 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-import lcm.trainer
+import lcm.checkpoints
 from lcm.config import load_config
 from lcm.tiny import make_captioned_image_folder
-from lcm.trainer import DETERMINISTIC_ENV, TrainingTask, list_checkpoints, resolve_resume, save_checkpoint
+from lcm.checkpoints import list_checkpoints, resolve_resume, save_checkpoint
+from lcm.trainer import DETERMINISTIC_ENV, TrainingTask
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 6
@@ -146,7 +147,7 @@ def test_crash_while_deleting_a_checkpoint_never_leaves_a_broken_one_listed(tmp_
     accelerator, model, task, cfg = _linear_task(tmp_path, limit=1 if when.startswith("rotating") else 3)
     save_checkpoint(accelerator, task, cfg, 1)
     save_checkpoint(accelerator, task, cfg, 2) if when.startswith("replacing") else None
-    monkeypatch.setattr(lcm.trainer.shutil, "rmtree", _killed_midway(lcm.trainer.shutil.rmtree))
+    monkeypatch.setattr(lcm.checkpoints.shutil, "rmtree", _killed_midway(lcm.checkpoints.shutil.rmtree))
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(accelerator, task, cfg, 2)  # rotation deletes step 1 / a re-save replaces step 2
     monkeypatch.undo()

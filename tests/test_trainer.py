@@ -7,13 +7,8 @@ import torch
 from accelerate import Accelerator
 
 from lcm.config import load_config
-from lcm.trainer import (
-    TrainingTask,
-    clip_and_step,
-    list_checkpoints,
-    resolve_resume,
-    save_checkpoint,
-)
+from lcm.checkpoints import list_checkpoints, resolve_resume, save_checkpoint
+from lcm.trainer import TrainingTask, clip_and_step
 from lcm.seeds import rank_seed, step_generator
 
 
@@ -145,7 +140,7 @@ def _disk_full(kind):
 
 @pytest.mark.parametrize("where, kind", [("torch.save", "torch"), ("safetensors", "enospc")])
 def test_full_disk_while_checkpointing_names_path_space_and_last_good(tmp_path, monkeypatch, where, kind):
-    import lcm.trainer
+    import lcm.checkpoints
     from lcm.errors import WriteError
 
     accelerator = Accelerator(cpu=True)
@@ -161,7 +156,7 @@ def test_full_disk_while_checkpointing_names_path_space_and_last_good(tmp_path, 
     if where == "torch.save":  # inside accelerate's real save_state (optimizer / RNG states go through torch.save)
         monkeypatch.setattr(torch, "save", full)
     else:  # our extra-state file
-        monkeypatch.setattr(lcm.trainer, "save_file", full)
+        monkeypatch.setattr(lcm.checkpoints, "save_file", full)
     with pytest.raises(WriteError) as err:
         save_checkpoint(accelerator, task, cfg, 20)
     message = str(err.value)

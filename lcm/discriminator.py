@@ -1,0 +1,170 @@
+"""A latent discriminator built from the teacher (LADD, Sauer et al. 2024, arXiv:2403.12015 §3.1): the teacher
+denoiser's own encoder (UNet down blocks + mid block) reads a re-noised sample z_t̂, and small trainable heads, one per
+feature level, turn each level's features into a logit conditioned on t̂ and the text.
+
+    D(z_t̂, t̂, cond) = [head_l(φ_l(z_t̂, t̂, cond), e(t̂, cond)) for each level l]      → logits (B, L)
+
+- The backbone φ is frozen by default (`adversarial.backbone=frozen`): the teacher's weights, with LoRA adapters
+  disabled, and no gradient into them. Gradients still flow *through* it to z_t̂ in the generator step, which is how
+  the student learns from D. It is held by reference, never registered as a submodule, so the trainable module that
+  accelerate prepares, checkpoints and wraps in DDP is the heads alone.
+- Each head is a projection discriminator (Miyato & Koyama 2018, arXiv:1802.05637): an unconditional logit plus the
+  inner product of the pooled head features with an embedding e of (t̂, text). SDXL's text vector is the pooled
+  CLIP-G embedding (`text_embeds`); SD1.5's and PixArt's is the mean token state (PixArt: over the unmasked tokens).
+
+Pixel-space DINOv2 discriminators (ADD's original) need weights this machine cannot download; a feature backbone is
+any callable `(z, t, cond) -> list of (B, C_l, H_l, W_l)` with `channels` matching, so one plugs in here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .models import config_of, is_transformer
+from .roles import adapters_disabled
+
+TIME_FREQS = 16  # sin/cos features of t̂/T in the heads' conditioning
+
+
+def unet_encoder_features(unet, z, t, cond) -> list[torch.Tensor]:
+    """The outputs of every down block and of the mid block of a diffusers `UNet2DConditionModel`, computed with the
+    UNet's own embedding helpers in the order its `forward` runs them (steps 1–4 of that method; no ControlNet,
+    adapters or attention masks). tests/test_discriminator.py checks them against hooks on a full forward."""
+    dtype = next(unet.parameters()).dtype
+    sample = z.to(dtype)
+    added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]} if "text_embeds" in cond else None
+    hidden = cond["encoder_hidden_states"].to(dtype)
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=t), None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=hidden, added_cond_kwargs=added or {})
+    emb = emb + aug if aug is not None else emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    hidden = unet.process_encoder_hidden_states(encoder_hidden_states=hidden, added_cond_kwargs=added or {})
+    sample = unet.conv_in(sample)
+    features = []
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            sample, _ = block(hidden_states=sample, temb=emb, encoder_hidden_states=hidden)
+        else:
+            sample, _ = block(hidden_states=sample, temb=emb)
+        features.append(sample)
+    if unet.mid_block is not None:
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            sample = unet.mid_block(sample, emb, encoder_hidden_states=hidden)
+        else:
+            sample = unet.mid_block(sample, emb)
+        features.append(sample)
+    return features
+
+
+def unet_feature_channels(unet) -> list[int]:
+    """Channels of `unet_encoder_features`' levels: each down block's output width, then the mid block's."""
+    widths = list(config_of(unet).block_out_channels)
+    return widths + ([widths[-1]] if unet.mid_block is not None else [])
+
+
+def text_vector(cond: dict) -> torch.Tensor:
+    """The text conditioning as one vector per sample: SDXL's pooled embedding, else the (masked) mean token state."""
+    if "text_embeds" in cond:
+        return cond["text_embeds"].float()
+    states = cond["encoder_hidden_states"].float()
+    mask = cond.get("encoder_attention_mask")
+    if mask is None:
+        return states.mean(1)
+    mask = mask.float().unsqueeze(-1)
+    return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def time_features(t, T: int = 1000, freqs: int = TIME_FREQS) -> torch.Tensor:
+    """sin/cos of t̂/T at octave frequencies (B, 2·freqs)."""
+    u = t.float()[:, None] / T
+    k = 2.0 ** torch.arange(freqs, dtype=torch.float32, device=t.device) * math.pi
+    return torch.cat([torch.sin(k * u), torch.cos(k * u)], dim=1)
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(32, channels)
+
+
+class ProjectionHead(torch.nn.Module):
+    """One feature level → one logit: conv body, an unconditional 1×1 logit map (spatial mean), plus the projection
+    ⟨pool(h), e⟩/√hidden with e a linear embedding of the conditioning vector."""
+
+    def __init__(self, channels: int, cond_dim: int, hidden: int = 64):
+        super().__init__()
+        self.hidden = hidden
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, hidden, 3, padding=1), torch.nn.GroupNorm(_groups(hidden), hidden),
+            torch.nn.SiLU(), torch.nn.Conv2d(hidden, hidden, 1), torch.nn.SiLU())
+        self.logit = torch.nn.Conv2d(hidden, 1, 1)
+        self.embed = torch.nn.Linear(cond_dim, hidden)
+
+    def forward(self, feature, c):
+        h = self.body(feature.float())
+        unconditional = self.logit(h).mean((2, 3)).squeeze(1)
+        projection = (h.mean((2, 3)) * self.embed(c)).sum(1) / math.sqrt(self.hidden)
+        return unconditional + projection
+
+
+class FeatureHeads(torch.nn.Module):
+    """The trainable part of the discriminator: one `ProjectionHead` per feature level, sharing the conditioning
+    vector [time features of t̂; layer-normalised text vector]."""
+
+    def __init__(self, channels: list[int], text_dim: int, hidden: int = 64, T: int = 1000):
+        super().__init__()
+        self.T, self.text_dim = T, text_dim
+        cond_dim = 2 * TIME_FREQS + text_dim
+        self.heads = torch.nn.ModuleList([ProjectionHead(c, cond_dim, hidden) for c in channels])
+
+    def conditioning(self, t, cond) -> torch.Tensor:
+        text = text_vector(cond)
+        if text.shape[-1] != self.text_dim:
+            raise ValueError(f"text vector has {text.shape[-1]} features, the heads were built for {self.text_dim}")
+        return torch.cat([time_features(t, self.T).to(text.device), F.layer_norm(text, text.shape[-1:])], dim=1)
+
+    def forward(self, features: list[torch.Tensor], t, cond) -> torch.Tensor:
+        if len(features) != len(self.heads):
+            raise ValueError(f"{len(features)} feature levels for {len(self.heads)} heads")
+        c = self.conditioning(t, cond)
+        return torch.stack([head(f, c) for head, f in zip(self.heads, features)], dim=1)
+
+
+def teacher_features(backbone):
+    """The frozen-backbone feature callable `(z, t, cond) -> levels`: the teacher's encoder with LoRA adapters off
+    (a no-op on a network without adapters, e.g. full LCD's separate teacher)."""
+    if is_transformer(backbone):
+        raise NotImplementedError("a PixArt transformer backbone for the discriminator is not built yet; "
+                                  "use a UNet teacher (sdxl, sd15, ssd1b)")
+
+    def features(z, t, cond):
+        with adapters_disabled(backbone):
+            return unet_encoder_features(backbone, z, t, cond)
+
+    return features
+
+
+def unet_text_dim(unet) -> int:
+    """Width of `text_vector` for this UNet: SDXL's pooled embedding (the add-embedding input less its 6 time ids),
+    else the cross-attention width."""
+    config = config_of(unet)
+    if config.addition_embed_type == "text_time":
+        return config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    cross = config.cross_attention_dim
+    return cross if isinstance(cross, int) else cross[0]
+
+
+def build_heads(backbone, hidden: int = 64, T: int = 1000) -> FeatureHeads:
+    """Heads sized for `backbone`'s feature levels and text vector; t̂ is read on a T-step schedule."""
+    return FeatureHeads(unet_feature_channels(backbone), unet_text_dim(backbone), hidden, T)
+
+
+def make_discriminator(features, heads):
+    """D as the losses see it: `(z_t̂, t̂, cond) -> logits (B, L)` from a feature callable and the heads."""
+
+    def discriminator(z, t, cond):
+        return heads(features(z, t, cond), t, cond)
+
+    return discriminator

@@ -1,0 +1,98 @@
+"""From `distill.objective` to what the trainer runs: the student's loss over the roles and, for the adversarial
+objectives, the discriminator critic (DESIGN.md §2). Entry scripts build the roles; this module picks the loss.
+
+    lcd      loss_fn = LCD; no critic                                  (bit-identical to before the objectives)
+    lcd_adv  loss_fn = LCD + w·L_G(D(f_θ)); critic "d" = the heads on the frozen teacher encoder
+    add      loss_fn = ADD's L_G + λ·distillation; the same critic
+Step order (lcm/trainer.py): student step (D frozen, judged through), then the D step on the handoff, then the EMA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .adversarial import frozen, warmed_up_weight
+from .consistency import LCDSpec, lcd_loss
+from .discriminator import build_heads, make_discriminator, teacher_features
+from .encode import lcd_batch_from_data
+from .objectives import (ADDSpec, AdversarialSpec, StudentTimesteps, add_loss, discriminator_loss,
+                         lcd_adv_loss)
+from .trainer import Critic
+
+ADVERSARIAL_OBJECTIVES = ("lcd_adv", "add")
+
+
+@dataclass
+class ObjectiveParts:
+    """The loss the student trains on, the critics that step after it, and the hook that tells the loss the step."""
+
+    loss_fn: Callable
+    critics: list = field(default_factory=list)
+    before_step: Callable[[int], None] = lambda step: None
+    heads: torch.nn.Module | None = None
+
+
+def adversarial_spec(adv_cfg) -> AdversarialSpec:
+    return AdversarialSpec(loss=adv_cfg.loss, r1_gamma=adv_cfg.r1_gamma, t_hat_loc=adv_cfg.t_hat_loc,
+                           t_hat_scale=adv_cfg.t_hat_scale, t_hat_shift=adv_cfg.t_hat_shift)
+
+
+def add_spec(adv_cfg) -> ADDSpec:
+    return ADDSpec(StudentTimesteps(adv_cfg.student_timesteps), distill_weight=adv_cfg.distill_weight,
+                   weighting=adv_cfg.distill_weighting)
+
+
+def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, target, teacher, backbone) -> ObjectiveParts:
+    """`student_of(model)` makes the student role from the accelerate-prepared module; `target`/`teacher` are roles;
+    `backbone` is the teacher network the discriminator reads features from (adapters switched off inside)."""
+    objective = cfg.distill.objective
+    if objective == "lcd":
+        def lcd(model, batch, gens):
+            lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
+            return lcd_loss(student_of(model), target, teacher, lcd_batch, spec)
+        return ObjectiveParts(lcd)
+    if objective not in ADVERSARIAL_OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; valid: {['lcd', *ADVERSARIAL_OBJECTIVES]}")
+
+    a = cfg.adversarial
+    adv = adversarial_spec(a)
+    features = teacher_features(backbone)
+    heads = build_heads(backbone, a.head_hidden, spec.schedule.T).to(device)
+    step = {"now": 0}
+
+    def weight() -> float:
+        return warmed_up_weight(a.weight, a.warmup_steps, step["now"])
+
+    if objective == "lcd_adv":
+        def generator_loss(model, batch, gens):
+            lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
+            with frozen(heads):  # the student's step: D is judged through, never updated
+                return lcd_adv_loss(student_of(model), target, teacher, make_discriminator(features, heads),
+                                    lcd_batch, spec, adv, weight(), gens)
+    else:
+        add = add_spec(a)
+
+        def generator_loss(model, batch, gens):
+            add_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, add.student_timesteps, device)
+            with frozen(heads):
+                return add_loss(student_of(model), teacher, make_discriminator(features, heads), add_batch, spec,
+                                add, adv, weight(), gens)
+
+    def d_loss(model, handoff, gens):
+        # The backbone's activations need a graph only for R1 (∇ w.r.t. the real input); otherwise the heads'
+        # gradients stop at the features, so they are computed without one.
+        feats = features if adv.r1_gamma > 0 else _no_grad(features)
+        return discriminator_loss(make_discriminator(feats, model), handoff, gens, spec.schedule, adv)
+
+    critic = Critic("d", heads, list(heads.parameters()), d_loss, a.optim, a.d_steps_per_g)
+    return ObjectiveParts(generator_loss, [critic], lambda n: step.update(now=n), heads)
+
+
+def _no_grad(features):
+    def call(z, t, cond):
+        with torch.no_grad():
+            return features(z, t, cond)
+    return call

@@ -1,0 +1,141 @@
+"""The adversarial objectives (lcm/objectives.py, lcm/objective_task.py): weight 0 is plain LCD bit for bit, the
+generator step moves only the student and the discriminator step only the heads, the frozen backbone never changes,
+and both entry scripts train every objective end to end."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lcm.adversarial import frozen
+from lcm.config import LCM_LORA_TARGETS
+from lcm.consistency import LCDBatch, LCDSpec, lcd_loss
+from lcm.discriminator import build_heads, make_discriminator, teacher_features
+from lcm.lora import add_lora
+from lcm.objectives import (ADDSpec, AdversarialSpec, StudentTimesteps, add_loss, discriminator_loss,
+                            lcd_adv_loss)
+from lcm.roles import base_role, denoiser_role
+from lcm.schedule import NoiseSchedule, SolverGrid, scaled_linear_alphas_cumprod
+from lcm.tiny import build_tiny_sdxl_pipeline, make_captioned_image_folder
+
+from _helpers import load_entry_script, randomise_lora_b, sdxl_unet_inputs
+
+
+@pytest.fixture
+def setup():
+    unet = build_tiny_sdxl_pipeline(seed=0).unet
+    add_lora(unet, 4, 4, LCM_LORA_TARGETS)
+    randomise_lora_b(unet, seed=1)
+    inputs = sdxl_unet_inputs(unet)
+    cond = {"encoder_hidden_states": inputs["encoder_hidden_states"], **inputs["added_cond_kwargs"]}
+    uncond = {k: torch.zeros_like(v) if k != "time_ids" else v for k, v in cond.items()}
+    g = torch.Generator().manual_seed(0)
+    batch = LCDBatch(z0=torch.randn(2, 4, 8, 8, generator=g), noise=torch.randn(2, 4, 8, 8, generator=g),
+                     index=torch.tensor([3, 40]), w=torch.tensor([0.5, 1.0]), cond=cond, uncond=uncond)
+    spec = LCDSpec(NoiseSchedule(scaled_linear_alphas_cumprod()), SolverGrid(1000, 50))
+    heads = build_heads(unet, hidden=8)
+    return unet, heads, batch, spec
+
+
+def _gens(seed=7, n=2):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def _lora(unet):
+    return {n: p for n, p in unet.named_parameters() if "lora_" in n}
+
+
+def _base(unet):
+    return {n: p for n, p in unet.named_parameters() if "lora_" not in n}
+
+
+def test_lcd_adv_at_weight_zero_is_lcd_loss_and_gradient(setup):
+    unet, heads, batch, spec = setup
+    student, teacher = denoiser_role(unet), base_role(unet)
+    d = make_discriminator(teacher_features(unet), heads)
+    plain, _ = lcd_loss(student, student, teacher, batch, spec)
+    plain.mean().backward()
+    g_plain = {n: p.grad.clone() for n, p in _lora(unet).items()}
+    unet.zero_grad(set_to_none=True)
+    with frozen(heads):
+        adv, diag, _ = lcd_adv_loss(student, student, teacher, d, batch, spec, AdversarialSpec(), 0.0, _gens())
+    adv.mean().backward()
+    assert torch.equal(plain, adv)
+    assert all(torch.equal(g_plain[n], p.grad) for n, p in _lora(unet).items())
+    assert float(diag["g_adv"]) != 0  # the term was computed, only not added
+    # and a positive weight does change the loss
+    with frozen(heads):
+        weighted, _, _ = lcd_adv_loss(student, student, teacher, d, batch, spec, AdversarialSpec(), 0.5, _gens())
+    assert not torch.equal(plain, weighted)
+
+
+@pytest.mark.parametrize("objective", ["lcd_adv", "add"])
+def test_generator_step_moves_only_the_student_and_d_step_only_the_heads(setup, objective):
+    unet, heads, batch, spec = setup
+    student, teacher = denoiser_role(unet), base_role(unet)
+    d = make_discriminator(teacher_features(unet), heads)
+    adv = AdversarialSpec(r1_gamma=1.0)
+    base_before = {n: p.detach().clone() for n, p in _base(unet).items()}
+    # generator step: D frozen, judged through
+    with frozen(heads):
+        if objective == "lcd_adv":
+            loss, _, handoff = lcd_adv_loss(student, student, teacher, d, batch, spec, adv, 1.0, _gens())
+        else:
+            add = ADDSpec(StudentTimesteps([999, 749, 499, 249]))
+            add_batch = LCDBatch(batch.z0, batch.noise, torch.tensor([0, 2]), batch.w, batch.cond, batch.uncond)
+            loss, _, handoff = add_loss(student, teacher, d, add_batch, spec, add, adv, 1.0, _gens())
+    loss.mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _lora(unet).values())
+    assert all(p.grad is None for p in heads.parameters()) and all(p.requires_grad for p in heads.parameters())
+    assert all(p.grad is None for p in _base(unet).values())
+    unet.zero_grad(set_to_none=True)
+    # discriminator step on the handoff: only the heads get gradients and move
+    heads_before = {n: p.detach().clone() for n, p in heads.named_parameters()}
+    lora_before = {n: p.detach().clone() for n, p in _lora(unet).items()}
+    d_loss, diag = discriminator_loss(d, handoff, _gens(11), spec.schedule, adv)
+    d_loss.mean().backward()
+    torch.optim.SGD(heads.parameters(), lr=0.1).step()
+    assert all(p.grad is None for p in unet.parameters())
+    assert any(not torch.equal(heads_before[n], p) for n, p in heads.named_parameters())
+    assert all(torch.equal(lora_before[n], p) for n, p in _lora(unet).items())
+    assert all(torch.equal(base_before[n], p) for n, p in _base(unet).items())
+    assert {"d_loss", "d_acc_real", "d_acc_fake", "r1"} <= set(diag) and float(diag["r1"]) > 0
+
+
+def _args(teacher, data, out, *extra, config="demo_lcm_lora"):
+    return ["--config", config, f"model.pretrained={teacher}", f"data.path={data}", f"train.output_dir={out}",
+            "data.resolution=16", "train.batch_size=2", "train.report_to=none", "validation.every_n_steps=0",
+            "train.max_train_steps=2", "train.checkpoint_every=2", "train.seed=5", *extra]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_captioned_image_folder(tmp_path_factory.mktemp("objectives") / "data", n=4, size=24)
+
+
+def test_lcd_adv_weight_zero_trains_the_same_lora_as_lcd(tiny_sdxl_dir, data, tmp_path):
+    train = load_entry_script("train_lcm_lora")
+    lora = ("lora.rank=4", "lora.alpha=4")
+    assert train.main(_args(tiny_sdxl_dir, data, tmp_path / "lcd", *lora)) == 0
+    assert train.main(_args(tiny_sdxl_dir, data, tmp_path / "adv0", *lora, "distill.objective=lcd_adv",
+                            "adversarial.weight=0.0", "adversarial.r1_gamma=0.1")) == 0
+    a = load_file(tmp_path / "lcd/final/pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "adv0/final/pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the adversarial run checkpointed its discriminator and its optimiser beside the adapters
+    ckpt = tmp_path / "adv0/checkpoints/step-000002"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "optimizer_1.bin").is_file()
+    assert not (tmp_path / "lcd/checkpoints/step-000002/optimizer_1.bin").exists()
+
+
+@pytest.mark.parametrize("script,objective", [("train_lcm_lora", "add"), ("train_lcd", "lcd_adv")])
+def test_entry_scripts_train_adversarial_objectives(tiny_sdxl_dir, data, tmp_path, script, objective):
+    extra = ("lora.rank=4", "lora.alpha=4") if script == "train_lcm_lora" else ("distill.w_embed_dim=8",)
+    config = "demo_lcm_lora" if script == "train_lcm_lora" else "lcd_sdxl"
+    out = tmp_path / "run"
+    assert load_entry_script(script).main(_args(tiny_sdxl_dir, data, out, *extra, f"distill.objective={objective}",
+                                                "adversarial.weight=0.5", "adversarial.head_hidden=8",
+                                                config=config)) == 0
+    heads = load_file(out / "checkpoints/step-000002" / ("model.safetensors" if script == "train_lcm_lora"
+                                                         else "model_1.safetensors"))
+    assert any(k.startswith("heads.") for k in heads)
+    assert (out / "final").is_dir()
