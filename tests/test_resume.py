@@ -28,7 +28,11 @@ MAX_STEPS = 6
 STEPS_PER_EPOCH = 3  # 10 images in batches of 2 = 5 batches; accumulating 2 per step: 2 full windows + 1 partial
 
 
-def _args(teacher, data, out):
+ADVERSARIAL = ("distill.objective=lcd_adv", "adversarial.weight=0.5", "adversarial.warmup_steps=3",
+               "adversarial.r1_gamma=0.1", "adversarial.head_hidden=8")
+
+
+def _args(teacher, data, out, objective="lcd"):
     """Everything random that training has, switched on: 10 images in batches of 2 with 2-batch accumulation (an
     epoch is 5 batches = 3 optimiser steps, the last a partial window), LoRA dropout, an EMA target, random crops and
     flips, LR warm-up; a checkpoint after every step, only the last 2 kept."""
@@ -37,7 +41,7 @@ def _args(teacher, data, out):
             "train.gradient_accumulation_steps=2", "train.report_to=none", "lora.rank=4", "lora.alpha=4",
             "lora.dropout=0.1", "distill.ema_decay=0.5", "optim.lr_warmup_steps=2", "validation.every_n_steps=0",
             f"train.max_train_steps={MAX_STEPS}", "train.checkpoint_every=1", "train.checkpoints_total_limit=2",
-            "train.seed=3"]
+            "train.seed=3", *(ADVERSARIAL if objective == "lcd_adv" else ())]
 
 
 def _tensors_equal(a: dict, b: dict) -> list[str]:
@@ -45,9 +49,9 @@ def _tensors_equal(a: dict, b: dict) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
 
 
-def _optimizer_tensors(checkpoint: Path) -> dict:
-    """Adam's step counts and moments from accelerate's optimizer.bin."""
-    state = torch.load(checkpoint / "optimizer.bin", map_location="cpu", weights_only=True)
+def _optimizer_tensors(checkpoint: Path, name: str = "optimizer.bin") -> dict:
+    """Adam's step counts and moments from one of accelerate's optimizer files."""
+    state = torch.load(checkpoint / name, map_location="cpu", weights_only=True)
     return {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
 
 
@@ -60,7 +64,11 @@ def deterministic(monkeypatch):
     torch.use_deterministic_algorithms(before)
 
 
-def test_sigkill_after_a_random_checkpoint_then_resume_latest_is_bit_identical(tiny_sdxl_dir, tmp_path, deterministic):
+@pytest.mark.parametrize("objective", ["lcd", "lcd_adv"])
+def test_sigkill_after_a_random_checkpoint_then_resume_latest_is_bit_identical(tiny_sdxl_dir, tmp_path, deterministic,
+                                                                               objective):
+    """lcd_adv adds a discriminator with its own optimiser, warm-up and R1: its heads and Adam state must resume
+    exactly too."""
     data = make_captioned_image_folder(tmp_path / "data", n=10, size=24)
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     script = str(ROOT / "train_lcm_lora.py")
@@ -71,8 +79,8 @@ def test_sigkill_after_a_random_checkpoint_then_resume_latest_is_bit_identical(t
     # 1. Start a real training process; SIGKILL it the moment checkpoint `kill_after` is complete (renamed into
     #    place). It may be writing the next checkpoint by then: that is part of what is tested.
     log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, script, *_args(tiny_sdxl_dir, data, killed)], env=deterministic,
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, script, *_args(tiny_sdxl_dir, data, killed, objective)],
+                            env=deterministic, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     marker = killed / "checkpoints" / f"step-{kill_after:06d}" / "counters.json"
     deadline = time.monotonic() + 300
     while not marker.exists():
@@ -90,12 +98,13 @@ def test_sigkill_after_a_random_checkpoint_then_resume_latest_is_bit_identical(t
     # 2. Resume from `latest` in a child process while the uninterrupted reference runs in this one (same thread
     #    count, same flags): two different processes must produce the same bits.
     resume_log = open(tmp_path / "resumed.log", "w")
-    resumed = subprocess.Popen([sys.executable, script, *_args(tiny_sdxl_dir, data, killed), "--resume", "latest"],
+    resumed = subprocess.Popen([sys.executable, script, *_args(tiny_sdxl_dir, data, killed, objective),
+                                "--resume", "latest"],
                                env=deterministic, stdout=resume_log, stderr=subprocess.STDOUT, cwd=tmp_path)
     spec = importlib.util.spec_from_file_location("train_lcm_lora", script)
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
-    assert train.main(_args(tiny_sdxl_dir, data, reference)) == 0
+    assert train.main(_args(tiny_sdxl_dir, data, reference, objective)) == 0
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     resume_log.close()
     assert f"resumed from {latest} at step {latest.name.split('-')[1].lstrip('0')}" in \
@@ -103,8 +112,11 @@ def test_sigkill_after_a_random_checkpoint_then_resume_latest_is_bit_identical(t
 
     # 3. Bit-identical: the exported LoRA, and the final checkpoint's EMA target and Adam moments.
     final, last = "final/pytorch_lora_weights.safetensors", f"checkpoints/step-{MAX_STEPS:06d}"
-    for what, load in [(final, load_file), (f"{last}/extra_state.safetensors", load_file),
-                       (last, _optimizer_tensors)]:
+    compared = [(final, load_file), (f"{last}/extra_state.safetensors", load_file), (last, _optimizer_tensors)]
+    if objective == "lcd_adv":  # the discriminator heads (accelerate's model file) and their Adam state
+        compared += [(f"{last}/model.safetensors", load_file),
+                     (last, lambda p: _optimizer_tensors(p, "optimizer_1.bin"))]
+    for what, load in compared:
         differ = _tensors_equal(load(reference / what), load(killed / what))
         assert not differ, f"{what}: {len(differ)} tensor(s) differ after resume, first {differ[0]}"
     assert [p.name for p in list_checkpoints(killed)] == [f"step-{MAX_STEPS - 1:06d}", f"step-{MAX_STEPS:06d}"]
