@@ -54,7 +54,9 @@ def build_task(run) -> TrainingTask:
     def save_hook(models, weights, out_dir):
         # Checkpoint the adapters only: the frozen base is the teacher's and never changes. The student is model 0;
         # a discriminator's heads (model 1) stay in accelerate's own files.
-        save_file(get_peft_model_state_dict(accelerator.unwrap_model(models[0])), f"{out_dir}/{ADAPTER_FILE}")
+        adapters = get_peft_model_state_dict(accelerator.unwrap_model(models[0]))  # on every rank (collective under FSDP)
+        if accelerator.is_main_process:  # the same tensors on every rank: one writer
+            save_file(adapters, f"{out_dir}/{ADAPTER_FILE}")
         weights.pop(0)
 
     def load_hook(models, in_dir):

@@ -110,6 +110,9 @@ def _write_checkpoint_files(accelerator: Accelerator, task, cfg, step: int, tmp:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # every rank takes part (RNG states per rank; sharded states under FSDP)
+    # Important: every rank must be done writing into `tmp` before the main one renames it (a slower rank's file
+    # would land in a folder that no longer exists, measured with a discriminator's extra model file on 2 ranks).
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         extra = task.extra_state()
         if extra:
