@@ -18,7 +18,7 @@ from .consistency import LCDSpec
 from .data import StreamingImages, build_dataset, collate_fn, format_summary
 from .errors import DataError
 from .models import encoder_names, load_pipeline, module_names, noise_schedule_of, weight_dtype_for
-from .sampling import generate, image_grid, lcm_scheduler_for
+from .sampling import generate, image_grid, student_scheduler_for
 from .schedule import SolverGrid
 from .trainer import make_accelerator, train
 
@@ -114,11 +114,12 @@ def apply_speed_options(network, train_cfg) -> None:
 
 
 def validation_grid(run: Run, replace: dict, step: int, out_dir: Path) -> None:
-    """A PNG grid (a row per prompt, a column per seed) from the current weights with LCMScheduler; `replace` swaps
+    """A PNG grid (a row per prompt, a column per seed) from the current weights with the objective's scheduler
+    (`student_scheduler_for`: LCMScheduler for consistency students); `replace` swaps
     pipeline components (e.g. {"unet": student}) for this grid only."""
     cfg, pipe = run.cfg, _with_encoders(run)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scheduler = lcm_scheduler_for(pipe.scheduler.config, cfg.distill.num_ddim_timesteps, cfg.distill.timestep_scaling)
+    scheduler = student_scheduler_for(cfg.distill, pipe.scheduler.config)
     val = type(pipe)(**{**pipe.components, **replace, "scheduler": scheduler})
     val.set_progress_bar_config(disable=True)
     v = cfg.validation

@@ -18,7 +18,7 @@ from .errors import PathNotFoundError, write_guard
 from .guidance import guidance_scale_from_w
 from .lora import check_lora_landed, save_lora
 from .models import PIPELINES
-from .sampling import lcm_scheduler_for
+from .sampling import student_scheduler_for
 
 
 def export_lora_run(model, pipeline_cls, teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
@@ -45,8 +45,9 @@ def export_unet_run(model, teacher_scheduler_config, cfg, final_dir: Path, steps
 
 def _write_scheduler_and_card(teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
                               data_summary: str) -> Path:
-    """`final/scheduler` (LCMScheduler on the teacher's betas, original_inference_steps = N) and `final/README.md`."""
-    scheduler = lcm_scheduler_for(teacher_scheduler_config, cfg.distill.num_ddim_timesteps, cfg.distill.timestep_scaling)
+    """`final/scheduler` (the objective's scheduler on the teacher's betas: LCMScheduler with original_inference_steps
+    = N for consistency students, the `turbo` preset's for ADD) and `final/README.md`."""
+    scheduler = student_scheduler_for(cfg.distill, teacher_scheduler_config)
     scheduler.save_pretrained(str(final_dir / "scheduler"))
     (final_dir / "README.md").write_text(model_card(cfg, steps_trained, data_summary))
     return final_dir
@@ -62,6 +63,20 @@ def _base_load_line(cfg) -> str:
     cls = PIPELINES[cfg.model.kind].__name__
     return (f'from diffusers import {cls}\n'
             f'pipe = {cls}.from_single_file("{base}", config="{config_source(base, cfg.model.get("config_dir"))}")')
+
+
+def _objective_summary(cfg) -> str:
+    """The objective and, for the adversarial ones, the discriminator's settings, for the card's table."""
+    objective = cfg.distill.get("objective", "lcd")
+    if objective == "lcd":
+        return "lcd (consistency distillation)"
+    a = cfg.adversarial
+    parts = [f"{objective}: {a.loss} loss, weight {a.weight} (warm-up {a.warmup_steps} steps), R1 γ {a.r1_gamma}",
+             f"discriminator heads on the {a.backbone} teacher encoder, t̂ logit-normal({a.t_hat_loc}, "
+             f"{a.t_hat_scale}) shift {a.t_hat_shift}"]
+    if objective == "add":
+        parts.append(f"student timesteps {list(a.student_timesteps)}, λ {a.distill_weight} ({a.distill_weighting})")
+    return "; ".join(parts)
 
 
 def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
@@ -84,14 +99,23 @@ def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
         sub, cls = ("transformer", "PixArtTransformer2DModel") if pixart else ("unet", "UNet2DConditionModel")
         load = (f'from diffusers import {cls}\n'
                 f'pipe.{sub} = {cls}.from_pretrained("path/to/this/folder", subfolder="{sub}")')
+    objective = d.get("objective", "lcd")
+    title, method, sched_cls, steps = (
+        ("LCM-LoRA" if lora else "LCM (full distillation)", "latent consistency distillation", "LCMScheduler", 4)
+        if objective != "add" else
+        ("ADD-LoRA" if lora else "ADD (full distillation)", "adversarial diffusion distillation (SDXL-Turbo's ADD)",
+         "EulerAncestralDiscreteScheduler", 1))
+    if objective == "add":
+        g_student, guidance = 0.0, ("`guidance_scale` 0 with `EulerAncestralDiscreteScheduler` on trailing timesteps "
+                                    "(`lcm sample --preset turbo`); the teacher's guidance was distilled in")
     return f"""---
 library_name: diffusers
 base_model: {cfg.model.pretrained}
-tags: [lcm, {'lcm-lora' if lora else 'lcm-full'}, latent-consistency-distillation, {cfg.model.kind}]
+tags: [lcm, {'lcm-lora' if lora else 'lcm-full'}, {objective}, {cfg.model.kind}]
 ---
-# {'LCM-LoRA' if lora else 'LCM (full distillation)'} for `{cfg.model.pretrained}`
+# {title} for `{cfg.model.pretrained}`
 
-Distilled with [lcm-distill](https://pypi.org/project/lcm-distill/) by latent consistency distillation.
+Distilled with [lcm-distill](https://pypi.org/project/lcm-distill/) by {method}.
 
 | | |
 |---|---|
@@ -101,15 +125,16 @@ Distilled with [lcm-distill](https://pypi.org/project/lcm-distill/) by latent co
 | trained | {what} |
 | teacher grid | N = {d.num_ddim_timesteps} ({d.solver}), guidance w ∈ [{d.w_min}, {d.w_max}] (LCM convention; diffusers guidance_scale = w + 1 ∈ [{guidance_scale_from_w(d.w_min)}, {guidance_scale_from_w(d.w_max)}]) |
 | loss | {d.loss}{f' (c = {d.huber_c})' if d.loss == 'huber' else ''}, EMA decay {d.ema_decay} |
+| objective | {_objective_summary(cfg)} |
 
-**Recommended sampling:** 4 steps (2–8 work), {guidance}.
+**Recommended sampling:** {'4 steps (2–8 work)' if objective != 'add' else '1 step (up to 4 work)'}, {guidance}.
 
 ```python
-from diffusers import DiffusionPipeline, LCMScheduler
+from diffusers import DiffusionPipeline, {sched_cls}
 {_base_load_line(cfg)}
 {load}
-pipe.scheduler = LCMScheduler.from_pretrained("path/to/this/folder", subfolder="scheduler")
-image = pipe("a prompt", num_inference_steps=4, guidance_scale={g_student}).images[0]
+pipe.scheduler = {sched_cls}.from_pretrained("path/to/this/folder", subfolder="scheduler")
+image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={g_student}).images[0]
 ```
 """
 

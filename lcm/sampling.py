@@ -64,6 +64,21 @@ def lcm_scheduler_for(base_config, original_inference_steps: int = NUM_DDIM_TIME
     return LCMScheduler(**config)
 
 
+# The sampling preset each distillation objective trains its student for: consistency students sample with
+# LCMScheduler on the trained grid; ADD's with Euler ancestral on trailing timesteps (at 4 steps exactly ADD's student
+# timesteps 999/749/499/249), no CFG.
+OBJECTIVE_PRESETS = {"lcd": "lcm", "lcd_adv": "lcm", "add": "turbo"}
+
+
+def student_scheduler_for(distill_cfg, base_config):
+    """The scheduler a student trained with `distill_cfg` samples with, on the teacher's betas: what validation uses
+    and what the run exports, so `lcm sample --preset <OBJECTIVE_PRESETS[objective]>` repeats the trainer's sampling."""
+    preset = OBJECTIVE_PRESETS[distill_cfg.get("objective", "lcd")]  # runs from before objectives existed: lcd
+    if preset == "lcm":
+        return lcm_scheduler_for(base_config, distill_cfg.num_ddim_timesteps, distill_cfg.timestep_scaling)
+    return build_scheduler(preset, base_config)
+
+
 def resolve_lora_dir(path: str) -> Path:
     """A LoRA given as a run folder (its `final/`), a folder with the weights (diffusers' `pytorch_lora_weights.
     safetensors`, or PEFT's `adapter_config.json` for PixArt), or the .safetensors file itself."""

@@ -139,3 +139,47 @@ def test_entry_scripts_train_adversarial_objectives(tiny_sdxl_dir, data, tmp_pat
                                                          else "model_1.safetensors"))
     assert any(k.startswith("heads.") for k in heads)
     assert (out / "final").is_dir()
+
+
+def test_add_run_samples_bit_for_bit_with_lcm_sample_preset_turbo(tiny_sdxl_dir, data, tmp_path):
+    """The ADD trainer validates with the `turbo` preset's scheduler and exports it: its 4-step validation grid and
+    `lcm sample --preset turbo` on the exported LoRA are the same pixels; at 1 and 4 steps the exported scheduler
+    has the trainer's timesteps, and at 4 those are exactly ADD's student timesteps."""
+    import numpy as np
+    from diffusers import EulerAncestralDiscreteScheduler
+    from PIL import Image
+
+    from lcm.cli import main as lcm_main
+    from lcm.config import load_config
+    from lcm.presets import build_scheduler
+    from lcm.sampling import student_scheduler_for
+
+    out = tmp_path / "add"
+    prompts = ["a red circle", "a blue square"]
+    # fused_forward off: validation then runs PEFT's own LoRA forward, the one a loaded pipeline runs
+    assert load_entry_script("train_lcm_lora").main(_args(
+        tiny_sdxl_dir, data, out, "lora.rank=4", "lora.alpha=4", "lora.fused_forward=false",
+        "distill.objective=add", "adversarial.weight=0.5", "adversarial.head_hidden=8",
+        "validation.every_n_steps=2", "validation.num_inference_steps=4", "validation.seeds=[0,1]",
+        f"validation.prompts=[{','.join(prompts)}]")) == 0
+    saved = EulerAncestralDiscreteScheduler.from_pretrained(str(out / "final"), subfolder="scheduler")
+    assert saved.config.timestep_spacing == "trailing"
+    cfg = load_config(str(out / "config.yaml"))
+    ours = student_scheduler_for(cfg.distill, saved.config)
+    for steps in (1, 4):
+        cli = build_scheduler("turbo", saved.config)
+        ours.set_timesteps(steps)
+        cli.set_timesteps(steps)
+        assert torch.equal(ours.timesteps, cli.timesteps)
+    assert cli.timesteps.tolist() == list(cfg.adversarial.student_timesteps)  # 4 steps: 999, 749, 499, 249
+
+    grid = tmp_path / "cli.png"
+    args = ["sample", "--base", str(tiny_sdxl_dir), "--lora", str(out), "--preset", "turbo", "--steps", "4",
+            "--seeds", "0,1", "--height", "16", "--width", "16", "--device", "cpu", "--dtype", "fp32", "--out", str(grid)]
+    for p in prompts:
+        args += ["--prompt", p]
+    assert lcm_main(args) == 0
+    trained = np.asarray(Image.open(out / "samples/step-000002.png"))
+    sampled = np.asarray(Image.open(grid))
+    assert trained.shape == sampled.shape and np.array_equal(trained, sampled)
+    assert "ADD-LoRA" in (out / "final/README.md").read_text()
