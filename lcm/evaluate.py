@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
-from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
                        UNet2DConditionModel)
 
 from .constants import NUM_DDIM_TIMESTEPS
 from .guidance import guidance_scale_from_w
 from .lora import load_pipeline_lora
 from .models import load_pretrained
-from .sampling import image_grid, lcm_scheduler_for, resolve_lora_dir, resolve_student_dir
+from .sampling import image_grid, lcm_scheduler_for, resolve_lora_dir, resolve_student_dir, saved_scheduler
 
 TEACHER_SOLVERS = {
     "DDIM": lambda c: DDIMScheduler.from_config(c, timestep_spacing="trailing", clip_sample=False,
@@ -193,9 +193,14 @@ def _teacher_row(setup: RowSetup, name: str, source=None) -> Iterator[tuple[floa
 
 @contextlib.contextmanager
 def _lora_row(setup: RowSetup, name: str, source: str) -> Iterator[tuple[float, list[int]]]:
-    """An LCM-LoRA student: the LoRA fused into the teacher's UNet, LCMScheduler, sampled at `student_guidance`."""
-    with _fused_student(setup.pipe, resolve_lora_dir(source)):
-        setup.pipe.scheduler = lcm_scheduler_for(setup.base_config, setup.original_inference_steps)
+    """A LoRA student: the LoRA fused into the teacher's UNet, sampled at `student_guidance` with LCMScheduler on the
+    table's grid N, or with the scheduler its run saved when that is another one (an ADD LoRA: Euler ancestral,
+    trailing)."""
+    lora = resolve_lora_dir(source)
+    with _fused_student(setup.pipe, lora):
+        saved = saved_scheduler(lora)
+        setup.pipe.scheduler = (saved if saved is not None and not isinstance(saved, LCMScheduler) else
+                                lcm_scheduler_for(setup.base_config, setup.original_inference_steps))
         yield setup.student_guidance, setup.steps
 
 

@@ -151,6 +151,17 @@ def _saved_scheduler_config(lora: Path):
     return LCMScheduler.load_config(str(saved.parent)) if lora.is_dir() and saved.is_file() else None
 
 
+def saved_scheduler(lora: Path):
+    """The scheduler a run saved beside its LoRA, as the class it was saved as (LCMScheduler for consistency
+    students, Euler ancestral for ADD), or None when the folder has none."""
+    import diffusers
+
+    config = _saved_scheduler_config(lora)
+    if config is None:
+        return None
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
 def _load_peft_lora(pipe, loras: Sequence[tuple[str, float]]):
     """PixArt: one LoRA in PEFT's folder format, scaled by its weight and merged into the transformer (which stays a
     plain `PixArtTransformer2DModel`); returns the run's saved scheduler config, if any."""

@@ -37,7 +37,7 @@ def test_presets_resolve_and_load(tmp_path):
     names = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert {"lcm_lora_pixart", "lcd_pixart", "lcd_sd21", "lcd_ssd1b", "mini_lcd"} <= set(names)
     for name in names:  # every shipped preset validates against its script's schema
-        cfg = load_config(name, ["data.path=y"], schema=LCDConfig if "lcd" in name else LCMLoraConfig)
+        cfg = load_config(name, ["data.path=y"], schema=LCMLoraConfig if "lora" in name else LCDConfig)
         assert cfg.model.kind in ("sdxl", "sd15", "pixart")
     with pytest.raises(ConfigError, match="presets"):
         resolve_preset("no_such_preset")

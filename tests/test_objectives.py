@@ -183,3 +183,13 @@ def test_add_run_samples_bit_for_bit_with_lcm_sample_preset_turbo(tiny_sdxl_dir,
     sampled = np.asarray(Image.open(grid))
     assert trained.shape == sampled.shape and np.array_equal(trained, sampled)
     assert "ADD-LoRA" in (out / "final/README.md").read_text()
+    # `lcm eval` scores the LoRA with the scheduler its run saved (not LCMScheduler)
+    from diffusers import StableDiffusionXLPipeline
+
+    from lcm.evaluate import ROW_KINDS, RowSetup
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    setup = RowSetup(pipe, pipe.scheduler.config, [1, 4], [], 1.5, 1.0, 50)
+    with ROW_KINDS["lora"](setup, "ADD-LoRA", str(out)):
+        assert isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler)
+        assert pipe.scheduler.config.timestep_spacing == "trailing"
