@@ -124,9 +124,10 @@ def run_cell(name: str, config: str, overrides: list[str], seeds: list[int], log
 
 
 def _trained_grid(run_dir: Path) -> int:
-    """N the run trained on, from the scheduler config it exported (what `lcm sample` will use)."""
+    """N the run trained on, from the scheduler config it exported (what `lcm sample` will use); an ADD run exports
+    Euler ancestral, which has no grid (its eval row uses that scheduler), so it gets the default."""
     cfg = json.loads((run_dir / "final" / "scheduler" / "scheduler_config.json").read_text())
-    return int(cfg["original_inference_steps"])
+    return int(cfg.get("original_inference_steps", 50))
 
 
 def teacher_rows(log: Path, n: int, steps: list[int], out: Path) -> dict:

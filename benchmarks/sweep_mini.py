@@ -5,7 +5,7 @@ one training seed, then confirm the best few on three.
     python -m benchmarks.sweep_mini --confirm w05,ema95 [--seeds 0-2]
     python -m benchmarks.sweep_mini --table            # rewrite sweep_mini.md from the log only
 
-A cell is a named list of dotted overrides on `configs/mini_lcm_lora.yaml`. Trainings run one at a time, each in a
+A cell is a named list of dotted overrides on `configs/mini_lcm_lora.yaml` (or on the preset CELL_CONFIGS names). Trainings run one at a time, each in a
 fresh process (benchmarks.quality_mini.train), and every scored run is appended to results/sweep_mini.jsonl as it
 finishes, so a stopped sweep loses nothing and a rerun skips what is logged. Cells are ranked by their median 2- and
 4-step FD (the preset's purpose), with the 8-step FD against 4 steps as the stability check.
@@ -54,7 +54,16 @@ CELLS: dict[str, list[str]] = {
     # time to quality: the preset on a shorter budget (the cosine schedule ends at the shorter step count)
     "steps200": ["train.max_train_steps=200"],
     "steps100": ["train.max_train_steps=100"],
+    # the adversarial objectives (issue #16), each from its own preset: mini_add_lora / mini_lcd_adv_lora
+    "add": [],
+    "add-w0.5": ["adversarial.weight=0.5"],
+    "add-dlr1e-3": ["adversarial.optim.lr=1.0e-3"],
+    "lcd_adv": [],
+    "lcd_adv-w0.3": ["adversarial.weight=0.3"],
 }
+# Cells trained from another preset than mini_lcm_lora (their overrides apply on top of it).
+CELL_CONFIGS = {cell: "mini_add_lora" for cell in CELLS if cell.startswith("add")}
+CELL_CONFIGS.update({cell: "mini_lcd_adv_lora" for cell in CELLS if cell.startswith("lcd_adv")})
 LOG = RESULTS / "sweep_mini.jsonl"
 STEPS = [1, 2, 4, 8]
 
@@ -78,7 +87,9 @@ def table(n: int) -> str:
     for cell, rs in sorted(by_cell.items(), key=lambda kv: med(kv[1], 2) + med(kv[1], 4)):
         four = [r["scores"]["4"]["fd"] for r in rs]
         stable = all(r["scores"]["8"]["fd"] <= 1.1 * r["scores"]["4"]["fd"] for r in rs)
-        lines.append(f"| {cell} | `{' '.join(rs[0]['overrides']) or '—'}` | {','.join(str(r['seed']) for r in rs)} | "
+        preset = rs[0].get("config", "mini_lcm_lora")
+        what = " ".join(([f"--config {preset}"] if preset != "mini_lcm_lora" else []) + list(rs[0]["overrides"]))
+        lines.append(f"| {cell} | `{what or '—'}` | {','.join(str(r['seed']) for r in rs)} | "
                      + " | ".join(f"{med(rs, k):.1f}" for k in STEPS)
                      + f" | {max(four) - min(four):.1f} | {'yes' if stable else 'no'} | {rs[-1]['commit']} |")
     return "\n".join(lines) + "\n"
@@ -106,7 +117,7 @@ def main(argv=None) -> None:
         seeds = [args.seed] if args.screen else parse_seeds(args.seeds)
         teacher_rows(LOG, args.n, STEPS, ROOT / "runs" / "sweep")
         for cell in names:
-            run_cell(cell, "mini_lcm_lora", CELLS[cell], seeds, LOG, ROOT / "runs" / "sweep", args.n, STEPS,
+            run_cell(cell, CELL_CONFIGS.get(cell, "mini_lcm_lora"), CELLS[cell], seeds, LOG, ROOT / "runs" / "sweep", args.n, STEPS,
                      args.threads)
             (RESULTS / "sweep_mini.md").write_text(table(args.n))
     (RESULTS / "sweep_mini.md").write_text(table(args.n))
