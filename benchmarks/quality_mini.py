@@ -93,7 +93,7 @@ def score(lora_dir, out_dir: Path, n: int, steps: list[int], methods=("LCM-LoRA"
     rows = evaluate(str(TEACHER), lora, out_dir, n=n, steps=steps, **common)
     held = evaluate(str(TEACHER), lora, Path(out_dir) / "heldout", n=n, steps=HELDOUT_STEPS, prompt_sets=("heldout",),
                     **common)
-    scores = {str(r.steps): {"fd": r.frechet, "acc": r.accuracy} for r in rows}
+    scores = {str(r.steps): {"fd": r.frechet, "acc": r.accuracy, "div": r.diversity} for r in rows}
     scores["heldout"] = {str(r.steps): {"fd": r.frechet, "acc": r.accuracy} for r in held}
     return scores
 

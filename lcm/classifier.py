@@ -115,3 +115,17 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     tr_cross = torch.linalg.eigvalsh((cross + cross.T) / 2).clamp(min=0).sqrt().sum()
     fd = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * tr_cross
     return float(fd.clamp(min=0))
+
+
+def class_diversity(feats: torch.Tensor, labels: torch.Tensor) -> float:
+    """Per-class mean pairwise distance of classifier features, averaged over the classes with ≥ 2 samples: the
+    mode-collapse check beside FD (adversarial students can collapse within a class while FD looks fine)."""
+    per_class = []
+    for c in labels.unique():
+        f = feats[labels == c].double()
+        if len(f) < 2:
+            continue
+        d = torch.cdist(f, f)
+        per_class.append(d.sum() / (len(f) * (len(f) - 1)))  # the zero diagonal is excluded by the count
+    return float(torch.stack(per_class).mean()) if per_class else float("nan")
+

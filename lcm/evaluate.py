@@ -84,6 +84,7 @@ class Row:
     frechet: float
     sec_per_image: float
     prompts: str = "train"  # the prompt set (lcm.digits.PROMPT_SETS): training templates or held-out ones
+    diversity: float = float("nan")  # classifier.class_diversity of the row's samples, per prompted class
 
 
 @torch.no_grad()
@@ -147,15 +148,16 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
 def _run_cells(pipe, name: str, k: int, guidance_scale: float, prompt_table: dict, real_feats: torch.Tensor,
                out: Path) -> list[Row]:
     """One method at k steps on every prompt set (same seeds and digits, other prompt text): a Row and a grid each."""
-    from .classifier import classify, digit_features, frechet_distance
+    from .classifier import class_diversity, classify, digit_features, frechet_distance
 
     rows = []
     for prompt_set, (prompts, labels) in prompt_table.items():
         n = len(prompts)
         images, secs = sample_tensors(pipe, prompts, list(range(n)), k, guidance_scale)
         acc = (classify(images) == torch.tensor(labels)).float().mean().item()
-        row = Row(name, k, guidance_scale, acc, frechet_distance(digit_features(images), real_feats), secs / n,
-                  prompt_set)
+        feats = digit_features(images)
+        row = Row(name, k, guidance_scale, acc, frechet_distance(feats, real_feats), secs / n, prompt_set,
+                  class_diversity(feats, torch.tensor(labels)))
         rows.append(row)
         grid = [_to_pil(images[i]) for i in range(min(len(images), 40))]
         stem = re.sub(r"[^\w.-]", "_", name.replace("+", "p"))  # a student's name may come from any folder
@@ -292,16 +294,18 @@ PROMPT_SET_TITLES = {"train": "Training caption templates",
 def markdown_table(rows: Sequence[Row], real_vs_real: float, n: int) -> str:
     """Rows as markdown, one table per prompt set (a section each when there are several); lower FD is better."""
     lines = [f"{n} samples per cell; Fréchet distance on classifier features vs real held-out digits "
-             f"(real train vs held-out: {real_vs_real:.1f}). Lower FD is better."]
+             f"(real train vs held-out: {real_vs_real:.1f}). Lower FD is better. Diversity: the mean pairwise "
+             "feature distance within each prompted digit (a collapsed student scores low)."]
     sets = list(dict.fromkeys(r.prompts for r in rows))
     for prompt_set in sets:
         if len(sets) > 1:
             lines += ["", f"### {PROMPT_SET_TITLES.get(prompt_set, prompt_set)}"]
-        lines += ["", "| method | steps | guidance_scale | accuracy | FD | ms / image |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| method | steps | guidance_scale | accuracy | FD | diversity | ms / image |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             if r.prompts == prompt_set:
                 lines.append(f"| {r.method} | {r.steps} | {r.guidance_scale:g} | {r.accuracy:.1%} | "
-                             f"{r.frechet:.1f} | {r.sec_per_image * 1e3:.2f} |")
+                             f"{r.frechet:.1f} | {r.diversity:.2f} | {r.sec_per_image * 1e3:.2f} |")
     return "\n".join(lines) + "\n"
 
 

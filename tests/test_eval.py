@@ -48,6 +48,7 @@ def test_lcm_eval_tiny_budget_writes_table_json_grids_and_plot(tmp_path):
     assert [(r["method"], r["steps"]) for r in rows] == [("DDIM", 1), ("DDIM", 2), ("DDIM", 25),
                                                          ("LCM-LoRA", 1), ("LCM-LoRA", 2), ("LCD", 1), ("LCD", 2)]
     assert all(0 <= r["accuracy"] <= 1 and r["frechet"] >= 0 and r["sec_per_image"] > 0 for r in rows)
+    assert all("diversity" in r for r in rows)  # n = 10: one sample per digit, no pairs (nan); see the test below
     # The LCD student is sampled at the teacher's w through its embedding: guidance_scale = w + 1.
     assert [r["guidance_scale"] for r in rows if r["method"] == "LCD"] == [1.5, 1.5]
     table = (out / "table.md").read_text()
@@ -66,3 +67,21 @@ def test_lcd_row_rejects_a_unet_without_guidance_embedding(tmp_path):
     with pytest.raises(ValueError, match="guidance embedding"):
         lcm_main(["eval", "--lcd", str(tmp_path / "plain"), "--out", str(tmp_path / "e"), "--n", "2", "--steps", "1",
                   "--methods", "LCD"])
+
+
+def test_class_diversity_is_the_mean_within_class_pairwise_distance():
+    from lcm.classifier import class_diversity
+
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(9, 5, generator=g), torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    brute = []
+    for c in (0, 1, 2):
+        f = feats[labels == c]
+        brute.append(sum((f[i] - f[j]).norm() for i in range(len(f)) for j in range(len(f)) if i != j)
+                     / (len(f) * (len(f) - 1)))
+    assert abs(class_diversity(feats, labels) - float(torch.stack(brute).mean())) < 1e-6
+    # a collapsed class (all samples equal) has diversity 0; scaling the features scales it
+    assert class_diversity(torch.ones(4, 3), torch.zeros(4, dtype=torch.long)) == 0.0
+    assert abs(class_diversity(3 * feats, labels) - 3 * class_diversity(feats, labels)) < 1e-6
+    # a class with a single sample has no pairs and is left out
+    assert abs(class_diversity(feats[:4], labels[:4]) - float(brute[0])) < 1e-6
