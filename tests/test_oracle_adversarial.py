@@ -25,9 +25,9 @@ def test_one_step_add_lands_closer_to_the_data_than_one_step_lcd():
 
     Measured at this budget (1500 steps × 256, one thread), mean distance to the nearest own-class component over
     1024 samples, seeds 0/1/2: LCD 0.224 / 0.225 / 0.226, ADD 0.194 / 0.088 / 0.116 (real data: 0.124); each ADD
-    student still uses both components of every class (smallest share 0.31–0.34). What lost to LCD on some seed
-    (same toy, one change each): the hinge loss (0.154 / 0.208 / 0.263), R1 γ = 1 (0.29–0.32), D lr 3e-4 (0.20–0.33),
-    1000 steps (seed 1: 0.259); and the paper-like start (hinge, t̂ loc = 1, λ = 2.5, lr 1e-3): 0.34 on seed 0, every
+    student still uses both components of every class (smallest share 0.31–0.34). What lost to LCD on some seed:
+    the hinge loss instead (0.154 / 0.208 / 0.263), hinge with R1 γ = 1 (0.29–0.32) or with D lr 3e-4 (0.20–0.33),
+    these settings at 1000 steps (seed 1: 0.259); and the paper-like start (hinge, t̂ loc = 1, λ = 2.5, lr 1e-3): 0.34 on seed 0, every
     sample pulled to its class mean — at high t̂ the discriminator cannot see 0.1-wide modes, and the teacher's x̂₀ at
     large t is the class mean.
     """
