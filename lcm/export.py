@@ -105,9 +105,12 @@ def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
         if objective != "add" else
         ("ADD-LoRA" if lora else "ADD (full distillation)", "adversarial diffusion distillation (SDXL-Turbo's ADD)",
          "EulerAncestralDiscreteScheduler", 1))
-    if objective == "add":
+    if objective == "add" and (lora or pixart):
         g_student, guidance = 0.0, ("`guidance_scale` 0 with `EulerAncestralDiscreteScheduler` on trailing timesteps "
                                     "(`lcm sample --preset turbo`); the teacher's guidance was distilled in")
+    elif objective == "add":  # a whole UNet with a w-embedding: the pipeline feeds it guidance_scale − 1
+        guidance = (f"`EulerAncestralDiscreteScheduler` on trailing timesteps, `guidance_scale` = w + 1 with w in the "
+                    f"trained range [{d.w_min}, {d.w_max}] (fed to the guidance embedding; no unconditional pass)")
     return f"""---
 library_name: diffusers
 base_model: {cfg.model.pretrained}

@@ -127,7 +127,7 @@ def test_lcd_adv_weight_zero_trains_the_same_lora_as_lcd(tiny_sdxl_dir, data, tm
     assert not (tmp_path / "lcd/checkpoints/step-000002/optimizer_1.bin").exists()
 
 
-@pytest.mark.parametrize("script,objective", [("train_lcm_lora", "add"), ("train_lcd", "lcd_adv")])
+@pytest.mark.parametrize("script,objective", [("train_lcm_lora", "add"), ("train_lcd", "lcd_adv"), ("train_lcd", "add")])
 def test_entry_scripts_train_adversarial_objectives(tiny_sdxl_dir, data, tmp_path, script, objective):
     extra = ("lora.rank=4", "lora.alpha=4") if script == "train_lcm_lora" else ("distill.w_embed_dim=8",)
     config = "demo_lcm_lora" if script == "train_lcm_lora" else "lcd_sdxl"
