@@ -4,6 +4,7 @@ feature level, turn each level's features into a logit conditioned on t̂ and th
 
     D(z_t̂, t̂, cond) = [head_l(φ_l(z_t̂, t̂, cond), e(t̂, cond)) for each level l]      → logits (B, L)
 
+- PixArt (a DiT, no encoder/decoder split): φ is the token states after a quarter and a half of its blocks, as maps.
 - The backbone φ is frozen by default (`adversarial.backbone=frozen`): the teacher's weights, with LoRA adapters
   disabled, and no gradient into them. Gradients still flow *through* it to z_t̂ in the generator step, which is how
   the student learns from D. It is held by reference, never registered as a submodule, so the trainable module that
@@ -57,6 +58,34 @@ def unet_encoder_features(unet, z, t, cond) -> list[torch.Tensor]:
         else:
             sample = unet.mid_block(sample, emb)
         features.append(sample)
+    return features
+
+
+def transformer_feature_blocks(transformer) -> list[int]:
+    """How many PixArt blocks each feature level has run: a quarter and a half of the stack (at least one), the DiT
+    analogue of a UNet encoder (LADD reads its transformer teachers' first layers the same way)."""
+    n = config_of(transformer).num_layers
+    return sorted({max(1, n // 4), max(1, n // 2)})
+
+
+def transformer_encoder_features(transformer, z, t, cond) -> list[torch.Tensor]:
+    """PixArt: the token states after `transformer_feature_blocks` blocks, as (B, C, H/p, W/p) maps, computed with
+    the model's own embedders in the order its `forward` runs them (patch + position embedding, adaLN-single
+    timestep embedding, caption projection; the T5 mask as an additive bias)."""
+    config = config_of(transformer)
+    dtype = next(transformer.parameters()).dtype
+    batch, h, w = z.shape[0], z.shape[-2] // config.patch_size, z.shape[-1] // config.patch_size
+    mask = cond.get("encoder_attention_mask")
+    bias = None if mask is None else ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
+    added = {k: (cond[k].to(dtype) if k in cond else None) for k in ("resolution", "aspect_ratio")}
+    hidden = transformer.pos_embed(z.to(dtype))
+    t_emb, _ = transformer.adaln_single(t, added, batch_size=batch, hidden_dtype=dtype)
+    text = transformer.caption_projection(cond["encoder_hidden_states"].to(dtype)).view(batch, -1, hidden.shape[-1])
+    wanted, features = transformer_feature_blocks(transformer), []
+    for i, block in enumerate(transformer.transformer_blocks[: wanted[-1]]):
+        hidden = block(hidden, encoder_hidden_states=text, encoder_attention_mask=bias, timestep=t_emb)
+        if i + 1 in wanted:
+            features.append(hidden.transpose(1, 2).reshape(batch, -1, h, w))
     return features
 
 
@@ -133,15 +162,14 @@ class FeatureHeads(torch.nn.Module):
 
 
 def teacher_features(backbone):
-    """The frozen-backbone feature callable `(z, t, cond) -> levels`: the teacher's encoder with LoRA adapters off
-    (a no-op on a network without adapters, e.g. full LCD's separate teacher)."""
-    if is_transformer(backbone):
-        raise NotImplementedError("a PixArt transformer backbone for the discriminator is not built yet; "
-                                  "use a UNet teacher (sdxl, sd15, ssd1b)")
+    """The frozen-backbone feature callable `(z, t, cond) -> levels`: the teacher's encoder (UNet down + mid blocks,
+    or PixArt's first half of blocks) with LoRA adapters off (a no-op on a network without adapters, e.g. full LCD's
+    separate teacher)."""
+    encoder = transformer_encoder_features if is_transformer(backbone) else unet_encoder_features
 
     def features(z, t, cond):
         with adapters_disabled(backbone):
-            return unet_encoder_features(backbone, z, t, cond)
+            return encoder(backbone, z, t, cond)
 
     return features
 
@@ -158,6 +186,10 @@ def unet_text_dim(unet) -> int:
 
 def build_heads(backbone, hidden: int = 64, T: int = 1000) -> FeatureHeads:
     """Heads sized for `backbone`'s feature levels and text vector; t̂ is read on a T-step schedule."""
+    if is_transformer(backbone):
+        config = config_of(backbone)
+        width = config.num_attention_heads * config.attention_head_dim
+        return FeatureHeads([width] * len(transformer_feature_blocks(backbone)), config.caption_channels, hidden, T)
     return FeatureHeads(unet_feature_channels(backbone), unet_text_dim(backbone), hidden, T)
 
 

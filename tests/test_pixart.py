@@ -207,3 +207,38 @@ def test_pixart_trains_from_the_latent_cache_with_its_t5_masks(tiny_pixart_dir, 
     assert load_entry_script("train_lcm_lora").main(["--config", "lcm_lora_pixart", *args,
                                                      f"lora.target_modules={PIXART_TARGETS}"]) == 0
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_discriminator_features_equal_the_transformers_own_blocks(tiny_pixart_dir):
+    """The PixArt backbone of the adversarial objectives: token states after a quarter and a half of the blocks, as
+    the transformer's own forward computes them (hooks on a full forward)."""
+    from lcm.discriminator import build_heads, make_discriminator, teacher_features, transformer_feature_blocks
+
+    pipe = _pipe(tiny_pixart_dir)
+    net = pipe.transformer.eval()
+    cond, _ = encode_text(pipe, ["a red circle", "a blue square"], None, "cpu")
+    z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 259])
+    wanted, seen = transformer_feature_blocks(net), {}
+    hooks = [net.transformer_blocks[i - 1].register_forward_hook(lambda m, a, o, i=i: seen.setdefault(i, o))
+             for i in wanted]
+    with torch.no_grad():
+        role_out = denoiser_role(net)(z, t, cond)
+        for h in hooks:
+            h.remove()
+        feats = teacher_features(net)(z, t, cond)
+    assert role_out.shape == z.shape and len(feats) == len(wanted)
+    p = net.config.patch_size
+    for i, f in zip(wanted, feats):
+        assert f.shape[-2:] == (8 // p, 8 // p)
+        assert torch.equal(f.flatten(2).transpose(1, 2), seen[i])
+    logits = make_discriminator(teacher_features(net), build_heads(net, hidden=8))(z, t, cond)
+    assert logits.shape == (2, len(wanted))
+
+
+def test_train_add_lora_pixart(tiny_pixart_dir, pixart_data, tmp_path):
+    out = tmp_path / "run"
+    args = _train_args(tiny_pixart_dir, pixart_data, out, f"lora.target_modules={PIXART_TARGETS}", "lora.rank=4",
+                       "adversarial.head_hidden=8", "optim.lr=1e-3")
+    assert load_entry_script("train_lcm_lora").main(["--config", "add_lora_pixart", *args]) == 0
+    assert (out / "final" / "scheduler" / "scheduler_config.json").is_file()
+    assert "EulerAncestralDiscreteScheduler" in (out / "final" / "scheduler" / "scheduler_config.json").read_text()
