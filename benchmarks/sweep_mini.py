@@ -58,6 +58,8 @@ CELLS: dict[str, list[str]] = {
     "add": [],
     "add-w0.5": ["adversarial.weight=0.5"],
     "add-dlr1e-3": ["adversarial.optim.lr=1.0e-3"],
+    # what won on the Gaussian-mixture toy (tests/test_oracle_adversarial.py): non-saturating, low t̂, λ = 1
+    "add-toy": ["adversarial.loss=nonsaturating", "adversarial.t_hat_loc=-1.0", "adversarial.distill_weight=1.0"],
     "lcd_adv": [],
     "lcd_adv-w0.3": ["adversarial.weight=0.3"],
 }
