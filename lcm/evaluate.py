@@ -208,14 +208,17 @@ def _lora_row(setup: RowSetup, name: str, source: str) -> Iterator[tuple[float, 
 
 @contextlib.contextmanager
 def _lcd_row(setup: RowSetup, name: str, source: str) -> Iterator[tuple[float, list[int]]]:
-    """A full-LCD student: its whole UNet in place of the teacher's, LCMScheduler, at guidance_scale = w + 1 with the
-    teacher's w (the student embeds w = g − 1; the stock pipeline runs no CFG pass for such a UNet)."""
+    """A full-LCD student: its whole UNet in place of the teacher's, LCMScheduler (or the scheduler its run saved, for
+    a whole-UNet ADD student), at guidance_scale = w + 1 with the teacher's w (the student embeds w = g − 1; the stock pipeline runs no CFG pass for such a UNet)."""
     pipe, teacher_unet = setup.pipe, setup.pipe.unet
-    pipe.unet = UNet2DConditionModel.from_pretrained(resolve_student_dir(source))
+    folder = resolve_student_dir(source)
+    pipe.unet = UNet2DConditionModel.from_pretrained(folder)
     try:
         if pipe.unet.config.time_cond_proj_dim is None:
             raise ValueError(f"{source}: this UNet has no guidance embedding (time_cond_proj_dim); not a full-LCD student")
-        pipe.scheduler = lcm_scheduler_for(setup.base_config, setup.original_inference_steps)
+        saved = saved_scheduler(folder.parent)  # a whole-UNet ADD student saved Euler ancestral (trailing)
+        pipe.scheduler = (saved if saved is not None and not isinstance(saved, LCMScheduler) else
+                          lcm_scheduler_for(setup.base_config, setup.original_inference_steps))
         yield setup.teacher_guidance, setup.steps
     finally:
         pipe.unet = teacher_unet

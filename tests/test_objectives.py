@@ -139,6 +139,15 @@ def test_entry_scripts_train_adversarial_objectives(tiny_sdxl_dir, data, tmp_pat
                                                          else "model_1.safetensors"))
     assert any(k.startswith("heads.") for k in heads)
     assert (out / "final").is_dir()
+    if script == "train_lcd" and objective == "add":  # the whole-UNet ADD row of `lcm eval` samples as trained
+        from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+
+        from lcm.evaluate import ROW_KINDS, RowSetup
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+        with ROW_KINDS["lcd"](RowSetup(pipe, pipe.scheduler.config, [1], [], 1.5, 1.0, 50), "ADD", str(out)):
+            assert isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler)
+            assert pipe.unet.config.time_cond_proj_dim == 8
 
 
 def test_add_run_samples_bit_for_bit_with_lcm_sample_preset_turbo(tiny_sdxl_dir, data, tmp_path):
