@@ -195,14 +195,12 @@ def _teacher_row(setup: RowSetup, name: str, source=None) -> Iterator[tuple[floa
 
 @contextlib.contextmanager
 def _lora_row(setup: RowSetup, name: str, source: str) -> Iterator[tuple[float, list[int]]]:
-    """A LoRA student: the LoRA fused into the teacher's UNet, sampled at `student_guidance` with LCMScheduler on the
-    table's grid N, or with the scheduler its run saved when that is another one (an ADD LoRA: Euler ancestral,
-    trailing)."""
+    """A LoRA student: the LoRA fused into the teacher's UNet, sampled at `student_guidance` with the scheduler its run
+    saved: LCMScheduler on the grid N it trained on (the table's N when the run saved none), or another one (an ADD
+    LoRA: Euler ancestral, trailing)."""
     lora = resolve_lora_dir(source)
     with _fused_student(setup.pipe, lora):
-        saved = saved_scheduler(lora)
-        setup.pipe.scheduler = (saved if saved is not None and not isinstance(saved, LCMScheduler) else
-                                lcm_scheduler_for(setup.base_config, setup.original_inference_steps))
+        setup.pipe.scheduler = _student_scheduler(setup, saved_scheduler(lora))
         yield setup.student_guidance, setup.steps
 
 
@@ -216,12 +214,20 @@ def _lcd_row(setup: RowSetup, name: str, source: str) -> Iterator[tuple[float, l
     try:
         if pipe.unet.config.time_cond_proj_dim is None:
             raise ValueError(f"{source}: this UNet has no guidance embedding (time_cond_proj_dim); not a full-LCD student")
-        saved = saved_scheduler(folder.parent)  # a whole-UNet ADD student saved Euler ancestral (trailing)
-        pipe.scheduler = (saved if saved is not None and not isinstance(saved, LCMScheduler) else
-                          lcm_scheduler_for(setup.base_config, setup.original_inference_steps))
+        pipe.scheduler = _student_scheduler(setup, saved_scheduler(folder.parent))
         yield setup.teacher_guidance, setup.steps
     finally:
         pipe.unet = teacher_unet
+
+
+def _student_scheduler(setup: RowSetup, saved):
+    """LCMScheduler on the teacher's betas with the N the run saved (else the table's N), or the run's own other
+    scheduler as saved. Sampling an N = 25 student on the 50-step grid would ask it for timesteps it never saw."""
+    if saved is not None and not isinstance(saved, LCMScheduler):
+        return saved
+    if saved is None:
+        return lcm_scheduler_for(setup.base_config, setup.original_inference_steps)
+    return lcm_scheduler_for(setup.base_config, saved.config.original_inference_steps, saved.config.timestep_scaling)
 
 
 ROW_KINDS = {"teacher": _teacher_row, "lora": _lora_row, "lcd": _lcd_row}

@@ -164,3 +164,14 @@ def test_lcm_sample_refuses_lora_of_another_base_naming_the_module(trained_run, 
     with pytest.raises(ValueError, match=r"down_blocks\.0"):
         lcm_main(["sample", "--base", str(other), "--lora", str(trained_run), "--prompt", "a", "--seeds", "0",
                   "--steps", "1", "--height", "16", "--width", "16", "--out", str(tmp_path / "x.png")])
+
+
+def test_lcm_eval_samples_a_lora_on_the_grid_it_trained_on(trained_run, tiny_sdxl_dir):
+    """The run trained on N = 20 with timestep_scaling 5: its `lcm eval` row uses them, whatever the table's N."""
+    from lcm.evaluate import ROW_KINDS, RowSetup
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    with ROW_KINDS["lora"](RowSetup(pipe, pipe.scheduler.config, [4], [], 1.5, 1.0, 50), "LCM-LoRA", str(trained_run)):
+        assert isinstance(pipe.scheduler, LCMScheduler)
+        assert pipe.scheduler.config.original_inference_steps == 20
+        assert pipe.scheduler.config.timestep_scaling == 5.0
