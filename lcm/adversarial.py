@@ -90,6 +90,13 @@ def sample_t_hat(n: int, generators, T: int = 1000, loc: float = 1.0, scale: flo
     return (u * (T - 1)).round().long().to(device)
 
 
+def time_features(t, T: int = 1000, freqs: int = 16) -> torch.Tensor:
+    """sin/cos of t/T at octave frequencies 2^i·π, i < freqs: (B, 2·freqs), the discriminators' t̂ input."""
+    u = t.float()[:, None] / T
+    k = 2.0 ** torch.arange(freqs, dtype=torch.float32, device=t.device) * math.pi
+    return torch.cat([torch.sin(k * u), torch.cos(k * u)], dim=1)
+
+
 def renoise(x0, noise, t, schedule):
     """z_t̂ = α_t̂ x̂₀ + σ_t̂ ε: what the discriminator sees (ADD §3.2, LADD §3.1); x̂₀ keeps its graph."""
     return schedule.add_noise(x0, noise, t)

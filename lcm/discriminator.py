@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .adversarial import time_features
 from .models import config_of, is_transformer
 from .roles import adapters_disabled
 
@@ -107,13 +108,6 @@ def text_vector(cond: dict) -> torch.Tensor:
     return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
-def time_features(t, T: int = 1000, freqs: int = TIME_FREQS) -> torch.Tensor:
-    """sin/cos of t̂/T at octave frequencies (B, 2·freqs)."""
-    u = t.float()[:, None] / T
-    k = 2.0 ** torch.arange(freqs, dtype=torch.float32, device=t.device) * math.pi
-    return torch.cat([torch.sin(k * u), torch.cos(k * u)], dim=1)
-
-
 def _groups(channels: int) -> int:
     return math.gcd(32, channels)
 
@@ -152,7 +146,8 @@ class FeatureHeads(torch.nn.Module):
         text = text_vector(cond)
         if text.shape[-1] != self.text_dim:
             raise ValueError(f"text vector has {text.shape[-1]} features, the heads were built for {self.text_dim}")
-        return torch.cat([time_features(t, self.T).to(text.device), F.layer_norm(text, text.shape[-1:])], dim=1)
+        return torch.cat([time_features(t, self.T, TIME_FREQS).to(text.device), F.layer_norm(text, text.shape[-1:])],
+                         dim=1)
 
     def forward(self, features: list[torch.Tensor], t, cond) -> torch.Tensor:
         if len(features) != len(self.heads):

@@ -18,11 +18,11 @@ from .adversarial import frozen, warmed_up_weight
 from .consistency import LCDSpec, lcd_loss
 from .discriminator import build_heads, make_discriminator, teacher_features
 from .encode import lcd_batch_from_data
-from .objectives import (ADDSpec, AdversarialSpec, StudentTimesteps, add_loss, discriminator_loss,
+from .objectives import (OBJECTIVES, ADDSpec, AdversarialSpec, StudentTimesteps, add_loss, discriminator_loss,
                          lcd_adv_loss)
 from .trainer import Critic
 
-ADVERSARIAL_OBJECTIVES = ("lcd_adv", "add")
+ADVERSARIAL_OBJECTIVES = tuple(o for o in OBJECTIVES if o != "lcd")  # the ones with a discriminator
 
 
 @dataclass

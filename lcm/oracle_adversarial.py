@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .adversarial import frozen, warmed_up_weight
+from .adversarial import frozen, time_features, warmed_up_weight
 from .consistency import LCDBatch, LCDSpec
 from .guidance import sample_w
 from .objectives import ADDSpec, AdversarialSpec, add_loss, discriminator_loss, student_x0
@@ -35,9 +35,7 @@ class MLPDiscriminator(torch.nn.Module):
     def forward(self, z, t, cond):
         alpha, sigma = self.schedule.alpha_sigma(t, z.ndim)
         x = z / (alpha.pow(2) * self.sigma_data**2 + sigma.pow(2)).sqrt()  # unit scale at every t̂
-        u = t.float()[:, None] / self.schedule.T
-        k = 2.0 ** torch.arange(self.freqs, dtype=torch.float32) * math.pi
-        h = self.body(torch.cat([x, torch.sin(k * u), torch.cos(k * u)], dim=1))
+        h = self.body(torch.cat([x, time_features(t, self.schedule.T, self.freqs)], dim=1))
         projection = (h * self.class_emb(cond["y"].long())).sum(1, keepdim=True) / math.sqrt(h.shape[1])
         return self.logit(h) + projection
 
