@@ -144,11 +144,18 @@ def guided_denoiser(teacher, cond: dict, uncond: dict, w, schedule: NoiseSchedul
     return denoise
 
 
-def predict_consistency(model, z, t, cond, w, spec: LCDSpec):
-    """f_θ(z, t) from a role callable: prediction → x̂₀ → boundary-scaled combination with z."""
+def predict_x0(model, z, t, cond, w, spec: LCDSpec):
+    """x̂₀(z, t) from a role callable: its prediction in the model's `prediction_type`, converted (ADD's student
+    output, and the inside of the consistency function)."""
     pred = model(z, t, cond, w)
     alpha, sigma = spec.schedule.alpha_sigma(t, z.ndim)
     x0_hat, _ = to_x0_eps(pred, z, alpha.to(pred.dtype), sigma.to(pred.dtype), spec.prediction_type)
+    return x0_hat
+
+
+def predict_consistency(model, z, t, cond, w, spec: LCDSpec):
+    """f_θ(z, t) from a role callable: prediction → x̂₀ → boundary-scaled combination with z."""
+    x0_hat = predict_x0(model, z, t, cond, w, spec)
     c_skip, c_out = boundary_scalings(t, spec.sigma_data, spec.timestep_scaling)
     return consistency_fn(z, x0_hat, append_dims(c_skip, z.ndim).to(z.dtype), append_dims(c_out, z.ndim).to(z.dtype))
 

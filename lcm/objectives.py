@@ -23,8 +23,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adversarial import D_LOSSES, G_LOSSES, r1_penalty, sample_t_hat
-from .consistency import LCDBatch, LCDSpec, guided_denoiser, lcd_terms, per_sample_randn
-from .parameterization import to_x0_eps
+from .consistency import LCDBatch, LCDSpec, guided_denoiser, lcd_terms, per_sample_randn, predict_x0
 
 
 @dataclass
@@ -133,14 +132,6 @@ class ADDSpec:
             raise ValueError(f"unknown ADD weighting {self.weighting!r}; valid: {sorted(ADD_WEIGHTINGS)}")
 
 
-def student_x0(student, z, t, cond, w, spec: LCDSpec):
-    """x̂_θ(z_t, t): the student's prediction converted to the clean-latent estimate (ADD's student output)."""
-    pred = student(z, t, cond, w)
-    alpha, sigma = spec.schedule.alpha_sigma(t, z.ndim)
-    x0, _ = to_x0_eps(pred, z, alpha.to(pred.dtype), sigma.to(pred.dtype), spec.prediction_type)
-    return x0
-
-
 def add_loss(student, teacher, discriminator, batch: LCDBatch, spec: LCDSpec, add: ADDSpec, adv: AdversarialSpec,
              adv_weight: float, generators):
     """ADD's generator loss per sample (arXiv:2311.17042 §3.2): adversarial + λ·distillation. `batch.index` indexes
@@ -149,7 +140,7 @@ def add_loss(student, teacher, discriminator, batch: LCDBatch, spec: LCDSpec, ad
     # 1. Forward-diffuse real latents to the student's timestep s and denoise in one step.
     s = add.student_timesteps.at(batch.index)
     z_s = schedule.add_noise(batch.z0, batch.noise, s)
-    x0_theta = student_x0(student, z_s, s, batch.cond, batch.w, spec).float()
+    x0_theta = predict_x0(student, z_s, s, batch.cond, batch.w, spec).float()
     # 2. The adversarial term on x̂_θ.
     g_adv, _ = generator_adversarial_term(discriminator, x0_theta, batch.cond, generators, schedule, adv)
     # 3. Distillation: re-noise sg[x̂_θ] to the teacher's t and regress x̂_θ on the teacher's CFG x̂₀ there.

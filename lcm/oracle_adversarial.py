@@ -12,7 +12,8 @@ import torch
 from .adversarial import frozen, time_features, warmed_up_weight
 from .consistency import LCDBatch, LCDSpec
 from .guidance import sample_w
-from .objectives import ADDSpec, AdversarialSpec, add_loss, discriminator_loss, student_x0
+from .consistency import predict_x0
+from .objectives import ADDSpec, AdversarialSpec, add_loss, discriminator_loss
 from .oracle import GaussianMixture, OracleTeacher
 from .schedule import NoiseSchedule
 
@@ -77,7 +78,7 @@ def distill_add(student, teacher: OracleTeacher, spec: LCDSpec, add: ADDSpec, ad
 def one_step_add_sample(student, z_T, cond, w, spec: LCDSpec, t: int | None = None):
     """The ADD student's 1-step sample: x̂_θ(z_T, T − 1) from pure noise (the `turbo` preset at one step)."""
     t_b = torch.full((len(z_T),), spec.schedule.T - 1 if t is None else t, dtype=torch.long)
-    return student_x0(student, z_T, t_b, cond, w, spec)
+    return predict_x0(student, z_T, t_b, cond, w, spec)
 
 
 def distance_to_class(mixture: GaussianMixture, x, y) -> torch.Tensor:
