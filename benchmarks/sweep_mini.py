@@ -42,6 +42,8 @@ CELLS: dict[str, list[str]] = {
     "l2": ["distill.loss=l2"],
     "n25": ["distill.num_ddim_timesteps=25"],
     "n100": ["distill.num_ddim_timesteps=100"],
+    "n20": ["distill.num_ddim_timesteps=20"],
+    "n10": ["distill.num_ddim_timesteps=10"],
     # combinations of the levers that screened best
     "w05-ema95": ["distill.w_min=0.5", "distill.w_max=0.5", "distill.ema_decay=0.95"],
     "w05-noattn": ["distill.w_min=0.5", "distill.w_max=0.5", f"lora.target_modules=[{','.join(NO_ATTENTION)}]"],
@@ -54,6 +56,8 @@ CELLS: dict[str, list[str]] = {
     # time to quality: the preset on a shorter budget (the cosine schedule ends at the shorter step count)
     "steps200": ["train.max_train_steps=200"],
     "steps100": ["train.max_train_steps=100"],
+    "n25-steps200": ["distill.num_ddim_timesteps=25", "train.max_train_steps=200"],
+    "n25-steps150": ["distill.num_ddim_timesteps=25", "train.max_train_steps=150"],
     # the adversarial objectives (issue #16), each from its own preset: mini_add_lora / mini_lcd_adv_lora
     "add": [],
     "add-w0.5": ["adversarial.weight=0.5"],

@@ -38,6 +38,20 @@ def _student_arg(value: str) -> tuple[str | None, str]:
     return None, value
 
 
+def _named_student_arg(value: str) -> tuple[str, str, str | None]:
+    """`lcm eval --student NAME=RUN[:PRESET]` → (name, run, preset or None). A trailing `:word` is a preset only when
+    it names one, so a path holding a colon still works; a bad value is an argparse error."""
+    from .presets import PRESETS
+
+    name, sep, rest = value.partition("=")
+    if not (sep and name and rest) or "/" in name or "\\" in name:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=RUN or NAME=RUN:PRESET")
+    run, colon, preset = rest.rpartition(":")
+    if colon and run and preset in PRESETS:
+        return name, run, preset
+    return name, rest, None
+
+
 def _with_preset_defaults(args):
     """Fill --steps/--guidance/--eta/--height/--width left unset from the --preset table (lcm when none is given)."""
     from .presets import get_preset
@@ -244,7 +258,8 @@ def cmd_eval(args) -> int:
     evaluate(args.teacher, loras, args.out, n=args.n, steps=steps, teacher_w=args.teacher_w,
              student_guidance=args.guidance, methods=args.methods.split(",") if args.methods else None, lcd=args.lcd,
              prompt_sets=EVAL_PROMPT_CHOICES[getattr(args, "prompts", "train")],
-             config_dir=getattr(args, "config_dir", None))  # `lcm demo` calls with neither
+             config_dir=getattr(args, "config_dir", None),  # `lcm demo` calls with neither
+             students=getattr(args, "student", None) or ())
     print((Path(args.out) / "table.md").read_text())
     return 0
 
@@ -339,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "students in one table (rows named NAME, else by folder; a single unnamed one is 'LCM-LoRA')")
     e.add_argument("--lcd", default=None, help="the full-LCD student (train_lcd.py run folder or its UNet); sampled at "
                    "guidance_scale = teacher w + 1 through its guidance embedding")
+    e.add_argument("--student", action="append", default=None, type=_named_student_arg, metavar="NAME=RUN[:PRESET]",
+                   help="any distilled student, repeatable: a LoRA or whole-network run folder (the kind is read from "
+                   "its files), its row named NAME; :PRESET (lcm, tcd, turbo, lightning, …) samples it with that "
+                   "preset's scheduler instead of the one its run saved")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--n", type=int, default=500, help="samples per cell")
     e.add_argument("--steps", default="1,2,4,8")

@@ -32,6 +32,7 @@ from .constants import NUM_DDIM_TIMESTEPS
 from .guidance import guidance_scale_from_w
 from .lora import load_pipeline_lora
 from .models import load_pretrained
+from .presets import build_scheduler, get_preset
 from .sampling import image_grid, lcm_scheduler_for, resolve_lora_dir, resolve_student_dir, saved_scheduler
 
 TEACHER_SOLVERS = {
@@ -75,6 +76,35 @@ def lora_students(lora: LoraSpec) -> dict[str, str]:
     return {name: str(path) for name, path in items}
 
 
+def named_students(students: Sequence[tuple], reserved: Sequence[str] = ()) -> dict[str, tuple[str, Optional[str]]]:
+    """`--student` rows: name → (run, preset or None). Names must be unique and differ from the teacher solvers and
+    the other students' rows; an unknown preset is an error here, before anything is loaded."""
+    out: dict[str, tuple[str, Optional[str]]] = {}
+    for name, run, preset in students:
+        if preset is not None:
+            get_preset(preset)
+        if name in out or name in TEACHER_SOLVERS or name in reserved or name == "LCM-LoRA":
+            raise ValueError(f"--student row name {name!r} is taken; row names must be unique and differ from "
+                             f"{[*TEACHER_SOLVERS, 'LCM-LoRA', *reserved]}")
+        out[name] = (str(run), preset)
+    return out
+
+
+def student_kind(run) -> str:
+    """"lora" for a LoRA run (or its weights), "lcd" for a whole-network student; neither is an error naming both."""
+    try:
+        resolve_lora_dir(run)
+        return "lora"
+    except FileNotFoundError:
+        pass
+    try:
+        resolve_student_dir(run)
+        return "lcd"
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--student {run!r}: neither LoRA weights nor a whole-network student "
+                                "(a train_lcm_lora.py or train_lcd.py run folder)") from None
+
+
 @dataclass
 class Row:
     method: str
@@ -89,13 +119,14 @@ class Row:
 
 @torch.no_grad()
 def sample_tensors(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float,
-                   batch_size: int = 250) -> tuple[torch.Tensor, float]:
-    """Images (N, 3, H, W) in [-1, 1] for prompt i with seed i, and the wall seconds it took."""
+                   batch_size: int = 250, **call_kwargs) -> tuple[torch.Tensor, float]:
+    """Images (N, 3, H, W) in [-1, 1] for prompt i with seed i, and the wall seconds it took. `call_kwargs` go to
+    the pipeline call (a TCD row's `eta`)."""
     out, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
         images = pipe(prompt=list(prompts[i:i + batch_size]), num_inference_steps=steps,
-                      guidance_scale=guidance_scale, generator=gens, output_type="pt").images
+                      guidance_scale=guidance_scale, generator=gens, output_type="pt", **call_kwargs).images
         out.append(images.float().cpu() * 2 - 1)
     return torch.cat(out), time.perf_counter() - start
 
@@ -104,14 +135,16 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
              teacher_extra_steps: Sequence[int] = (25,), teacher_w: float = 1.5, student_guidance: float = 1.0,
              original_inference_steps: int = NUM_DDIM_TIMESTEPS, methods: Optional[Sequence[str]] = None,
              lcd: Optional[str] = None, prompt_sets: Sequence[str] = ("train",),
-             config_dir: Optional[str] = None) -> list[Row]:
+             config_dir: Optional[str] = None, students: Sequence[tuple] = ()) -> list[Row]:
     """Run every (method, steps, prompt set) cell; write results.json, table.md, one grid per row and plot.png to
     `out_dir`. `teacher` is a diffusers folder or a single-file checkpoint (configs from `config_dir`).
 
     A student row runs only when its weights are given (`lora`, `lcd`); asking for it by name without them is an error.
     `lora` may hold several LoRA students (see `lora_students`), each its own named rows; in `methods`, "LCM-LoRA"
     stands for all of them and a student's name for that one. How each kind of row sets up its sampler and guidance
-    is its entry in `ROW_KINDS`.
+    is its entry in `ROW_KINDS`. `students` holds (name, run, preset or None) triples (`lcm eval --student
+    NAME=RUN[:preset]`): the run may be a LoRA or a whole-network student (told apart by its files), and a preset
+    samples it with that preset's scheduler instead of the one its run saved (see `_student_scheduler`).
     """
     from .classifier import digit_features
     from .digits import PROMPT_SETS, eval_prompts, load_digits_tensors
@@ -126,16 +159,20 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     real, _ = load_digits_tensors("held_out", size=size)
     real_feats = digit_features(real)
-    students = lora_students(lora)
-    methods = _expand_methods(methods or [*TEACHER_SOLVERS, *students, *(["LCD"] if lcd else [])], students)
-    plan = _row_plan(methods, students, lcd)
+    loras = lora_students(lora)
+    named = named_students(students, reserved=[*loras, *(["LCD"] if lcd else [])])
+    methods = _expand_methods(methods or [*TEACHER_SOLVERS, *loras, *(["LCD"] if lcd else []), *named], loras)
+    plan = _row_plan(methods, loras, lcd, named)
     setup = RowSetup(pipe, pipe.scheduler.config, list(steps), list(teacher_extra_steps),
                      guidance_scale_from_w(teacher_w), student_guidance, original_inference_steps)
     rows: list[Row] = []
     for name, kind, source in plan:
-        with ROW_KINDS[kind](setup, name, source) as (guidance_scale, row_steps):
+        path, preset = source if isinstance(source, tuple) else (source, None)
+        setup.preset = preset
+        with ROW_KINDS[kind](setup, name, path) as (guidance_scale, row_steps):
+            call = {"eta": get_preset(preset).eta} if preset and get_preset(preset).eta is not None else {}
             for k in row_steps:
-                rows += _run_cells(pipe, name, k, guidance_scale, prompt_table, real_feats, out)
+                rows += _run_cells(pipe, name, k, guidance_scale, prompt_table, real_feats, out, **call)
     real_vs_real = _real_vs_real(real_feats, size)
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "n": n, "teacher_w": teacher_w,
                                                   "real_vs_real_frechet": real_vs_real,
@@ -146,14 +183,14 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
 
 
 def _run_cells(pipe, name: str, k: int, guidance_scale: float, prompt_table: dict, real_feats: torch.Tensor,
-               out: Path) -> list[Row]:
+               out: Path, **call_kwargs) -> list[Row]:
     """One method at k steps on every prompt set (same seeds and digits, other prompt text): a Row and a grid each."""
     from .classifier import class_diversity, classify, digit_features, frechet_distance
 
     rows = []
     for prompt_set, (prompts, labels) in prompt_table.items():
         n = len(prompts)
-        images, secs = sample_tensors(pipe, prompts, list(range(n)), k, guidance_scale)
+        images, secs = sample_tensors(pipe, prompts, list(range(n)), k, guidance_scale, **call_kwargs)
         acc = (classify(images) == torch.tensor(labels)).float().mean().item()
         feats = digit_features(images)
         row = Row(name, k, guidance_scale, acc, frechet_distance(feats, real_feats), secs / n, prompt_set,
@@ -184,6 +221,7 @@ class RowSetup:
     teacher_guidance: float  # diffusers guidance_scale = teacher w + 1
     student_guidance: float
     original_inference_steps: int  # the students' N (LCMScheduler grid)
+    preset: Optional[str] = None  # the current student row's --student …:PRESET, if any
 
 
 @contextlib.contextmanager
@@ -200,7 +238,7 @@ def _lora_row(setup: RowSetup, name: str, source: str) -> Iterator[tuple[float, 
     LoRA: Euler ancestral, trailing)."""
     lora = resolve_lora_dir(source)
     with _fused_student(setup.pipe, lora):
-        setup.pipe.scheduler = _student_scheduler(setup, saved_scheduler(lora))
+        setup.pipe.scheduler = _student_scheduler(setup, saved_scheduler(lora), setup.preset)
         yield setup.student_guidance, setup.steps
 
 
@@ -214,37 +252,50 @@ def _lcd_row(setup: RowSetup, name: str, source: str) -> Iterator[tuple[float, l
     try:
         if pipe.unet.config.time_cond_proj_dim is None:
             raise ValueError(f"{source}: this UNet has no guidance embedding (time_cond_proj_dim); not a full-LCD student")
-        pipe.scheduler = _student_scheduler(setup, saved_scheduler(folder.parent))
+        pipe.scheduler = _student_scheduler(setup, saved_scheduler(folder.parent), setup.preset)
         yield setup.teacher_guidance, setup.steps
     finally:
         pipe.unet = teacher_unet
 
 
-def _student_scheduler(setup: RowSetup, saved):
+def _student_scheduler(setup: RowSetup, saved, preset: Optional[str] = None):
     """LCMScheduler on the teacher's betas with the N the run saved (else the table's N), or the run's own other
-    scheduler as saved. Sampling an N = 25 student on the 50-step grid would ask it for timesteps it never saw."""
+    scheduler as saved. Sampling an N = 25 student on the 50-step grid would ask it for timesteps it never saw.
+
+    A `preset` replaces that choice with the preset's scheduler on the teacher's betas; the grid presets (lcm, tcd)
+    keep the run's N and timestep scaling, so a consistency LoRA sampled with `tcd` walks the grid it trained on."""
+    grid = (saved.config.original_inference_steps, saved.config.timestep_scaling) if hasattr(
+        saved, "config") and "original_inference_steps" in saved.config else (setup.original_inference_steps, None)
+    if preset is not None:
+        scheduler = build_scheduler(preset, setup.base_config)
+        if "original_inference_steps" in scheduler.config:
+            settings = {"original_inference_steps": grid[0]} | ({"timestep_scaling": grid[1]} if grid[1] else {})
+            scheduler = type(scheduler).from_config(scheduler.config, **settings)
+        return scheduler
     if saved is not None and not isinstance(saved, LCMScheduler):
         return saved
     if saved is None:
         return lcm_scheduler_for(setup.base_config, setup.original_inference_steps)
-    return lcm_scheduler_for(setup.base_config, saved.config.original_inference_steps, saved.config.timestep_scaling)
+    return lcm_scheduler_for(setup.base_config, *grid)
 
 
 ROW_KINDS = {"teacher": _teacher_row, "lora": _lora_row, "lcd": _lcd_row}
 
 
-def _row_plan(methods: Sequence[str], students: Mapping[str, str], lcd: Optional[str]) -> list[tuple[str, str, object]]:
+def _row_plan(methods: Sequence[str], students: Mapping[str, str], lcd: Optional[str],
+              named: Mapping[str, tuple] = {}) -> list[tuple[str, str, object]]:
     """(row name, row kind, its weights) per method, in order; an unknown name or a student without weights is an
-    error before anything is sampled."""
+    error before anything is sampled. A `named` student's weights are its (run, preset) pair."""
     kinds: dict[str, tuple[str, object]] = {name: ("teacher", None) for name in TEACHER_SOLVERS}
     kinds.update({name: ("lora", path) for name, path in students.items()})
     if lcd is not None:
         kinds["LCD"] = ("lcd", lcd)
+    kinds.update({name: (student_kind(run), (run, preset)) for name, (run, preset) in named.items()})
     for name in methods:
         if name == "LCD" and lcd is None:
             raise ValueError("the LCD row needs --lcd (a train_lcd.py run folder or its UNet)")
         if name not in kinds:
-            raise ValueError(f"unknown method {name!r}; valid: {[*TEACHER_SOLVERS, *STUDENTS, *students]}")
+            raise ValueError(f"unknown method {name!r}; valid: {[*TEACHER_SOLVERS, *STUDENTS, *students, *named]}")
     return [(name, *kinds[name]) for name in methods]
 
 

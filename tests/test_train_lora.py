@@ -175,3 +175,64 @@ def test_lcm_eval_samples_a_lora_on_the_grid_it_trained_on(trained_run, tiny_sdx
         assert isinstance(pipe.scheduler, LCMScheduler)
         assert pipe.scheduler.config.original_inference_steps == 20
         assert pipe.scheduler.config.timestep_scaling == 5.0
+
+
+def test_lcm_eval_student_preset_keeps_the_run_grid_and_passes_eta(trained_run, tiny_sdxl_dir):
+    """`--student NAME=RUN:tcd`: TCDScheduler on the run's N = 20 and scaling 5 (not the table's N), with TCD's eta."""
+    from diffusers import TCDScheduler
+
+    from lcm.evaluate import ROW_KINDS, RowSetup
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    setup = RowSetup(pipe, pipe.scheduler.config, [4], [], 1.5, 1.0, 50, preset="tcd")
+    with ROW_KINDS["lora"](setup, "tcd-row", str(trained_run)):
+        assert isinstance(pipe.scheduler, TCDScheduler)
+        assert pipe.scheduler.config.original_inference_steps == 20
+        assert pipe.scheduler.config.timestep_scaling == 5.0
+        assert pipe.scheduler.betas.equal(TCDScheduler.from_config(setup.base_config).betas)
+
+
+def test_lcm_eval_named_students_with_and_without_a_preset(trained_run, tiny_sdxl_dir, tmp_path):
+    """Two rows of one LoRA run: as saved (LCMScheduler) and under `:tcd` (stochastic, eta 0.3) differ; each row is
+    the pipeline's own output for that scheduler, and a name clash or a folder with no student is an error."""
+    import json
+
+    from lcm.evaluate import evaluate, sample_tensors
+    from lcm.sampling import load_pipeline_for_sampling
+
+    out = tmp_path / "eval"
+    rows = evaluate(str(tiny_sdxl_dir), None, out, n=10, steps=[2], teacher_extra_steps=[], methods=["A", "B"],
+                    students=[("A", str(trained_run), None), ("B", str(trained_run), "tcd")])
+    assert [(r.method, r.steps) for r in rows] == [("A", 2), ("B", 2)]
+    assert rows[0].frechet != rows[1].frechet
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["A", "B"]
+    # Row B is `lcm sample --preset tcd` on the same LoRA: same prompts and seeds give the same images.
+    from lcm.digits import eval_prompts
+
+    prompts, _ = eval_prompts(10, "train")
+    pipe = load_pipeline_for_sampling(str(tiny_sdxl_dir), [(str(trained_run), 1.0)], fuse=True, preset="tcd",
+                                      device="cpu", dtype="fp32")
+    pipe.set_progress_bar_config(disable=True)
+    images, _ = sample_tensors(pipe, prompts, list(range(10)), 2, 1.0, eta=0.3)
+    from lcm.classifier import digit_features, frechet_distance
+    from lcm.digits import load_digits_tensors
+
+    real, _ = load_digits_tensors("held_out", size=images.shape[-1])
+    assert frechet_distance(digit_features(images), digit_features(real)) == pytest.approx(rows[1].frechet, rel=1e-4)
+    with pytest.raises(ValueError, match="taken"):
+        evaluate(str(tiny_sdxl_dir), None, out, n=2, steps=[1], students=[("DDIM", str(trained_run), None)])
+    with pytest.raises(FileNotFoundError, match="neither LoRA"):
+        evaluate(str(tiny_sdxl_dir), None, out, n=2, steps=[1], students=[("A", str(tmp_path / "nothing"), None)])
+
+
+def test_student_argument_parses_name_run_and_preset():
+    import argparse
+
+    from lcm.cli import _named_student_arg
+
+    assert _named_student_arg("lcm=runs/a") == ("lcm", "runs/a", None)
+    assert _named_student_arg("t=runs/a:tcd") == ("t", "runs/a", "tcd")
+    assert _named_student_arg("t=runs/a:b") == ("t", "runs/a:b", None)  # not a preset: part of the path
+    for bad in ("runs/a", "=runs/a", "a=", "x/y=runs/a"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _named_student_arg(bad)
