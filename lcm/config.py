@@ -185,7 +185,7 @@ def _discriminator_optim() -> "OptimConfig":
 class AdversarialConfig:
     """The discriminator and the adversarial terms of distill.objective=lcd_adv | add (lcm/objectives.py)."""
 
-    backbone: str = "frozen"  # frozen: the teacher's encoder, adapters off, no gradients into it
+    backbone: str = "frozen"  # frozen: the teacher's encoder, adapters off, no gradients into it; trainable: a copy
     loss: str = "hinge"  # hinge | nonsaturating
     # generator-side weight of the adversarial term (lcd_adv: beside LCD's 1; add: beside λ·distillation), reached
     # linearly over warmup_steps
@@ -275,7 +275,7 @@ class ConfigError(UserError, ValueError):
 CHOICES = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.report_to": ("tensorboard", "none"),
-    "adversarial.backbone": ("frozen",),  # trainable (SDXL-Lightning's copy of the encoder): not built yet
+    "adversarial.backbone": ("frozen", "trainable"),  # trainable: D's own copy of the encoder (SDXL-Lightning)
 }
 
 

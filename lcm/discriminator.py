@@ -9,6 +9,9 @@ feature level, turn each level's features into a logit conditioned on t̂ and th
   disabled, and no gradient into them. Gradients still flow *through* it to z_t̂ in the generator step, which is how
   the student learns from D. It is held by reference, never registered as a submodule, so the trainable module that
   accelerate prepares, checkpoints and wraps in DDP is the heads alone.
+- `adversarial.backbone=trainable` (SDXL-Lightning's discriminator, arXiv:2402.13929 §3.3): D owns a copy of the
+  teacher's encoder, initialised from its base weights (adapters stripped) and cut to the parts φ reads, trained with
+  the heads as one module (`EncoderDiscriminator`). The teacher itself is never touched.
 - Each head is a projection discriminator (Miyato & Koyama 2018, arXiv:1802.05637): an unconditional logit plus the
   inner product of the pooled head features with an embedding e of (t̂, text). SDXL's text vector is the pooled
   CLIP-G embedding (`text_embeds`); SD1.5's and PixArt's is the mean token state (PixArt: over the unmasked tokens).
@@ -186,6 +189,37 @@ def build_heads(backbone, hidden: int = 64, T: int = 1000) -> FeatureHeads:
         width = config.num_attention_heads * config.attention_head_dim
         return FeatureHeads([width] * len(transformer_feature_blocks(backbone)), config.caption_channels, hidden, T)
     return FeatureHeads(unet_feature_channels(backbone), unet_text_dim(backbone), hidden, T)
+
+
+def encoder_copy(backbone) -> torch.nn.Module:
+    """A trainable fp32 copy of `backbone`'s encoder: the same class built from its config, loaded with its *base*
+    weights (a LoRA layer's `base_layer` tensors; its adapter tensors are dropped), then cut to what the feature
+    functions read, so every parameter gets a gradient (DDP's unused-parameter check). UNet: no up blocks or output
+    convolution; PixArt: the first half of the blocks, no output layers."""
+    copy = type(backbone).from_config(config_of(backbone))
+    state = {k.replace(".base_layer.", "."): v for k, v in backbone.state_dict().items() if "lora_" not in k}
+    copy.load_state_dict(state, strict=True)
+    if is_transformer(copy):
+        copy.transformer_blocks = copy.transformer_blocks[: transformer_feature_blocks(copy)[-1]]
+        copy.norm_out = copy.proj_out = None
+        del copy.scale_shift_table
+    else:
+        copy.up_blocks = torch.nn.ModuleList()
+        copy.conv_norm_out = copy.conv_act = copy.conv_out = None
+    return copy.float().train().requires_grad_(True).to(next(backbone.parameters()).device)
+
+
+class EncoderDiscriminator(torch.nn.Module):
+    """D with a trainable backbone: `(z_t̂, t̂, cond) -> logits (B, L)` from its own encoder copy and heads, one
+    module, so its optimiser, checkpoint and DDP wrapper cover both."""
+
+    def __init__(self, encoder: torch.nn.Module, heads: FeatureHeads):
+        super().__init__()
+        self.encoder, self.heads = encoder, heads
+        self._features = transformer_encoder_features if is_transformer(encoder) else unet_encoder_features
+
+    def forward(self, z, t, cond):
+        return self.heads(self._features(self.encoder, z, t, cond), t, cond)
 
 
 def make_discriminator(features, heads):

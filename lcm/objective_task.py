@@ -16,7 +16,7 @@ import torch
 
 from .adversarial import frozen, warmed_up_weight
 from .consistency import LCDSpec, lcd_loss
-from .discriminator import build_heads, make_discriminator, teacher_features
+from .discriminator import EncoderDiscriminator, build_heads, encoder_copy, make_discriminator, teacher_features
 from .encode import lcd_batch_from_data
 from .objectives import (OBJECTIVES, ADDSpec, AdversarialSpec, StudentTimesteps, add_loss, discriminator_loss,
                          lcd_adv_loss)
@@ -32,7 +32,7 @@ class ObjectiveParts:
     loss_fn: Callable
     critics: list = field(default_factory=list)
     before_step: Callable[[int], None] = lambda step: None
-    heads: torch.nn.Module | None = None
+    discriminator: torch.nn.Module | None = None  # the critic's module: the heads, or encoder copy + heads
 
 
 def adversarial_spec(adv_cfg) -> AdversarialSpec:
@@ -61,6 +61,12 @@ def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, targ
     adv = adversarial_spec(a)
     features = teacher_features(backbone)
     heads = build_heads(backbone, a.head_hidden, spec.schedule.T).to(device)
+    if a.backbone == "trainable":  # D = its own encoder copy + the heads, trained together (Lightning)
+        critic_module = EncoderDiscriminator(encoder_copy(backbone), heads).to(device)
+        judge = critic_module
+    else:  # D = the teacher's frozen encoder (held by reference) + the heads; only the heads train
+        critic_module = heads
+        judge = make_discriminator(features, heads)
     step = {"now": 0}
 
     def weight() -> float:
@@ -69,26 +75,26 @@ def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, targ
     if objective == "lcd_adv":
         def generator_loss(model, batch, gens):
             lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
-            with frozen(heads):  # the student's step: D is judged through, never updated
-                return lcd_adv_loss(student_of(model), target, teacher, make_discriminator(features, heads),
-                                    lcd_batch, spec, adv, weight(), gens)
+            with frozen(critic_module):  # the student's step: D is judged through, never updated
+                return lcd_adv_loss(student_of(model), target, teacher, judge, lcd_batch, spec, adv, weight(), gens)
     else:
         add = add_spec(a)
 
         def generator_loss(model, batch, gens):
             add_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, add.student_timesteps, device)
-            with frozen(heads):
-                return add_loss(student_of(model), teacher, make_discriminator(features, heads), add_batch, spec,
-                                add, adv, weight(), gens)
+            with frozen(critic_module):
+                return add_loss(student_of(model), teacher, judge, add_batch, spec, add, adv, weight(), gens)
 
     def d_loss(model, handoff, gens):
-        # The backbone's activations need a graph only for R1 (∇ w.r.t. the real input); otherwise the heads'
-        # gradients stop at the features, so they are computed without one.
+        if a.backbone == "trainable":  # `model` is the (prepared) EncoderDiscriminator itself
+            return discriminator_loss(model, handoff, gens, spec.schedule, adv)
+        # The frozen backbone's activations need a graph only for R1 (∇ w.r.t. the real input); otherwise the
+        # heads' gradients stop at the features, so they are computed without one.
         feats = features if adv.r1_gamma > 0 else _no_grad(features)
         return discriminator_loss(make_discriminator(feats, model), handoff, gens, spec.schedule, adv)
 
-    critic = Critic("d", heads, list(heads.parameters()), d_loss, a.optim, a.d_steps_per_g)
-    return ObjectiveParts(generator_loss, [critic], lambda n: step.update(now=n), heads)
+    critic = Critic("d", critic_module, list(critic_module.parameters()), d_loss, a.optim, a.d_steps_per_g)
+    return ObjectiveParts(generator_loss, [critic], lambda n: step.update(now=n), critic_module)
 
 
 def _no_grad(features):

@@ -79,3 +79,37 @@ def test_frozen_backbone_gets_no_gradient_and_adapters_are_off():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(feats, ref))
     assert not torch.allclose(on[-1], ref[-1], atol=1e-4)
     assert len(params) > 0
+
+
+def _copy_trains_alone(net, z, t, cond, features_fn):
+    """Shared check of `encoder_copy`: starts equal to the teacher's adapters-off features, every copy tensor gets a
+    gradient (nothing unused for DDP), a step moves the copy and leaves the teacher's bytes alone."""
+    from lcm.discriminator import EncoderDiscriminator, encoder_copy
+
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    copy = encoder_copy(net)
+    assert not any("lora_" in n for n, _ in copy.named_parameters())
+    with torch.no_grad():
+        ref = teacher_features(net)(z, t, cond)
+        got = features_fn(copy, z, t, cond)
+    assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref))
+    d = EncoderDiscriminator(copy, build_heads(net, hidden=8))
+    d(z, t, cond).sum().backward()
+    unused = [n for n, p in d.named_parameters() if p.grad is None]
+    assert unused == []
+    torch.optim.SGD(d.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        moved = features_fn(copy, z, t, cond)
+    assert not torch.allclose(moved[-1], ref[-1], atol=1e-4)
+    assert all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(before[n], p.detach()) for n, p in net.named_parameters())
+    return copy
+
+
+def test_trainable_backbone_is_a_copy_of_the_base_encoder():
+    unet = build_tiny_sdxl_pipeline(seed=0).unet.eval()
+    add_lora(unet, 4, 4, LCM_LORA_TARGETS)
+    randomise_lora_b(unet, seed=3)  # a copy that kept the adapters would differ from the base features
+    inputs = sdxl_unet_inputs(unet)
+    copy = _copy_trains_alone(unet, inputs["sample"], inputs["timestep"], _cond(inputs), unet_encoder_features)
+    assert len(copy.up_blocks) == 0 and copy.conv_out is None  # cut to the encoder

@@ -127,17 +127,23 @@ def test_lcd_adv_weight_zero_trains_the_same_lora_as_lcd(tiny_sdxl_dir, data, tm
     assert not (tmp_path / "lcd/checkpoints/step-000002/optimizer_1.bin").exists()
 
 
-@pytest.mark.parametrize("script,objective", [("train_lcm_lora", "add"), ("train_lcd", "lcd_adv"), ("train_lcd", "add")])
-def test_entry_scripts_train_adversarial_objectives(tiny_sdxl_dir, data, tmp_path, script, objective):
+@pytest.mark.parametrize("script,objective,backbone", [("train_lcm_lora", "add", "frozen"),
+                                                     ("train_lcm_lora", "lcd_adv", "trainable"),
+                                                     ("train_lcd", "lcd_adv", "frozen"), ("train_lcd", "add", "frozen")])
+def test_entry_scripts_train_adversarial_objectives(tiny_sdxl_dir, data, tmp_path, script, objective, backbone):
     extra = ("lora.rank=4", "lora.alpha=4") if script == "train_lcm_lora" else ("distill.w_embed_dim=8",)
     config = "demo_lcm_lora" if script == "train_lcm_lora" else "lcd_sdxl"
     out = tmp_path / "run"
     assert load_entry_script(script).main(_args(tiny_sdxl_dir, data, out, *extra, f"distill.objective={objective}",
                                                 "adversarial.weight=0.5", "adversarial.head_hidden=8",
-                                                config=config)) == 0
+                                                f"adversarial.backbone={backbone}", config=config)) == 0
     heads = load_file(out / "checkpoints/step-000002" / ("model.safetensors" if script == "train_lcm_lora"
                                                          else "model_1.safetensors"))
-    assert any(k.startswith("heads.") for k in heads)
+    if backbone == "trainable":  # the critic's checkpoint holds its encoder copy beside the heads
+        assert any(k.startswith("heads.heads.") for k in heads) and any(k.startswith("encoder.down_blocks.") for k in heads)
+        assert not any("up_blocks" in k or "lora_" in k for k in heads)
+    else:
+        assert any(k.startswith("heads.") for k in heads)
     assert (out / "final").is_dir()
     if script == "train_lcd" and objective == "add":  # the whole-UNet ADD row of `lcm eval` samples as trained
         from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline

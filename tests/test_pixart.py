@@ -233,6 +233,12 @@ def test_discriminator_features_equal_the_transformers_own_blocks(tiny_pixart_di
         assert torch.equal(f.flatten(2).transpose(1, 2), seen[i])
     logits = make_discriminator(teacher_features(net), build_heads(net, hidden=8))(z, t, cond)
     assert logits.shape == (2, len(wanted))
+    # adversarial.backbone=trainable: D's own copy of the first half of the blocks, trained alone
+    from lcm.discriminator import transformer_encoder_features
+    from tests.test_discriminator import _copy_trains_alone
+
+    copy = _copy_trains_alone(net, z, t, cond, transformer_encoder_features)
+    assert len(copy.transformer_blocks) == wanted[-1] < len(net.transformer_blocks)
 
 
 def test_train_add_lora_pixart(tiny_pixart_dir, pixart_data, tmp_path):
