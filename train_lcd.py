@@ -36,7 +36,8 @@ def main(argv=None):
 
     name = denoiser_name(pipe)  # "unet", or "transformer" for PixArt
     teacher_net = getattr(pipe, name)  # frozen, weight dtype
-    student = student_from_teacher(teacher_net, cfg.distill.w_embed_dim)
+    # A normal-CFG student (distill.teacher_cfg=false) gets no w input: it is sampled with real CFG instead.
+    student = student_from_teacher(teacher_net, cfg.distill.w_embed_dim if cfg.distill.teacher_cfg else None)
     apply_speed_options(student, cfg.train)
     params = [p for p in student.parameters() if p.requires_grad]
     ema = EMATarget(dict(student.named_parameters()), cfg.distill.ema_decay,

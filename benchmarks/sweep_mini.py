@@ -58,6 +58,7 @@ CELLS: dict[str, list[str]] = {
     "steps100": ["train.max_train_steps=100"],
     "n25-steps200": ["distill.num_ddim_timesteps=25", "train.max_train_steps=200"],
     "n25-steps150": ["distill.num_ddim_timesteps=25", "train.max_train_steps=150"],
+    "n25-steps100": ["distill.num_ddim_timesteps=25", "train.max_train_steps=100"],
     # the adversarial objectives (issue #16), each from its own preset: mini_add_lora / mini_lcd_adv_lora
     "add": [],
     "add-w0.5": ["adversarial.weight=0.5"],

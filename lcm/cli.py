@@ -67,6 +67,26 @@ def _with_preset_defaults(args):
     return argparse.Namespace(**{**vars(args), **unset, "preset": name})
 
 
+def _student_kinds(args) -> list:
+    """Each LoRA's / the student's `is_normal_cfg` from its model card (None when it has none, e.g. a hub LoRA)."""
+    from .export import is_normal_cfg
+    from .sampling import resolve_lora_dir, resolve_student_dir
+
+    kinds = []
+    for value in args.lora or []:
+        try:
+            folder = resolve_lora_dir(_lora_arg(value)[0])
+            kinds.append(is_normal_cfg(folder if folder.is_dir() else folder.parent))
+        except FileNotFoundError:
+            kinds.append(None)
+    if getattr(args, "student", None):
+        try:
+            kinds.append(is_normal_cfg(resolve_student_dir(args.student).parent))
+        except FileNotFoundError:
+            kinds.append(None)
+    return kinds
+
+
 def cmd_sample(args) -> int:
     from .sampling import (generate, image_grid, img2img_pipeline, img2img_steps, load_init_image,
                            load_pipeline_for_sampling, parse_seeds)
@@ -96,7 +116,7 @@ def cmd_sample(args) -> int:
     if init_image is not None:
         pipe = img2img_pipeline(pipe)
     images = generate(pipe, prompts, seeds, args.steps, args.guidance, args.height, args.width, args.negative_prompt,
-                      eta=args.eta, init_image=init_image, strength=strength)
+                      eta=args.eta, init_image=init_image, strength=strength, normal_cfg=_student_kinds(args))
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         out.parent.mkdir(parents=True, exist_ok=True)

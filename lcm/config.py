@@ -158,6 +158,9 @@ class DistillConfig:
     # LoRA: 0 = target is the online adapters (LCM-LoRA); > 0 keeps an adapter-only EMA
     ema_decay: float = bounded(0.0, ge=0, lt=1)
     teacher_batched: bool = True  # cond + uncond in one teacher call on 2B rows; false = two calls (benchmarks only)
+    # false = "normal CFG" (PCM): distil the teacher's *unguided* ODE (w = 0, no unconditional pass, no w input), so
+    # the student keeps real classifier-free guidance and negative prompts at sampling (guidance_scale 3–8)
+    teacher_cfg: bool = True
     # lcd (consistency) | lcd_adv (LCD + adversarial term on the student's x̂₀) | add (SDXL-Turbo's ADD); the last two
     # train a discriminator as well (the `adversarial` section)
     objective: str = "lcd"
@@ -367,6 +370,9 @@ def _check_cross_fields(cfg) -> None:
     d, v = cfg.distill, cfg.validation
     if not d.w_min <= d.w_max:
         raise ConfigError(f"distill.w_min={d.w_min} must be <= distill.w_max={d.w_max}")
+    if not d.teacher_cfg and (d.w_min, d.w_max) != (0, 0):
+        raise ConfigError(f"distill.teacher_cfg=false distils the unguided teacher (w = 0), but distill.w_min="
+                          f"{d.w_min} and distill.w_max={d.w_max}: set both to 0")
     if v.num_inference_steps > d.num_ddim_timesteps:
         # LCMScheduler samples a subset of the N-step training grid: more steps than N fail at the first validation.
         raise ConfigError(f"validation.num_inference_steps={v.num_inference_steps} must be <= "

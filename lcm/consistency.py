@@ -80,6 +80,7 @@ class LCDSpec:
     timestep_scaling: float = TIMESTEP_SCALING
     teacher_batched: bool = True  # False: cond and uncond in two teacher calls (same result; for benchmarks)
     loss_weighting: str = "uniform"  # a LOSS_WEIGHTINGS key: the per-grid-pair weight λ_i of the loss
+    teacher_cfg: bool = True  # False ("normal CFG"): the teacher's unguided ODE, one conditional call, no w
 
     def __post_init__(self):
         get_solver(self.solver)
@@ -124,12 +125,18 @@ def draw_lcd_batch(mu: torch.Tensor, sigma: torch.Tensor, cond: dict, uncond: di
 
 
 def guided_denoiser(teacher, cond: dict, uncond: dict, w, schedule: NoiseSchedule, prediction_type: str,
-                    batched: bool = True):
+                    batched: bool = True, guided: bool = True):
     """The teacher as `denoise(z, t) -> (x̂₀, ε̂)` with CFG in the LCM convention, one batched call per evaluation
-    (`batched=False` makes two calls, cond then uncond: the reference scripts' way, kept to measure the difference)."""
-    both = cat_cond(cond, uncond) if batched else None
+    (`batched=False` makes two calls, cond then uncond: the reference scripts' way, kept to measure the difference).
+    `guided=False` is the unguided teacher ("normal CFG" distillation): one conditional call, `w` and `uncond` unused;
+    it equals CFG at w = 0 without the unconditional half."""
+    both = cat_cond(cond, uncond) if batched and guided else None
 
     def denoise(z, t):
+        if not guided:
+            alpha, sigma = schedule.alpha_sigma(t, z.ndim)
+            pred = teacher(z, t, cond)
+            return to_x0_eps(pred, z, alpha.to(pred.dtype), sigma.to(pred.dtype), prediction_type)
         if batched:
             pred = teacher(torch.cat([z, z]), torch.cat([t, t]), both)
         else:
@@ -177,7 +184,7 @@ def lcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
     with torch.no_grad():
         # 3. One teacher ODE step t_{n+k} → t_n with CFG at the sampled w.
         denoise = guided_denoiser(teacher, batch.cond, batch.uncond, batch.w, spec.schedule, spec.prediction_type,
-                                  spec.teacher_batched)
+                                  spec.teacher_batched, spec.teacher_cfg)
         z_tn_hat = get_solver(spec.solver)(denoise, z_tnk, t_nk, t_n, spec.schedule)
         # 4. Target's consistency output at t_n — the stop-gradient side of the loss.
         f_target = predict_consistency(target, z_tn_hat, t_n, batch.cond, batch.w, spec)

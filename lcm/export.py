@@ -79,6 +79,21 @@ def _objective_summary(cfg) -> str:
     return "; ".join(parts)
 
 
+NORMAL_CFG_TAG = "normal-cfg"  # the model card tag `lcm sample` reads to tell a normal-CFG student from a distilled-CFG one
+
+
+def is_normal_cfg(folder) -> bool | None:
+    """Whether the student in `folder` (its model card, README.md) was distilled without guidance; None: no card."""
+    from pathlib import Path
+
+    card = Path(folder) / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(errors="replace")
+    front = text.split("---")[1] if text.startswith("---") else ""  # the YAML front matter holds the tags
+    return NORMAL_CFG_TAG in front
+
+
 def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
     """A short model card: base, data, training, and how to sample."""
     d = cfg.distill
@@ -111,10 +126,14 @@ def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
     elif objective == "add":  # a whole UNet with a w-embedding: the pipeline feeds it guidance_scale − 1
         guidance = (f"`EulerAncestralDiscreteScheduler` on trailing timesteps, `guidance_scale` = w + 1 with w in the "
                     f"trained range [{d.w_min}, {d.w_max}] (fed to the guidance embedding; no unconditional pass)")
+    if not d.get("teacher_cfg", True):  # normal CFG: the unguided teacher was distilled; guidance is the sampler's
+        g_student, guidance = 4.0, (f"`guidance_scale` 3–8 with `{sched_cls}`, negative prompts welcome: this is a "
+                                    "*normal-CFG* student (distilled from the teacher's unguided ODE), so classifier-"
+                                    "free guidance runs at sampling as with the base model")
     return f"""---
 library_name: diffusers
 base_model: {cfg.model.pretrained}
-tags: [lcm, {'lcm-lora' if lora else 'lcm-full'}, {objective}, {cfg.model.kind}]
+tags: [lcm, {'lcm-lora' if lora else 'lcm-full'}, {objective}, {cfg.model.kind}{'' if d.get('teacher_cfg', True) else ', ' + NORMAL_CFG_TAG}]
 ---
 # {title} for `{cfg.model.pretrained}`
 
@@ -126,7 +145,7 @@ Distilled with [lcm-distill](https://pypi.org/project/lcm-distill/) by {method}.
 | data | `{cfg.data.path}` ({cfg.data.source}, {cfg.data.resolution} px){' — ' + data_summary if data_summary else ''} |
 | optimiser steps | {steps_trained} × batch {cfg.train.batch_size} × accumulation {cfg.train.gradient_accumulation_steps} |
 | trained | {what} |
-| teacher grid | N = {d.num_ddim_timesteps} ({d.solver}), guidance w ∈ [{d.w_min}, {d.w_max}] (LCM convention; diffusers guidance_scale = w + 1 ∈ [{guidance_scale_from_w(d.w_min)}, {guidance_scale_from_w(d.w_max)}]) |
+| teacher grid | N = {d.num_ddim_timesteps} ({d.solver}), {f"guidance w ∈ [{d.w_min}, {d.w_max}] (LCM convention; diffusers guidance_scale = w + 1 ∈ [{guidance_scale_from_w(d.w_min)}, {guidance_scale_from_w(d.w_max)}])" if d.get('teacher_cfg', True) else "no guidance (normal CFG: the teacher's unguided ODE)"} |
 | loss | {d.loss}{f' (c = {d.huber_c})' if d.loss == 'huber' else ''}, EMA decay {d.ema_decay} |
 | objective | {_objective_summary(cfg)} |
 

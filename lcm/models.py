@@ -248,7 +248,7 @@ def noise_schedule_of(scheduler) -> NoiseSchedule:
     return NoiseSchedule(alphas_cumprod_from_config(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end))
 
 
-def student_from_teacher(teacher, w_embed_dim: int = 256):
+def student_from_teacher(teacher, w_embed_dim: int | None = 256):
     """Full-LCD student: the teacher's UNet plus a guidance-embedding input (`time_cond_proj_dim`), in fp32.
 
     The new projection `time_embedding.cond_proj` is zero-initialised, so at step 0 the student's output equals the
@@ -258,8 +258,9 @@ def student_from_teacher(teacher, w_embed_dim: int = 256):
     """
     from diffusers import UNet2DConditionModel
 
-    if is_transformer(teacher):
-        logger.info("PixArt student: no guidance-embedding input; w acts through the teacher's CFG only")
+    if is_transformer(teacher) or w_embed_dim is None:  # None: a normal-CFG student, no w input
+        logger.info("student without a guidance-embedding input: " + ("PixArt's transformer has none; w acts through "
+                    "the teacher's CFG only" if is_transformer(teacher) else "normal CFG (sampled with real CFG)"))
         student = copy.deepcopy(teacher)
         return student.to(device=teacher.device, dtype=torch.float32).train().requires_grad_(True)
 

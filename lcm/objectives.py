@@ -149,7 +149,7 @@ def add_loss(student, teacher, discriminator, batch: LCDBatch, spec: LCDSpec, ad
     with torch.no_grad():
         z_t = schedule.add_noise(x0_theta.detach(), eps, t)
         denoise = guided_denoiser(teacher, batch.cond, batch.uncond, batch.w, schedule, spec.prediction_type,
-                                  spec.teacher_batched)
+                                  spec.teacher_batched, spec.teacher_cfg)
         x0_psi, _ = denoise(z_t, t)
     alpha, sigma = schedule.alpha_sigma(t)
     c_t = ADD_WEIGHTINGS[add.weighting](alpha, sigma)

@@ -151,6 +151,22 @@ def _saved_scheduler_config(lora: Path):
     return LCMScheduler.load_config(str(saved.parent)) if lora.is_dir() and saved.is_file() else None
 
 
+def guidance_warnings(normal_cfg: Sequence[bool | None], guidance_scale: float, negative_prompt) -> list[str]:
+    """What `lcm sample` warns about the guidance, knowing each loaded student's kind from its model card (True:
+    normal CFG, False: guidance distilled in, None: unknown)."""
+    out = []
+    if any(k is True for k in normal_cfg) and guidance_scale <= 1.0:
+        out.append(f"a normal-CFG student (trained with distill.teacher_cfg=false) expects guidance_scale 3–8; at "
+                   f"{guidance_scale} it samples unguided" + (" and the negative prompt does nothing" if negative_prompt
+                                                             else ""))
+    elif negative_prompt and guidance_scale <= 1.0:
+        distilled = any(k is False for k in normal_cfg)
+        out.append("a negative prompt has no effect with guidance_scale <= 1 (no unconditional branch is run)"
+                   + ("; this student has the guidance distilled in, so guidance above 2 over-saturates: for real "
+                      "negative prompts train a normal-CFG one (distill.teacher_cfg=false)" if distilled else ""))
+    return out
+
+
 def saved_scheduler(lora: Path):
     """The scheduler a run saved beside its LoRA, as the class it was saved as (LCMScheduler for consistency
     students, Euler ancestral for ADD), or None when the folder has none."""
@@ -222,15 +238,16 @@ def img2img_pipeline(pipe):
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 4, guidance_scale: float = 1.0,
              height: Optional[int] = None, width: Optional[int] = None, negative_prompt: Optional[str] = None,
              batch_size: int = 8, eta: Optional[float] = None, init_image: Optional[Image.Image] = None,
-             strength: float = 1.0) -> list[Image.Image]:
+             strength: float = 1.0, normal_cfg: Sequence[bool | None] = ()) -> list[Image.Image]:
     """prompt × seed images, row-major; image (p, s) comes from its own generator seeded with s, whatever the batching.
+    `normal_cfg`: each loaded student's kind (`lcm.export.is_normal_cfg`), for the guidance warnings.
 
     With `init_image`, `pipe` must be an img2img pipeline (see `img2img_pipeline`); the output has the image's size.
     """
     if init_image is not None:
         img2img_steps(steps, strength)
-    if negative_prompt and guidance_scale <= 1.0:
-        logger.warning("a negative prompt has no effect with guidance_scale <= 1 (no unconditional branch is run)")
+    for warning in guidance_warnings(normal_cfg, guidance_scale, negative_prompt):
+        logger.warning(warning)
     jobs = [(p, s) for p in prompts for s in seeds]
     accepted = inspect.signature(pipe.__call__).parameters
     images: list[Image.Image] = []

@@ -169,3 +169,29 @@ def test_loss_weighting_scales_each_sample_by_its_pairs_weight():
     assert not torch.allclose(weighted, plain)
     with pytest.raises(ValueError, match="loss weighting"):
         _spec(loss_weighting="snr")
+
+
+def test_unguided_teacher_is_cfg_at_w_zero_in_one_conditional_call():
+    """distill.teacher_cfg=false: the teacher's unguided x̂₀/ε̂ equal CFG at w = 0, from one B-row conditional call."""
+    from lcm.consistency import guided_denoiser
+
+    teacher, spec = TinyEps(2), _spec()
+    batch = _batch(uncond_value=3.0)
+    calls = []
+
+    def counting(z, t, cond):
+        calls.append((z.shape[0], cond))
+        return teacher(z, t, cond)
+
+    t = spec.grid.pair(batch.index)[0]
+    z = spec.schedule.add_noise(batch.z0, batch.noise, t)
+    x0_u, eps_u = guided_denoiser(counting, batch.cond, batch.uncond, batch.w, spec.schedule, "epsilon",
+                                  guided=False)(z, t)
+    assert len(calls) == 1 and calls[0][0] == len(z) and calls[0][1] is batch.cond
+    x0_g, eps_g = guided_denoiser(teacher, batch.cond, batch.uncond, torch.zeros_like(batch.w), spec.schedule,
+                                  "epsilon")(z, t)
+    torch.testing.assert_close(x0_u, x0_g)
+    torch.testing.assert_close(eps_u, eps_g)
+    # …and differs from the guided teacher at the batch's own w > 0 (the uncond branch differs here)
+    x0_w, _ = guided_denoiser(teacher, batch.cond, batch.uncond, batch.w.clamp_min(1.0), spec.schedule, "epsilon")(z, t)
+    assert not torch.allclose(x0_u, x0_w, atol=1e-4)

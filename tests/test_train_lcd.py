@@ -150,3 +150,18 @@ def test_train_lcd_exports_the_ema_target_not_the_online_student(tmp_path):
     for name, t in shadow.items():
         assert torch.equal(exported[name], t), name
     assert any(not torch.equal(online[n], t) for n, t in shadow.items())
+
+
+def test_normal_cfg_whole_unet_student_has_no_w_input(tmp_path):
+    teacher = save_tiny_pipeline("sdxl", tmp_path / "teacher")
+    data = make_captioned_image_folder(tmp_path / "data", n=4, size=16)
+    out = tmp_path / "run"
+    assert _train_lcd()(["--config", "lcd_sdxl", f"model.pretrained={teacher}", f"data.path={data}",
+                         f"train.output_dir={out}", "data.resolution=16", "train.batch_size=2",
+                         "train.gradient_accumulation_steps=1", "train.max_train_steps=1", "train.mixed_precision=no",
+                         "train.gradient_checkpointing=false", "train.report_to=none", "train.checkpoint_every=0",
+                         "validation.every_n_steps=0", "distill.teacher_cfg=false", "distill.w_min=0",
+                         "distill.w_max=0"]) == 0
+    unet = UNet2DConditionModel.from_pretrained(out / "final", subfolder="unet")
+    assert unet.config.time_cond_proj_dim is None
+    assert "normal-cfg" in (out / "final/README.md").read_text().split("---")[1]

@@ -236,3 +236,45 @@ def test_student_argument_parses_name_run_and_preset():
     for bad in ("runs/a", "=runs/a", "a=", "x/y=runs/a"):
         with pytest.raises(argparse.ArgumentTypeError):
             _named_student_arg(bad)
+
+
+def test_normal_cfg_config_needs_w_zero(tiny_sdxl_dir, tmp_path):
+    with pytest.raises(ConfigError, match="distill.teacher_cfg=false.*distill.w_min"):
+        _script("train_lcm_lora").main(_args(tiny_sdxl_dir, tmp_path, tmp_path / "o", "distill.teacher_cfg=false",
+                                             "--dry-run"))
+
+
+def test_guidance_warnings_know_the_student_kind():
+    from lcm.sampling import guidance_warnings
+
+    assert guidance_warnings([False], 1.0, None) == [] and guidance_warnings([True], 4.0, "seven") == []
+    assert "expects guidance_scale 3–8" in guidance_warnings([True], 1.0, None)[0]
+    assert "negative prompt does nothing" in guidance_warnings([True], 1.0, "seven")[0]
+    distilled, unknown = guidance_warnings([False], 1.0, "seven")[0], guidance_warnings([None], 1.0, "seven")[0]
+    assert "no effect" in distilled and "distill.teacher_cfg=false" in distilled
+    assert "no effect" in unknown and "teacher_cfg" not in unknown
+
+
+def test_normal_cfg_lora_follows_the_negative_prompt_and_lcm_lora_does_not(trained_run, tiny_sdxl_dir, tmp_path):
+    """A normal-CFG LoRA (unguided teacher, no w) is tagged so in its model card and its samples change with the
+    negative prompt at guidance 4; the (distilled-CFG) LCM-LoRA's samples at guidance 1 do not."""
+    from lcm.export import is_normal_cfg
+    from lcm.sampling import generate, load_pipeline_for_sampling
+
+    data = make_captioned_image_folder(tmp_path / "data", n=4, size=24)
+    out = tmp_path / "ncfg"
+    assert _script("train_lcm_lora").main(_args(tiny_sdxl_dir, data, out, *GRID, "train.max_train_steps=2",
+                                                "train.checkpoint_every=0", "distill.teacher_cfg=false",
+                                                "distill.w_min=0", "distill.w_max=0")) == 0
+    assert is_normal_cfg(out / "final") is True and is_normal_cfg(trained_run / "final") is False
+    assert "normal-CFG" in (out / "final/README.md").read_text()
+
+    def images(run, guidance, negative):
+        pipe = load_pipeline_for_sampling(str(tiny_sdxl_dir), [(str(run), 1.0)], device="cpu", dtype="fp32")
+        return [torch.tensor(list(im.getdata())) for im in
+                generate(pipe, ["a red circle"], [0], 2, guidance, 16, 16, negative)]
+
+    ncfg = images(out, 4.0, None), images(out, 4.0, "a blue square")
+    assert not all(torch.equal(a, b) for a, b in zip(*ncfg))
+    lcm = images(trained_run, 1.0, None), images(trained_run, 1.0, "a blue square")
+    assert all(torch.equal(a, b) for a, b in zip(*lcm))
