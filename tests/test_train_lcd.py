@@ -128,20 +128,26 @@ def test_v_prediction_teacher_yields_consistent_x0_and_eps(tmp_path):
         assert (x0_wrong - x0_right).abs().max() > 1e-2
 
 
-def test_train_lcd_exports_the_ema_target_not_the_online_student(tmp_path):
-    """final/unet is θ⁻ (`EMATarget.copy_to`): equal to the checkpointed EMA shadow, and different from the online
-    weights θ saved beside it (with μ = 0.5 after two steps the two differ, so the check can fail)."""
-    from safetensors.torch import load_file
-
+def _tiny_lcd_run(tmp_path, *overrides):
+    """train_lcd.py on a tiny SDXL teacher and 4 images, fp32, no validation; returns the run folder."""
     teacher = save_tiny_pipeline("sdxl", tmp_path / "teacher")
     data = make_captioned_image_folder(tmp_path / "data", n=4, size=16)
     out = tmp_path / "run"
     assert _train_lcd()(["--config", "lcd_sdxl", f"model.pretrained={teacher}", f"data.path={data}",
                          f"train.output_dir={out}", "data.resolution=16", "train.batch_size=2",
-                         "train.gradient_accumulation_steps=1", "train.max_train_steps=2", "train.mixed_precision=no",
-                         "train.gradient_checkpointing=false", "train.report_to=none", "train.checkpoint_every=2",
-                         "validation.every_n_steps=0", "distill.w_embed_dim=32", "distill.ema_decay=0.5",
-                         "optim.lr=1e-3"]) == 0
+                         "train.gradient_accumulation_steps=1", "train.mixed_precision=no",
+                         "train.gradient_checkpointing=false", "train.report_to=none", "validation.every_n_steps=0",
+                         *overrides]) == 0
+    return out
+
+
+def test_train_lcd_exports_the_ema_target_not_the_online_student(tmp_path):
+    """final/unet is θ⁻ (`EMATarget.copy_to`): equal to the checkpointed EMA shadow, and different from the online
+    weights θ saved beside it (with μ = 0.5 after two steps the two differ, so the check can fail)."""
+    from safetensors.torch import load_file
+
+    out = _tiny_lcd_run(tmp_path, "train.max_train_steps=2", "train.checkpoint_every=2", "distill.w_embed_dim=32",
+                        "distill.ema_decay=0.5", "optim.lr=1e-3")
     ckpt = out / "checkpoints/step-000002"
     shadow = {k.removeprefix("ema."): v for k, v in load_file(ckpt / "extra_state.safetensors").items()}
     online = load_file(next(ckpt.glob("model*.safetensors")))
@@ -153,15 +159,8 @@ def test_train_lcd_exports_the_ema_target_not_the_online_student(tmp_path):
 
 
 def test_normal_cfg_whole_unet_student_has_no_w_input(tmp_path):
-    teacher = save_tiny_pipeline("sdxl", tmp_path / "teacher")
-    data = make_captioned_image_folder(tmp_path / "data", n=4, size=16)
-    out = tmp_path / "run"
-    assert _train_lcd()(["--config", "lcd_sdxl", f"model.pretrained={teacher}", f"data.path={data}",
-                         f"train.output_dir={out}", "data.resolution=16", "train.batch_size=2",
-                         "train.gradient_accumulation_steps=1", "train.max_train_steps=1", "train.mixed_precision=no",
-                         "train.gradient_checkpointing=false", "train.report_to=none", "train.checkpoint_every=0",
-                         "validation.every_n_steps=0", "distill.teacher_cfg=false", "distill.w_min=0",
-                         "distill.w_max=0"]) == 0
+    out = _tiny_lcd_run(tmp_path, "train.max_train_steps=1", "train.checkpoint_every=0", "distill.teacher_cfg=false",
+                        "distill.w_min=0", "distill.w_max=0")
     unet = UNet2DConditionModel.from_pretrained(out / "final", subfolder="unet")
     assert unet.config.time_cond_proj_dim is None
     assert "normal-cfg" in (out / "final/README.md").read_text().split("---")[1]
