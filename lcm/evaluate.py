@@ -83,9 +83,9 @@ def named_students(students: Sequence[tuple], reserved: Sequence[str] = ()) -> d
     for name, run, preset in students:
         if preset is not None:
             get_preset(preset)
-        if name in out or name in TEACHER_SOLVERS or name in reserved or name == "LCM-LoRA":
+        if name in out or name in TEACHER_SOLVERS or name in reserved:
             raise ValueError(f"--student row name {name!r} is taken; row names must be unique and differ from "
-                             f"{[*TEACHER_SOLVERS, 'LCM-LoRA', *reserved]}")
+                             f"{[*TEACHER_SOLVERS, *reserved]}")
         out[name] = (str(run), preset)
     return out
 
@@ -161,7 +161,7 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
     real_feats = digit_features(real)
     loras = lora_students(lora)
     named = named_students(students, reserved=[*loras, *(["LCD"] if lcd else [])])
-    methods = _expand_methods(methods or [*TEACHER_SOLVERS, *loras, *(["LCD"] if lcd else []), *named], loras)
+    methods = _expand_methods(methods or [*TEACHER_SOLVERS, *loras, *(["LCD"] if lcd else []), *named], loras, named)
     plan = _row_plan(methods, loras, lcd, named)
     setup = RowSetup(pipe, pipe.scheduler.config, list(steps), list(teacher_extra_steps),
                      guidance_scale_from_w(teacher_w), student_guidance, original_inference_steps)
@@ -320,11 +320,12 @@ def _fused_student(pipe, path: Path):
         pipe.unload_lora_weights()
 
 
-def _expand_methods(methods: Sequence[str], students: Mapping[str, str]) -> list[str]:
-    """"LCM-LoRA" → every LoRA student's name, in order (an error when none was given); other names unchanged."""
+def _expand_methods(methods: Sequence[str], students: Mapping[str, str], named: Mapping = {}) -> list[str]:
+    """"LCM-LoRA" → every LoRA student's name, in order (an error when none was given), unless a `--student` row
+    carries that name; other names unchanged."""
     out: list[str] = []
     for name in methods:
-        if name == "LCM-LoRA" and "LCM-LoRA" not in students:
+        if name == "LCM-LoRA" and "LCM-LoRA" not in students and name not in named:
             if not students:
                 raise ValueError("the LCM-LoRA row needs --lora (a train_lcm_lora.py run folder or weights)")
             out.extend(n for n in students if n not in out)

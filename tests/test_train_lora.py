@@ -221,6 +221,13 @@ def test_lcm_eval_named_students_with_and_without_a_preset(trained_run, tiny_sdx
     assert frechet_distance(digit_features(images), digit_features(real)) == pytest.approx(rows[1].frechet, rel=1e-4)
     with pytest.raises(ValueError, match="taken"):
         evaluate(str(tiny_sdxl_dir), None, out, n=2, steps=[1], students=[("DDIM", str(trained_run), None)])
+    # The name LCM-LoRA is free for a --student row when no --lora holds it, and taken when one does.
+    named = evaluate(str(tiny_sdxl_dir), None, out, n=10, steps=[2], teacher_extra_steps=[], methods=["LCM-LoRA"],
+                     students=[("LCM-LoRA", str(trained_run), None)])
+    assert [(r.method, r.frechet) for r in named] == [("LCM-LoRA", rows[0].frechet)]
+    with pytest.raises(ValueError, match="taken"):
+        evaluate(str(tiny_sdxl_dir), str(trained_run), out, n=2, steps=[1],
+                 students=[("LCM-LoRA", str(trained_run), None)])
     with pytest.raises(FileNotFoundError, match="neither LoRA"):
         evaluate(str(tiny_sdxl_dir), None, out, n=2, steps=[1], students=[("A", str(tmp_path / "nothing"), None)])
 
