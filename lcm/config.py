@@ -161,9 +161,13 @@ class DistillConfig:
     # false = "normal CFG" (PCM): distil the teacher's *unguided* ODE (w = 0, no unconditional pass, no w input), so
     # the student keeps real classifier-free guidance and negative prompts at sampling (guidance_scale 3–8)
     teacher_cfg: bool = True
-    # lcd (consistency) | lcd_adv (LCD + adversarial term on the student's x̂₀) | add (SDXL-Turbo's ADD); the last two
-    # train a discriminator as well (the `adversarial` section)
+    # lcd (consistency) | lcd_adv (LCD + adversarial term on the student's x̂₀) | add (SDXL-Turbo's ADD) | pcm (phased
+    # consistency) | tcd (trajectory consistency); lcd_adv and add train a discriminator as well (`adversarial`)
     objective: str = "lcd"
+    # pcm: the number of phases M the grid is cut into (must divide num_ddim_timesteps); sample with M steps
+    phases: int = bounded(2, ge=1, le=1000)
+    # tcd: the sampler's gamma (TCDScheduler's eta) that validation uses and the model card records
+    tcd_gamma: float = bounded(0.3, ge=0, le=1)
 
 
 @dataclass
@@ -370,6 +374,9 @@ def _check_cross_fields(cfg) -> None:
     d, v = cfg.distill, cfg.validation
     if not d.w_min <= d.w_max:
         raise ConfigError(f"distill.w_min={d.w_min} must be <= distill.w_max={d.w_max}")
+    if d.objective == "pcm" and d.num_ddim_timesteps % d.phases:
+        raise ConfigError(f"distill.phases={d.phases} must divide distill.num_ddim_timesteps={d.num_ddim_timesteps} "
+                          "(each phase holds the same number of grid points)")
     if not d.teacher_cfg and (d.w_min, d.w_max) != (0, 0):
         raise ConfigError(f"distill.teacher_cfg=false distils the unguided teacher (w = 0), but distill.w_min="
                           f"{d.w_min} and distill.w_max={d.w_max}: set both to 0")

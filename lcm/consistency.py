@@ -19,7 +19,7 @@ from .constants import HUBER_C, SIGMA_DATA, TIMESTEP_SCALING
 from .guidance import cfg, sample_w
 from .parameterization import append_dims, boundary_scalings, to_x0_eps
 from .schedule import NoiseSchedule, SolverGrid
-from .solvers import get_solver
+from .solvers import ddim_step, get_solver
 
 
 def consistency_fn(z, x0_hat, c_skip, c_out):
@@ -167,27 +167,62 @@ def predict_consistency(model, z, t, cond, w, spec: LCDSpec):
     return consistency_fn(z, x0_hat, append_dims(c_skip, z.ndim).to(z.dtype), append_dims(c_out, z.ndim).to(z.dtype))
 
 
+CLEAN_END = -1  # the end point s that means "the clean latent": LCD's boundary-scaled x̂₀, not a DDIM jump
+
+
+def trajectory_fn(z, x0_hat, eps_hat, t, s, c_skip, c_out, alpha_s, sigma_s):
+    """f(z, t → s), the consistency function toward an end point s ≤ t on the trajectory, per sample:
+    s = CLEAN_END: c_skip(t)·z + c_out(t)·x̂₀ (LCM eq. 5, what LCD learns); s = t: z itself (the boundary condition);
+    otherwise the semi-linear first-order (DDIM) map α_s x̂₀ + σ_s ε̂ (TCD arXiv:2402.19159 eq. 9 with the
+    first-order exponential integrator; PCM arXiv:2405.18407 eq. 6 per phase). `t`, `s` are shaped like z."""
+    clean = consistency_fn(z, x0_hat, c_skip, c_out)
+    jump = ddim_step(x0_hat, eps_hat, alpha_s, sigma_s)
+    return torch.where(s == CLEAN_END, clean, torch.where(t == s, z, jump))
+
+
+def predict_trajectory(model, z, t, s, cond, w, spec: LCDSpec):
+    """f_θ(z, t → s) from a role callable (`trajectory_fn`); s all CLEAN_END is exactly `predict_consistency`."""
+    if bool((s == CLEAN_END).all()):
+        return predict_consistency(model, z, t, cond, w, spec)
+    pred = model(z, t, cond, w)
+    alpha, sigma = spec.schedule.alpha_sigma(t, z.ndim)
+    x0_hat, eps_hat = to_x0_eps(pred, z, alpha.to(pred.dtype), sigma.to(pred.dtype), spec.prediction_type)
+    c_skip, c_out = boundary_scalings(t, spec.sigma_data, spec.timestep_scaling)
+    alpha_s, sigma_s = spec.schedule.alpha_sigma(s.clamp(min=0), z.ndim)
+    return trajectory_fn(z, x0_hat, eps_hat, append_dims(t, z.ndim), append_dims(s, z.ndim),
+                         append_dims(c_skip, z.ndim).to(z.dtype), append_dims(c_out, z.ndim).to(z.dtype),
+                         alpha_s.to(z.dtype), sigma_s.to(z.dtype))
+
+
 def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
     """Per-sample d(f_θ(z_{t_{n+k}}, t_{n+k}), sg[f_θ⁻(ẑ_{t_n}, t_n)]) and a small diagnostics dict (LCM Alg. 1)."""
     loss, diagnostics, _ = lcd_terms(student, target, teacher, batch, spec)
     return loss, diagnostics
 
 
-def lcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
+def lcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec, end=None):
     """`lcd_loss` plus the student's consistency output f_θ(z_{t_{n+k}}) with its graph (the objectives that add a
-    term on the student's clean-latent estimate use it)."""
+    term on the student's clean-latent estimate use it). `end(t_nk, t_n) -> s` gives each sample's end point s ≤ t_n
+    (PCM's phase edge, TCD's drawn s; lcm/trajectory.py); None is LCD's clean end, evaluated as before."""
     t_nk, t_n = spec.grid.pair(batch.index)
+    s = None if end is None else end(t_nk, t_n)
+
+    def consistency(model, z, t):
+        if s is None:
+            return predict_consistency(model, z, t, batch.cond, batch.w, spec)
+        return predict_trajectory(model, z, t, s, batch.cond, batch.w, spec)
+
     # 1. Forward-diffuse the clean latent to t_{n+k}.
     z_tnk = spec.schedule.add_noise(batch.z0, batch.noise, t_nk)
     # 2. Student's consistency output at t_{n+k} (gradients flow here only).
-    f_student = predict_consistency(student, z_tnk, t_nk, batch.cond, batch.w, spec)
+    f_student = consistency(student, z_tnk, t_nk)
     with torch.no_grad():
         # 3. One teacher ODE step t_{n+k} → t_n with CFG at the sampled w.
         denoise = guided_denoiser(teacher, batch.cond, batch.uncond, batch.w, spec.schedule, spec.prediction_type,
                                   spec.teacher_batched, spec.teacher_cfg)
         z_tn_hat = get_solver(spec.solver)(denoise, z_tnk, t_nk, t_n, spec.schedule)
         # 4. Target's consistency output at t_n — the stop-gradient side of the loss.
-        f_target = predict_consistency(target, z_tn_hat, t_n, batch.cond, batch.w, spec)
+        f_target = consistency(target, z_tn_hat, t_n)
     loss = LOSSES[spec.loss](f_student.float(), f_target.float(), spec.huber_c)
     if spec.loss_weighting != "uniform":  # uniform multiplies by ones: skipped so the default stays bit-identical
         loss = loss * spec.pair_weights.to(loss.device)[batch.index]

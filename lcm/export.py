@@ -70,6 +70,12 @@ def _objective_summary(cfg) -> str:
     objective = cfg.distill.get("objective", "lcd")
     if objective == "lcd":
         return "lcd (consistency distillation)"
+    if objective == "pcm":
+        m = cfg.distill.phases
+        return (f"pcm (phased consistency): {m} phases of {cfg.distill.num_ddim_timesteps // m} grid points; "
+                f"sample with {m} steps")
+    if objective == "tcd":
+        return f"tcd (trajectory consistency): s ~ U[0, t_n]; validated with gamma = {cfg.distill.tcd_gamma}"
     a = cfg.adversarial
     parts = [f"{objective}: {a.loss} loss, weight {a.weight} (warm-up {a.warmup_steps} steps), R1 γ {a.r1_gamma}",
              f"discriminator heads on the {a.backbone} teacher encoder, t̂ logit-normal({a.t_hat_loc}, "
@@ -120,6 +126,16 @@ def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
         if objective != "add" else
         ("ADD-LoRA" if lora else "ADD (full distillation)", "adversarial diffusion distillation (SDXL-Turbo's ADD)",
          "EulerAncestralDiscreteScheduler", 1))
+    if objective == "pcm":
+        title, method, sched_cls, steps = (("PCM-LoRA" if lora else "PCM (full distillation)"),
+                                           "phased consistency distillation", "DDIMScheduler", d.phases)
+        guidance = guidance.replace("`LCMScheduler`", f"`DDIMScheduler` on trailing timesteps at exactly {d.phases} "
+                                                       "steps, one per trained phase (`lcm sample --preset pcm`)")
+    elif objective == "tcd":
+        title, method, sched_cls = (("TCD-LoRA" if lora else "TCD (full distillation)"),
+                                    "trajectory consistency distillation", "TCDScheduler")
+        guidance = guidance.replace("`LCMScheduler`", f"`TCDScheduler` and `eta` (gamma) = {d.tcd_gamma}, the "
+                                                       "value validation used (`lcm sample --preset tcd`)")
     if objective == "add" and (lora or pixart):
         g_student, guidance = 0.0, ("`guidance_scale` 0 with `EulerAncestralDiscreteScheduler` on trailing timesteps "
                                     "(`lcm sample --preset turbo`); the teacher's guidance was distilled in")
@@ -149,14 +165,14 @@ Distilled with [lcm-distill](https://pypi.org/project/lcm-distill/) by {method}.
 | loss | {d.loss}{f' (c = {d.huber_c})' if d.loss == 'huber' else ''}, EMA decay {d.ema_decay} |
 | objective | {_objective_summary(cfg)} |
 
-**Recommended sampling:** {'4 steps (2–8 work)' if objective != 'add' else '1 step (up to 4 work)'}, {guidance}.
+**Recommended sampling:** {f'{d.phases} steps' if objective == 'pcm' else '4 steps (2–8 work)' if objective != 'add' else '1 step (up to 4 work)'}, {guidance}.
 
 ```python
 from diffusers import DiffusionPipeline, {sched_cls}
 {_base_load_line(cfg)}
 {load}
 pipe.scheduler = {sched_cls}.from_pretrained("path/to/this/folder", subfolder="scheduler")
-image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={g_student}).images[0]
+image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={g_student}{f", eta={d.tcd_gamma}" if objective == "tcd" else ""}).images[0]
 ```
 """
 

@@ -4,6 +4,8 @@ objectives, the discriminator critic (DESIGN.md §2). Entry scripts build the ro
     lcd      loss_fn = LCD; no critic                                  (bit-identical to before the objectives)
     lcd_adv  loss_fn = LCD + w·L_G(D(f_θ)); critic "d" = the heads on the frozen teacher encoder
     add      loss_fn = ADD's L_G + λ·distillation; the same critic
+    pcm      loss_fn = LCD toward each sample's phase edge (distill.phases); no critic
+    tcd      loss_fn = LCD toward a drawn s ∈ [0, t_n] on the trajectory; no critic
 Step order (lcm/trainer.py): student step (D frozen, judged through), then the D step on the handoff, then the EMA.
 """
 
@@ -21,8 +23,10 @@ from .encode import lcd_batch_from_data
 from .objectives import (OBJECTIVES, ADDSpec, AdversarialSpec, StudentTimesteps, add_loss, discriminator_loss,
                          lcd_adv_loss)
 from .trainer import Critic
+from .trajectory import check_phases, pcm_loss, tcd_loss
 
-ADVERSARIAL_OBJECTIVES = tuple(o for o in OBJECTIVES if o != "lcd")  # the ones with a discriminator
+CONSISTENCY_OBJECTIVES = ("lcd", "pcm", "tcd")
+ADVERSARIAL_OBJECTIVES = tuple(o for o in OBJECTIVES if o not in CONSISTENCY_OBJECTIVES)  # with a discriminator
 
 
 @dataclass
@@ -54,8 +58,20 @@ def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, targ
             lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
             return lcd_loss(student_of(model), target, teacher, lcd_batch, spec)
         return ObjectiveParts(lcd)
+    if objective == "pcm":
+        check_phases(spec.grid, cfg.distill.phases)
+
+        def pcm(model, batch, gens):
+            lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
+            return pcm_loss(student_of(model), target, teacher, lcd_batch, spec, cfg.distill.phases)
+        return ObjectiveParts(pcm)
+    if objective == "tcd":
+        def tcd(model, batch, gens):
+            lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
+            return tcd_loss(student_of(model), target, teacher, lcd_batch, spec, gens)
+        return ObjectiveParts(tcd)
     if objective not in ADVERSARIAL_OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid: {['lcd', *ADVERSARIAL_OBJECTIVES]}")
+        raise ValueError(f"unknown objective {objective!r}; valid: {list(OBJECTIVES)}")
 
     a = cfg.adversarial
     adv = adversarial_spec(a)

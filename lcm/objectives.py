@@ -2,6 +2,7 @@
 
     lcd      consistency distillation (lcm/consistency.py `lcd_loss`), unchanged
     lcd_adv  LCD + w_adv · L_G(D(renoise(f_θ(z_{t_{n+k}}), t̂)))   (the adversarial term of Hyper-SD / PCM)
+    pcm, tcd phased / trajectory consistency (lcm/trajectory.py): LCD toward a phase edge or a drawn s
     add      ADD, SDXL-Turbo (Sauer et al. 2023, arXiv:2311.17042 §3):
              L = L_G(D(renoise(x̂_θ(z_s, s), t̂))) + λ · c(t)·‖x̂_θ − sg[x̂_ψ(renoise(sg x̂_θ, t), t)]‖²
 
@@ -160,4 +161,5 @@ def add_loss(student, teacher, discriminator, batch: LCDBatch, spec: LCDSpec, ad
     return loss, diagnostics, {"real": batch.z0, "fake": x0_theta.detach(), "cond": batch.cond}
 
 
-OBJECTIVES = ("lcd", "lcd_adv", "add")
+# pcm and tcd (lcm/trajectory.py) are consistency objectives toward an end point s > 0; no discriminator.
+OBJECTIVES = ("lcd", "lcd_adv", "add", "pcm", "tcd")

@@ -209,12 +209,13 @@ class MLPStudent(torch.nn.Module):
 
 
 def distill(student, teacher: OracleTeacher, spec: LCDSpec, *, steps: int = 2000, batch: int = 256, lr: float = 2e-3,
-            w_range=(0.0, 2.0), mu: float = 0.9, seed: int = 0) -> list[float]:
+            w_range=(0.0, 2.0), mu: float = 0.9, seed: int = 0, loss_fn=lcd_loss) -> list[float]:
     """Latent consistency distillation of `student` from the oracle (LCM arXiv:2310.04378 Alg. 1); returns the losses.
 
     Every step draws a fresh batch from the mixture (the oracle's "dataset") and calls the trainer's `lcd_loss`.
     μ > 0 keeps a separate EMA target θ⁻ (full LCD); μ = 0 uses the online student as the target (LCM-LoRA), which
     `lcd_loss` evaluates under no_grad. On this problem μ = 0.9 distils markedly better than μ = 0 at 2000 steps.
+    `loss_fn(student, target, teacher, batch, spec)` is any consistency objective of that signature (e.g. PCM's).
     """
     mixture = teacher.mixture
     g = torch.Generator().manual_seed(seed)
@@ -234,7 +235,7 @@ def distill(student, teacher: OracleTeacher, spec: LCDSpec, *, steps: int = 2000
             uncond={"y": torch.full_like(y, mixture.null_class)},
         )
         # 2. The same loss the SDXL trainer uses; 3. step; 4. EMA target.
-        loss, _ = lcd_loss(student, target, teacher, lcd_batch, spec)
+        loss, _ = loss_fn(student, target, teacher, lcd_batch, spec)
         loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -41,6 +41,10 @@ PRESETS: dict[str, SamplingPreset] = {
     # (default 0.0) to step(), which silently overrides the scheduler's default 0.3: so it is passed explicitly.
     "tcd": SamplingPreset(TCDScheduler, {"clip_sample": False}, steps=4, guidance=1.0, eta=0.3,
                           note="Trajectory Consistency Distillation (arXiv:2402.19159); eta = gamma"),
+    # PCM's deterministic phase-by-phase sampler: DDIM trailing at M steps walks the phase edges (lcm/trajectory.py).
+    "pcm": SamplingPreset(DDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False,
+                                          "set_alpha_to_one": True}, steps=4, guidance=1.0,
+                          note="Phased Consistency (arXiv:2405.18407); steps = the phases trained"),
     "lightning": SamplingPreset(EulerDiscreteScheduler, {"timestep_spacing": "trailing"}, steps=4, guidance=0.0,
                                 note="SDXL-Lightning 2/4/8-step (arXiv:2402.13929), no CFG"),
     # The 1-step Lightning UNet predicts x0 directly, so the scheduler must read its output as a sample.

@@ -67,7 +67,7 @@ def lcm_scheduler_for(base_config, original_inference_steps: int = NUM_DDIM_TIME
 # The sampling preset each distillation objective trains its student for: consistency students sample with
 # LCMScheduler on the trained grid; ADD's with Euler ancestral on trailing timesteps (at 4 steps exactly ADD's student
 # timesteps 999/749/499/249), no CFG.
-OBJECTIVE_PRESETS = {"lcd": "lcm", "lcd_adv": "lcm", "add": "turbo"}
+OBJECTIVE_PRESETS = {"lcd": "lcm", "lcd_adv": "lcm", "add": "turbo", "pcm": "pcm", "tcd": "tcd"}
 
 
 def student_scheduler_for(distill_cfg, base_config):
@@ -76,7 +76,16 @@ def student_scheduler_for(distill_cfg, base_config):
     preset = OBJECTIVE_PRESETS[distill_cfg.get("objective", "lcd")]  # runs from before objectives existed: lcd
     if preset == "lcm":
         return lcm_scheduler_for(base_config, distill_cfg.num_ddim_timesteps, distill_cfg.timestep_scaling)
+    if preset == "tcd":  # TCD samples from the trained grid, like LCM
+        return build_scheduler(preset, {**base_config, "original_inference_steps": distill_cfg.num_ddim_timesteps,
+                                        "timestep_scaling": distill_cfg.timestep_scaling})
     return build_scheduler(preset, base_config)
+
+
+def student_eta(distill_cfg) -> Optional[float]:
+    """The `eta` the objective's sampler is called with (TCD's gamma), or None."""
+    objective = distill_cfg.get("objective", "lcd")
+    return distill_cfg.tcd_gamma if objective == "tcd" else get_preset(OBJECTIVE_PRESETS[objective]).eta
 
 
 def resolve_lora_dir(path: str) -> Path:

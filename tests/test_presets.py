@@ -23,6 +23,8 @@ EXPECTED = {
     "lightning-1step": (EulerDiscreteScheduler, {"timestep_spacing": "trailing", "prediction_type": "sample"}),
     "turbo": (EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"}),
     "hyper": (DDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False}),
+    # PCM: trailing DDIM walks the phase edges and ends on ᾱ = 1, the clean latent (lcm/trajectory.py)
+    "pcm": (DDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True}),
 }
 
 
@@ -48,7 +50,7 @@ def test_each_preset_builds_its_scheduler_on_the_teacher_betas(name):
 def test_preset_defaults():
     assert {n: (p.steps, p.guidance) for n, p in PRESETS.items()} == {
         "lcm": (4, 1.0), "tcd": (4, 1.0), "lightning": (4, 0.0), "lightning-1step": (1, 0.0), "turbo": (1, 0.0),
-        "hyper": (4, 0.0)}
+        "hyper": (4, 0.0), "pcm": (4, 1.0)}
     assert PRESETS["tcd"].eta == 0.3 and PRESETS["turbo"].size == 512
     # guidance ≤ 1 means diffusers runs no unconditional branch: the distilled families must not get CFG.
     assert all(p.guidance <= 1.0 for p in PRESETS.values())
@@ -65,7 +67,7 @@ def test_lcm_preset_matches_the_training_export_and_keeps_a_saved_grid():
 
 def test_unknown_preset_lists_the_valid_ones():
     assert set(cli.PRESET_NAMES) == set(PRESETS)  # the CLI's choices are the registry's keys
-    with pytest.raises(ValueError, match="valid: \\['hyper', 'lcm', 'lightning', 'lightning-1step', 'tcd', 'turbo'\\]"):
+    with pytest.raises(ValueError, match="valid: \\['hyper', 'lcm', 'lightning', 'lightning-1step', 'pcm', 'tcd', 'turbo'\\]"):
         get_preset("dpm")
 
 
