@@ -151,13 +151,16 @@ def guided_denoiser(teacher, cond: dict, uncond: dict, w, schedule: NoiseSchedul
     return denoise
 
 
-def predict_x0(model, z, t, cond, w, spec: LCDSpec):
-    """x̂₀(z, t) from a role callable: its prediction in the model's `prediction_type`, converted (ADD's student
-    output, and the inside of the consistency function)."""
+def predict_x0_eps(model, z, t, cond, w, spec: LCDSpec):
+    """(x̂₀, ε̂)(z, t) from a role callable: its prediction in the model's `prediction_type`, converted."""
     pred = model(z, t, cond, w)
     alpha, sigma = spec.schedule.alpha_sigma(t, z.ndim)
-    x0_hat, _ = to_x0_eps(pred, z, alpha.to(pred.dtype), sigma.to(pred.dtype), spec.prediction_type)
-    return x0_hat
+    return to_x0_eps(pred, z, alpha.to(pred.dtype), sigma.to(pred.dtype), spec.prediction_type)
+
+
+def predict_x0(model, z, t, cond, w, spec: LCDSpec):
+    """x̂₀(z, t) from a role callable (ADD's student output, and the inside of the consistency function)."""
+    return predict_x0_eps(model, z, t, cond, w, spec)[0]
 
 
 def predict_consistency(model, z, t, cond, w, spec: LCDSpec):
@@ -184,9 +187,7 @@ def predict_trajectory(model, z, t, s, cond, w, spec: LCDSpec):
     """f_θ(z, t → s) from a role callable (`trajectory_fn`); s all CLEAN_END is exactly `predict_consistency`."""
     if bool((s == CLEAN_END).all()):
         return predict_consistency(model, z, t, cond, w, spec)
-    pred = model(z, t, cond, w)
-    alpha, sigma = spec.schedule.alpha_sigma(t, z.ndim)
-    x0_hat, eps_hat = to_x0_eps(pred, z, alpha.to(pred.dtype), sigma.to(pred.dtype), spec.prediction_type)
+    x0_hat, eps_hat = predict_x0_eps(model, z, t, cond, w, spec)
     c_skip, c_out = boundary_scalings(t, spec.sigma_data, spec.timestep_scaling)
     alpha_s, sigma_s = spec.schedule.alpha_sigma(s.clamp(min=0), z.ndim)
     return trajectory_fn(z, x0_hat, eps_hat, append_dims(t, z.ndim), append_dims(s, z.ndim),

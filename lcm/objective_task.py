@@ -53,23 +53,17 @@ def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, targ
     """`student_of(model)` makes the student role from the accelerate-prepared module; `target`/`teacher` are roles;
     `backbone` is the teacher network the discriminator reads features from (adapters switched off inside)."""
     objective = cfg.distill.objective
-    if objective == "lcd":
-        def lcd(model, batch, gens):
-            lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
-            return lcd_loss(student_of(model), target, teacher, lcd_batch, spec)
-        return ObjectiveParts(lcd)
-    if objective == "pcm":
-        check_phases(spec.grid, cfg.distill.phases)
+    if objective in CONSISTENCY_OBJECTIVES:  # the same batch and roles; only the end point s differs
+        if objective == "pcm":
+            check_phases(spec.grid, cfg.distill.phases)
+        consistency = {"lcd": lambda student, b, gens: lcd_loss(student, target, teacher, b, spec),
+                       "pcm": lambda student, b, gens: pcm_loss(student, target, teacher, b, spec, cfg.distill.phases),
+                       "tcd": lambda student, b, gens: tcd_loss(student, target, teacher, b, spec, gens)}[objective]
 
-        def pcm(model, batch, gens):
+        def consistency_loss(model, batch, gens):
             lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
-            return pcm_loss(student_of(model), target, teacher, lcd_batch, spec, cfg.distill.phases)
-        return ObjectiveParts(pcm)
-    if objective == "tcd":
-        def tcd(model, batch, gens):
-            lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
-            return tcd_loss(student_of(model), target, teacher, lcd_batch, spec, gens)
-        return ObjectiveParts(tcd)
+            return consistency(student_of(model), lcd_batch, gens)
+        return ObjectiveParts(consistency_loss)
     if objective not in ADVERSARIAL_OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; valid: {list(OBJECTIVES)}")
 
