@@ -39,15 +39,20 @@ def _student_arg(value: str) -> tuple[str | None, str]:
 
 
 def _named_student_arg(value: str) -> tuple[str, str, str | None]:
-    """`lcm eval --student NAME=RUN[:PRESET]` → (name, run, preset or None). A trailing `:word` is a preset only when
-    it names one, so a path holding a colon still works; a bad value is an argparse error."""
-    from .presets import PRESETS
+    """`lcm eval --student NAME=RUN[:PRESET[@ETA]]` → (name, run, preset spec or None). A trailing `:word` is a preset
+    only when it names one (`tcd`, or `tcd@0.5` for another eta), so a path holding a colon still works; a bad value
+    is an argparse error."""
+    from .presets import PRESETS, split_preset_spec
 
     name, sep, rest = value.partition("=")
     if not (sep and name and rest) or "/" in name or "\\" in name:
         raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=RUN or NAME=RUN:PRESET")
     run, colon, preset = rest.rpartition(":")
-    if colon and run and preset in PRESETS:
+    if colon and run and preset.partition("@")[0] in PRESETS:
+        try:
+            split_preset_spec(preset)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
         return name, run, preset
     return name, rest, None
 
@@ -374,10 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "students in one table (rows named NAME, else by folder; a single unnamed one is 'LCM-LoRA')")
     e.add_argument("--lcd", default=None, help="the full-LCD student (train_lcd.py run folder or its UNet); sampled at "
                    "guidance_scale = teacher w + 1 through its guidance embedding")
-    e.add_argument("--student", action="append", default=None, type=_named_student_arg, metavar="NAME=RUN[:PRESET]",
+    e.add_argument("--student", action="append", default=None, type=_named_student_arg, metavar="NAME=RUN[:PRESET[@ETA]]",
                    help="any distilled student, repeatable: a LoRA or whole-network run folder (the kind is read from "
                    "its files), its row named NAME; :PRESET (lcm, tcd, turbo, lightning, …) samples it with that "
-                   "preset's scheduler instead of the one its run saved")
+                   "preset's scheduler instead of the one its run saved; @ETA sets the sampler's eta (tcd@0.5: TCD's gamma 0.5)")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--n", type=int, default=500, help="samples per cell")
     e.add_argument("--steps", default="1,2,4,8")

@@ -32,7 +32,7 @@ from .constants import NUM_DDIM_TIMESTEPS
 from .guidance import guidance_scale_from_w
 from .lora import load_pipeline_lora
 from .models import load_pretrained
-from .presets import build_scheduler, get_preset
+from .presets import build_scheduler, get_preset, split_preset_spec
 from .sampling import image_grid, lcm_scheduler_for, resolve_lora_dir, resolve_student_dir, saved_scheduler
 
 TEACHER_SOLVERS = {
@@ -82,7 +82,7 @@ def named_students(students: Sequence[tuple], reserved: Sequence[str] = ()) -> d
     out: dict[str, tuple[str, Optional[str]]] = {}
     for name, run, preset in students:
         if preset is not None:
-            get_preset(preset)
+            split_preset_spec(preset)
         if name in out or name in TEACHER_SOLVERS or name in reserved:
             raise ValueError(f"--student row name {name!r} is taken; row names must be unique and differ from "
                              f"{[*TEACHER_SOLVERS, *reserved]}")
@@ -167,10 +167,12 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
                      guidance_scale_from_w(teacher_w), student_guidance, original_inference_steps)
     rows: list[Row] = []
     for name, kind, source in plan:
-        path, preset = source if isinstance(source, tuple) else (source, None)
+        path, spec = source if isinstance(source, tuple) else (source, None)
+        preset, eta = split_preset_spec(spec) if spec else (None, None)
+        eta = get_preset(preset).eta if preset and eta is None else eta
         setup.preset = preset
         with ROW_KINDS[kind](setup, name, path) as (guidance_scale, row_steps):
-            call = {"eta": get_preset(preset).eta} if preset and get_preset(preset).eta is not None else {}
+            call = {"eta": eta} if eta is not None else {}
             for k in row_steps:
                 rows += _run_cells(pipe, name, k, guidance_scale, prompt_table, real_feats, out, **call)
     real_vs_real = _real_vs_real(real_feats, size)

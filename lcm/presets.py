@@ -65,6 +65,22 @@ def get_preset(name: str) -> SamplingPreset:
     return PRESETS[name]
 
 
+def split_preset_spec(spec: str) -> tuple[str, Optional[float]]:
+    """`PRESET[@ETA]` → (preset name, eta or None): `tcd@0.5` samples with the tcd preset at eta (TCD's gamma) 0.5.
+    An unknown preset, or an eta that is not a number in [0, 1], is an error naming the spec."""
+    name, at, eta = spec.partition("@")
+    get_preset(name)
+    if not at:
+        return name, None
+    try:
+        value = float(eta)
+    except ValueError:
+        raise ValueError(f"preset {spec!r}: the part after @ must be a number (the sampler's eta)") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"preset {spec!r}: eta must be in [0, 1], got {value}")
+    return name, value
+
+
 def build_scheduler(name: str, base_config):
     """The preset's scheduler on the base model's betas: `base_config` keys the class accepts, then the settings."""
     preset = get_preset(name)

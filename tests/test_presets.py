@@ -131,3 +131,15 @@ def test_cli_img2img_writes_png_of_requested_size(tiny_sdxl_dir, tmp_path):
                      "--width", "24", "--out", str(out)]) == 0
     image = Image.open(out)
     assert image.size == (24, 16) and torch.tensor(list(image.getdata())).float().std() > 0
+
+
+def test_preset_spec_takes_an_eta_after_at():
+    from lcm.presets import split_preset_spec
+
+    assert split_preset_spec("tcd") == ("tcd", None)
+    assert split_preset_spec("tcd@0.5") == ("tcd", 0.5)
+    assert split_preset_spec("lcm@0") == ("lcm", 0.0)
+    for bad, match in (("nope@0.5", "unknown sampling preset"), ("tcd@x", "must be a number"),
+                       ("tcd@1.5", r"in \[0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            split_preset_spec(bad)

@@ -219,6 +219,13 @@ def test_lcm_eval_named_students_with_and_without_a_preset(trained_run, tiny_sdx
 
     real, _ = load_digits_tensors("held_out", size=images.shape[-1])
     assert frechet_distance(digit_features(images), digit_features(real)) == pytest.approx(rows[1].frechet, rel=1e-4)
+    # `:tcd@0.9` is the same sampler at eta 0.9: `lcm sample --preset tcd --eta 0.9`'s images, unlike eta 0.3's.
+    other = evaluate(str(tiny_sdxl_dir), None, out, n=10, steps=[2], teacher_extra_steps=[], methods=["C"],
+                     students=[("C", str(trained_run), "tcd@0.9")])
+    images_09, _ = sample_tensors(pipe, prompts, list(range(10)), 2, 1.0, eta=0.9)
+    assert not images_09.equal(images)
+    assert frechet_distance(digit_features(images_09), digit_features(real)) == pytest.approx(other[0].frechet,
+                                                                                              rel=1e-4)
     with pytest.raises(ValueError, match="taken"):
         evaluate(str(tiny_sdxl_dir), None, out, n=2, steps=[1], students=[("DDIM", str(trained_run), None)])
     # The name LCM-LoRA is free for a --student row when no --lora holds it, and taken when one does.
@@ -240,7 +247,8 @@ def test_student_argument_parses_name_run_and_preset():
     assert _named_student_arg("lcm=runs/a") == ("lcm", "runs/a", None)
     assert _named_student_arg("t=runs/a:tcd") == ("t", "runs/a", "tcd")
     assert _named_student_arg("t=runs/a:b") == ("t", "runs/a:b", None)  # not a preset: part of the path
-    for bad in ("runs/a", "=runs/a", "a=", "x/y=runs/a"):
+    assert _named_student_arg("t=runs/a:tcd@0.5") == ("t", "runs/a", "tcd@0.5")
+    for bad in ("runs/a", "=runs/a", "a=", "x/y=runs/a", "t=runs/a:tcd@x", "t=runs/a:tcd@1.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             _named_student_arg(bad)
 
