@@ -168,6 +168,14 @@ class DistillConfig:
     phases: int = bounded(2, ge=1, le=1000)
     # tcd: the sampler's gamma (TCDScheduler's eta) that validation uses and the model card records
     tcd_gamma: float = bounded(0.3, ge=0, le=1)
+    # lightning (lcm/lightning.py): the progressive stages' student step counts, strictly decreasing, each stage
+    # continuing from the previous one's weights; sample with the last stage's count
+    stages: list[int] = bounded(default_factory=lambda: [8, 4, 2, 1], ge=1, le=1000)
+    stage_steps: Optional[list[int]] = None  # optimiser steps per stage (sum = max_train_steps); None = even split
+    mse_stages: int = bounded(1, ge=0)  # leading stages trained with MSE to the teacher's flow (the warm start)
+    mse_weight: float = bounded(0.0, ge=0)  # the MSE kept beside the adversarial term after them (0 = the paper)
+    x0_one_step: bool = True  # a final 1-step stage predicts x₀ directly (exported as the lightning-1step preset)
+    teacher_steps: int = bounded(8, ge=1)  # teacher DDIM steps over 999 → 0; a segment of an n-step stage gets ⌈/n⌉
 
 
 @dataclass
@@ -204,6 +212,8 @@ class AdversarialConfig:
     t_hat_scale: float = bounded(1.0, gt=0)
     t_hat_shift: float = bounded(1.0, gt=0)
     head_hidden: int = bounded(64, ge=4)  # width of each feature level's head
+    # lightning: D also reads x_t (the paper's conditional objective); false = the relaxed, unconditional one
+    conditional: bool = True
     d_steps_per_g: int = bounded(1, ge=1)
     optim: OptimConfig = field(default_factory=_discriminator_optim)
     # ADD only: the student's fixed timesteps, λ and c(t) of the distillation term
@@ -377,6 +387,16 @@ def _check_cross_fields(cfg) -> None:
     if d.objective == "pcm" and d.num_ddim_timesteps % d.phases:
         raise ConfigError(f"distill.phases={d.phases} must divide distill.num_ddim_timesteps={d.num_ddim_timesteps} "
                           "(each phase holds the same number of grid points)")
+    if d.objective == "lightning":
+        from .lightning import check_stages
+        try:
+            check_stages(list(d.stages), None if d.stage_steps is None else list(d.stage_steps),
+                         cfg.train.max_train_steps, d.mse_stages)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if d.stages[-1] == 1 and d.x0_one_step and v.num_inference_steps != 1:
+            raise ConfigError(f"validation.num_inference_steps={v.num_inference_steps}: a final 1-step stage with "
+                              "distill.x0_one_step=true predicts x₀ and samples only at 1 step; set it to 1")
     if not d.teacher_cfg and (d.w_min, d.w_max) != (0, 0):
         raise ConfigError(f"distill.teacher_cfg=false distils the unguided teacher (w = 0), but distill.w_min="
                           f"{d.w_min} and distill.w_max={d.w_max}: set both to 0")

@@ -229,3 +229,47 @@ def make_discriminator(features, heads):
         return heads(features(z, t, cond), t, cond)
 
     return discriminator
+
+
+def _pair_features(features, x_end, t_end, x_start, t_start, cond, conditional: bool):
+    """Per level: the features of x_{t'} at t' (0 for the clean end), and, for the conditional objective, those of
+    x_t at t concatenated along the channels."""
+    level_end = features(x_end, t_end.clamp(min=0), cond)
+    if not conditional:
+        return level_end
+    return [torch.cat([a, b], dim=1) for a, b in zip(level_end, features(x_start, t_start, cond))]
+
+
+def build_pair_heads(backbone, hidden: int = 64, T: int = 1000, conditional: bool = True) -> FeatureHeads:
+    """Heads for SDXL-Lightning's discriminator: twice each level's channels when it also reads x_t (conditional)."""
+    heads = build_heads(backbone, hidden, T)
+    if not conditional:
+        return heads
+    channels = [head.body[0].in_channels * 2 for head in heads.heads]
+    return FeatureHeads(channels, heads.text_dim, hidden, T)
+
+
+def make_pair_discriminator(features, heads, conditional: bool = True):
+    """SDXL-Lightning's D as the loss sees it (arXiv:2402.13929 §3.3): `(x_{t'}, t', x_t, t, cond) -> logits (B, L)`
+    from a frozen feature callable and the heads, conditioned on t' and the text (and on x_t through its features)."""
+
+    def discriminator(x_end, t_end, x_start, t_start, cond):
+        levels = _pair_features(features, x_end, t_end, x_start, t_start, cond, conditional)
+        return heads(levels, t_end.clamp(min=0), cond)
+
+    return discriminator
+
+
+class EncoderPairDiscriminator(torch.nn.Module):
+    """SDXL-Lightning's D with a trainable backbone (its own encoder copy, the paper's choice) and the pair heads."""
+
+    def __init__(self, encoder: torch.nn.Module, heads: FeatureHeads, conditional: bool = True):
+        super().__init__()
+        self.encoder, self.heads, self.conditional = encoder, heads, conditional
+        self._features = transformer_encoder_features if is_transformer(encoder) else unet_encoder_features
+
+    def forward(self, x_end, t_end, x_start, t_start, cond):
+        def features(z, t, c):
+            return self._features(self.encoder, z, t, c)
+        levels = _pair_features(features, x_end, t_end, x_start, t_start, cond, self.conditional)
+        return self.heads(levels, t_end.clamp(min=0), cond)

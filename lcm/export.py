@@ -77,6 +77,13 @@ def _objective_summary(cfg) -> str:
     if objective == "tcd":
         return f"tcd (trajectory consistency): s ~ U[0, t_n]; validated with gamma = {cfg.distill.tcd_gamma}"
     a = cfg.adversarial
+    if objective == "lightning":
+        d = cfg.distill
+        return (f"lightning (progressive adversarial): stages {list(d.stages)} "
+                f"({'even split' if d.stage_steps is None else list(d.stage_steps)} steps), the first {d.mse_stages} "
+                f"with MSE; {'conditional' if a.conditional else 'relaxed (unconditional)'} {a.loss} discriminator "
+                f"on the {a.backbone} teacher encoder, weight {a.weight}, R1 γ {a.r1_gamma}; teacher {d.teacher_steps} "
+                f"DDIM steps per trajectory{'; x₀ prediction at 1 step' if d.stages[-1] == 1 and d.x0_one_step else ''}")
     parts = [f"{objective}: {a.loss} loss, weight {a.weight} (warm-up {a.warmup_steps} steps), R1 γ {a.r1_gamma}",
              f"discriminator heads on the {a.backbone} teacher encoder, t̂ logit-normal({a.t_hat_loc}, "
              f"{a.t_hat_scale}) shift {a.t_hat_shift}"]
@@ -131,6 +138,17 @@ def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
                                            "phased consistency distillation", "DDIMScheduler", d.phases)
         guidance = guidance.replace("`LCMScheduler`", f"`DDIMScheduler` on trailing timesteps at exactly {d.phases} "
                                                        "steps, one per trained phase (`lcm sample --preset pcm`)")
+    elif objective == "lightning":
+        steps = d.stages[-1]
+        title, method, sched_cls = (("Lightning-LoRA" if lora else "Lightning (full distillation)"),
+                                    "progressive adversarial distillation (SDXL-Lightning)", "EulerDiscreteScheduler")
+        preset = "lightning-1step" if steps == 1 and d.x0_one_step else "lightning"
+        g_student = 0.0 if lora or pixart else g_student
+        guidance = (f"`guidance_scale` 0 with `EulerDiscreteScheduler` on trailing timesteps at exactly {steps} "
+                    f"step{'s' if steps > 1 else ''} (`lcm sample --preset {preset}`); the teacher's guidance was "
+                    "distilled in" if lora or pixart else
+                    f"`EulerDiscreteScheduler` on trailing timesteps at {steps} steps, `guidance_scale` = w + 1 with w "
+                    f"in the trained range [{d.w_min}, {d.w_max}] (fed to the guidance embedding; no unconditional pass)")
     elif objective == "tcd":
         title, method, sched_cls = (("TCD-LoRA" if lora else "TCD (full distillation)"),
                                     "trajectory consistency distillation", "TCDScheduler")
@@ -165,7 +183,7 @@ Distilled with [lcm-distill](https://pypi.org/project/lcm-distill/) by {method}.
 | loss | {d.loss}{f' (c = {d.huber_c})' if d.loss == 'huber' else ''}, EMA decay {d.ema_decay} |
 | objective | {_objective_summary(cfg)} |
 
-**Recommended sampling:** {f'{d.phases} steps' if objective == 'pcm' else '4 steps (2–8 work)' if objective != 'add' else '1 step (up to 4 work)'}, {guidance}.
+**Recommended sampling:** {f'{d.phases} steps' if objective == 'pcm' else f'{steps} step(s)' if objective == 'lightning' else '4 steps (2–8 work)' if objective != 'add' else '1 step (up to 4 work)'}, {guidance}.
 
 ```python
 from diffusers import DiffusionPipeline, {sched_cls}

@@ -6,6 +6,7 @@ objectives, the discriminator critic (DESIGN.md §2). Entry scripts build the ro
     add      loss_fn = ADD's L_G + λ·distillation; the same critic
     pcm      loss_fn = LCD toward each sample's phase edge (distill.phases); no critic
     tcd      loss_fn = LCD toward a drawn s ∈ [0, t_n] on the trajectory; no critic
+    lightning  loss_fn = the current stage's MSE or L_G on the student's flow; critic "d" = the pair discriminator
 Step order (lcm/trainer.py): student step (D frozen, judged through), then the D step on the handoff, then the EMA.
 """
 
@@ -18,8 +19,10 @@ import torch
 
 from .adversarial import frozen, warmed_up_weight
 from .consistency import LCDSpec, lcd_loss
-from .discriminator import EncoderDiscriminator, build_heads, encoder_copy, make_discriminator, teacher_features
+from .discriminator import (EncoderDiscriminator, EncoderPairDiscriminator, build_heads, build_pair_heads, encoder_copy,
+                            make_discriminator, make_pair_discriminator, teacher_features)
 from .encode import lcd_batch_from_data
+from .lightning import check_stages, lightning_discriminator_loss, lightning_loss, make_stage, stage_at
 from .objectives import (OBJECTIVES, ADDSpec, AdversarialSpec, StudentTimesteps, add_loss, discriminator_loss,
                          lcd_adv_loss)
 from .trainer import Critic
@@ -67,6 +70,8 @@ def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, targ
     if objective not in ADVERSARIAL_OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; valid: {list(OBJECTIVES)}")
 
+    if objective == "lightning":
+        return _lightning_objective(cfg, pipe, spec, device, student_of, teacher, backbone)
     a = cfg.adversarial
     adv = adversarial_spec(a)
     features = teacher_features(backbone)
@@ -102,6 +107,43 @@ def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, targ
         # heads' gradients stop at the features, so they are computed without one.
         feats = features if adv.r1_gamma > 0 else _no_grad(features)
         return discriminator_loss(make_discriminator(feats, model), handoff, gens, spec.schedule, adv)
+
+    critic = Critic("d", critic_module, list(critic_module.parameters()), d_loss, a.optim, a.d_steps_per_g)
+    return ObjectiveParts(generator_loss, [critic], lambda n: step.update(now=n), critic_module)
+
+
+def _lightning_objective(cfg, pipe, spec: LCDSpec, device, student_of, teacher, backbone) -> ObjectiveParts:
+    """SDXL-Lightning: the stage of each step from the progressive schedule, its segments drawn per sample, and the
+    pair discriminator (frozen teacher encoder + heads, or a trainable encoder copy with them) as critic "d"."""
+    d, a = cfg.distill, cfg.adversarial
+    stages = list(d.stages)
+    per_stage = check_stages(stages, None if d.stage_steps is None else list(d.stage_steps),
+                             cfg.train.max_train_steps, d.mse_stages)
+    made = [make_stage(i, stages, d.mse_stages, d.x0_one_step, d.teacher_steps, spec.prediction_type,
+                       spec.schedule.T, d.mse_weight) for i in range(len(stages))]
+    heads = build_pair_heads(backbone, a.head_hidden, spec.schedule.T, a.conditional).to(device)
+    features = teacher_features(backbone)
+    if a.backbone == "trainable":
+        critic_module = EncoderPairDiscriminator(encoder_copy(backbone), heads, a.conditional).to(device)
+        judge = critic_module
+    else:
+        critic_module = heads
+        judge = make_pair_discriminator(features, heads, a.conditional)
+    step = {"now": 0}
+
+    def generator_loss(model, batch, gens):
+        stage = made[stage_at(step["now"], per_stage)]
+        lcd_batch = lcd_batch_from_data(pipe, batch, gens, d, stage.grid, device)
+        with frozen(critic_module):
+            return lightning_loss(student_of(model), teacher, judge, lcd_batch, spec, stage, a.loss,
+                                  warmed_up_weight(a.weight, a.warmup_steps, step["now"]))
+
+    def d_loss(model, handoff, gens):
+        if a.backbone == "trainable":
+            return lightning_discriminator_loss(model, handoff, a.loss, a.r1_gamma)
+        feats = features if a.r1_gamma > 0 else _no_grad(features)
+        return lightning_discriminator_loss(make_pair_discriminator(feats, model, a.conditional), handoff, a.loss,
+                                            a.r1_gamma)
 
     critic = Critic("d", critic_module, list(critic_module.parameters()), d_loss, a.optim, a.d_steps_per_g)
     return ObjectiveParts(generator_loss, [critic], lambda n: step.update(now=n), critic_module)

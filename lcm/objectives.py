@@ -162,4 +162,5 @@ def add_loss(student, teacher, discriminator, batch: LCDBatch, spec: LCDSpec, ad
 
 
 # pcm and tcd (lcm/trajectory.py) are consistency objectives toward an end point s > 0; no discriminator.
-OBJECTIVES = ("lcd", "lcd_adv", "add", "pcm", "tcd")
+# lightning (lcm/lightning.py): progressive adversarial distillation with a pair discriminator.
+OBJECTIVES = ("lcd", "lcd_adv", "add", "pcm", "tcd", "lightning")

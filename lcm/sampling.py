@@ -67,13 +67,23 @@ def lcm_scheduler_for(base_config, original_inference_steps: int = NUM_DDIM_TIME
 # The sampling preset each distillation objective trains its student for: consistency students sample with
 # LCMScheduler on the trained grid; ADD's with Euler ancestral on trailing timesteps (at 4 steps exactly ADD's student
 # timesteps 999/749/499/249), no CFG.
-OBJECTIVE_PRESETS = {"lcd": "lcm", "lcd_adv": "lcm", "add": "turbo", "pcm": "pcm", "tcd": "tcd"}
+OBJECTIVE_PRESETS = {"lcd": "lcm", "lcd_adv": "lcm", "add": "turbo", "pcm": "pcm", "tcd": "tcd",
+                     "lightning": "lightning"}
+
+
+def objective_preset(distill_cfg) -> str:
+    """The preset a student trained with `distill_cfg` samples with: OBJECTIVE_PRESETS, except a Lightning run whose
+    last stage is an x₀-predicting 1-step stage (`lightning-1step`: the scheduler reads the output as a sample)."""
+    objective = distill_cfg.get("objective", "lcd")  # runs from before objectives existed: lcd
+    if objective == "lightning" and distill_cfg.stages[-1] == 1 and distill_cfg.x0_one_step:
+        return "lightning-1step"
+    return OBJECTIVE_PRESETS[objective]
 
 
 def student_scheduler_for(distill_cfg, base_config):
     """The scheduler a student trained with `distill_cfg` samples with, on the teacher's betas: what validation uses
     and what the run exports, so `lcm sample --preset <OBJECTIVE_PRESETS[objective]>` repeats the trainer's sampling."""
-    preset = OBJECTIVE_PRESETS[distill_cfg.get("objective", "lcd")]  # runs from before objectives existed: lcd
+    preset = objective_preset(distill_cfg)
     if preset == "lcm":
         return lcm_scheduler_for(base_config, distill_cfg.num_ddim_timesteps, distill_cfg.timestep_scaling)
     if preset == "tcd":  # TCD samples from the trained grid, like LCM
@@ -85,7 +95,7 @@ def student_scheduler_for(distill_cfg, base_config):
 def student_eta(distill_cfg) -> Optional[float]:
     """The `eta` the objective's sampler is called with (TCD's gamma), or None."""
     objective = distill_cfg.get("objective", "lcd")
-    return distill_cfg.tcd_gamma if objective == "tcd" else get_preset(OBJECTIVE_PRESETS[objective]).eta
+    return distill_cfg.tcd_gamma if objective == "tcd" else get_preset(objective_preset(distill_cfg)).eta
 
 
 def resolve_lora_dir(path: str) -> Path:

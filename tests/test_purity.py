@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 MATH = ["schedule", "parameterization", "solvers", "guidance", "consistency", "ema", "constants", "adversarial",
-        "objectives", "trajectory"]
+        "objectives", "trajectory", "lightning"]
 ROOT = Path(__file__).resolve().parents[1] / "lcm"
 
 
