@@ -33,7 +33,8 @@ from .guidance import guidance_scale_from_w
 from .lora import load_pipeline_lora
 from .models import load_pretrained
 from .presets import build_scheduler, get_preset, split_preset_spec
-from .sampling import image_grid, lcm_scheduler_for, resolve_lora_dir, resolve_student_dir, saved_scheduler
+from .sampling import (image_grid, lcm_scheduler_for, resolve_lora_dir, resolve_student_dir, saved_eta,
+                       saved_scheduler)
 
 TEACHER_SOLVERS = {
     "DDIM": lambda c: DDIMScheduler.from_config(c, timestep_spacing="trailing", clip_sample=False,
@@ -169,7 +170,8 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
     for name, kind, source in plan:
         path, spec = source if isinstance(source, tuple) else (source, None)
         preset, eta = split_preset_spec(spec) if spec else (None, None)
-        eta = get_preset(preset).eta if preset and eta is None else eta
+        if eta is None:  # the preset's own eta, or, sampled as saved, the eta the run validated with (TCD's gamma)
+            eta = get_preset(preset).eta if preset else (saved_eta(path) if kind != "teacher" else None)
         setup.preset = preset
         with ROW_KINDS[kind](setup, name, path) as (guidance_scale, row_steps):
             call = {"eta": eta} if eta is not None else {}

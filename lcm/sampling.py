@@ -197,6 +197,19 @@ def saved_scheduler(lora: Path):
     return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
+def saved_eta(student: Path) -> Optional[float]:
+    """The `eta` a run validated with (`student_eta`: TCD's gamma), read from the `config.yaml` beside its `final/`
+    folder (or in the folder given); None when there is no config or the objective's sampler takes none."""
+    from omegaconf import OmegaConf
+
+    student = Path(student)
+    for folder in (student, student.parent, student.parent.parent):
+        if (folder / "config.yaml").is_file():
+            distill = OmegaConf.load(folder / "config.yaml").get("distill")
+            return None if distill is None else student_eta(distill)
+    return None
+
+
 def _load_peft_lora(pipe, loras: Sequence[tuple[str, float]]):
     """PixArt: one LoRA in PEFT's folder format, scaled by its weight and merged into the transformer (which stays a
     plain `PixArtTransformer2DModel`); returns the run's saved scheduler config, if any."""

@@ -95,6 +95,14 @@ def test_tcd_run_samples_bit_for_bit_with_lcm_sample_preset_tcd(tiny_sdxl_dir, d
     assert not np.array_equal(trained, other)
     card = (out / "final/README.md").read_text()
     assert "TCD-LoRA" in card and "gamma = 0.6" in card and "eta=0.6" in card
+    # `lcm eval --student T=RUN` (no preset) samples the run as saved at the gamma it validated with: the same row
+    # as `:tcd@0.6`, another row than `:tcd@0`.
+    from lcm.evaluate import evaluate
+
+    rows = evaluate(str(tiny_sdxl_dir), None, tmp_path / "eval", n=6, steps=[4], teacher_extra_steps=[],
+                    methods=["saved", "g06", "g0"], students=[("saved", str(out), None), ("g06", str(out), "tcd@0.6"),
+                                                              ("g0", str(out), "tcd@0")])
+    assert rows[0].frechet == rows[1].frechet != rows[2].frechet
 
 
 @pytest.mark.parametrize("objective,extra,scheduler", [("pcm", "distill.phases=2", "DDIMScheduler"),
