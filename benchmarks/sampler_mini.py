@@ -1,0 +1,107 @@
+"""One trained LCM-LoRA, several samplers: LCMScheduler (LCM's multistep sampler, which re-noises x̂₀ fully at every
+step) against TCDScheduler at gammas γ < 1 on the same LoRA and the same grid (TCD's strategic stochastic sampling:
+jump along the trajectory to s = (1 − γ)·t_next, then re-noise only to t_next). Issue #13's 8-step question: does the
+8-step collapse come from the student or from how it is sampled?
+
+    python -m benchmarks.sampler_mini [--seeds 0-2] [--gammas 0.3,0.5,0.7] [--threads 1] [--n 500]
+
+Each seed's run is `<runs>/lcm-lora-s<seed>` (trained from `configs/mini_lcm_lora.yaml` with `train.seed=S` when the
+folder holds no LoRA yet, by benchmarks/quality_mini.py's `train`), scored by `lcm eval`'s `evaluate` with one
+`--student NAME=RUN[:tcd@γ]` row per sampler. Every scored seed is appended to `results/sampler_mini.jsonl` at once,
+so a stopped benchmark loses nothing; `results/sampler_mini.{json,md}` hold per-seed rows, the median and min–max per
+cell, and the 8-step / 4-step ratio of every seed (the target: ≤ 1.1 on every seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+from benchmarks.quality_mini import RESULTS, ROOT, TEACHER, append_log, commit, read_log, train
+from lcm.sampling import parse_seeds
+
+LOG = RESULTS / "sampler_mini.jsonl"
+
+
+def samplers(gammas: list[float]) -> list[tuple[str, str | None]]:
+    """(row name, preset spec) per sampler: the run's saved LCMScheduler, then TCD at each gamma."""
+    return [("LCM", None)] + [(f"TCD γ={g:g}", f"tcd@{g:g}") for g in gammas]
+
+
+def score_seed(run_dir: Path, out: Path, gammas: list[float], steps: list[int], n: int) -> dict:
+    from lcm.evaluate import evaluate
+
+    students = [(name, str(run_dir), spec) for name, spec in samplers(gammas)]
+    rows = evaluate(str(TEACHER), None, out, n=n, steps=steps, teacher_extra_steps=(), teacher_w=0.5,
+                    methods=[s[0] for s in students], students=students)
+    scores: dict = {}
+    for r in rows:
+        scores.setdefault(r.method, {})[str(r.steps)] = {"fd": r.frechet, "acc": r.accuracy}
+    return scores
+
+
+def table(rows: list[dict], steps: list[int], names: list[str]) -> str:
+    head = ("| sampler | seed | " + " | ".join(f"{k} steps FD / acc" for k in steps) + " | 8 / 4 |\n|"
+            + "---|" * (len(steps) + 3) + "\n")
+    lines = []
+    for name in names:
+        for r in rows:
+            s = r["scores"][name]
+            ratio = s["8"]["fd"] / s["4"]["fd"] if {"4", "8"} <= set(s) else float("nan")
+            lines.append(f"| {name} | {r['seed']} | " + " | ".join(
+                f"{s[str(k)]['fd']:.1f} / {100 * s[str(k)]['acc']:.1f}%" for k in steps) + f" | {ratio:.2f} |")
+        cells = []
+        for k in steps:
+            fds = [r["scores"][name][str(k)]["fd"] for r in rows]
+            cells.append(f"**{statistics.median(fds):.1f}** ({min(fds):.1f}–{max(fds):.1f})")
+        ratios = [r["scores"][name]["8"]["fd"] / r["scores"][name]["4"]["fd"] for r in rows
+                  if {"4", "8"} <= set(r["scores"][name])]
+        worst = f"worst {max(ratios):.2f}" if ratios else ""
+        lines.append(f"| **{name}, median of {len(rows)}** (min–max) | | " + " | ".join(cells) + f" | {worst} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0-2")
+    p.add_argument("--gammas", default="0.3,0.5,0.7")
+    p.add_argument("--steps", default="1,2,4,8")
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each training (when one must run)")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "mini"), help="folder of the lcm-lora-s<seed> runs")
+    args = p.parse_args(argv)
+    seeds, gammas = parse_seeds(args.seeds), [float(g) for g in args.gammas.split(",")]
+    steps = [int(k) for k in args.steps.split(",")]
+    names = [name for name, _ in samplers(gammas)]
+    key = {"gammas": gammas, "steps": steps, "n": args.n}
+    done = {r["seed"]: r for r in read_log(LOG) if r.get("key") == key}
+    for seed in seeds:
+        if seed in done:
+            continue
+        run_dir = Path(args.runs) / f"lcm-lora-s{seed}"
+        secs = None
+        if not (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file():
+            secs = train("mini_lcm_lora", [], seed, run_dir, args.threads)
+        row = {"seed": seed, "key": key, "run": str(run_dir), "train_s": secs, "commit": commit(),
+               "scores": score_seed(run_dir, run_dir / "eval-samplers", gammas, steps, args.n)}
+        append_log(LOG, row)
+        done[seed] = row
+        print(f"seed {seed}: " + "; ".join(f"{n}: " + " ".join(f"{row['scores'][n][str(k)]['fd']:.1f}" for k in steps)
+                                          for n in names), flush=True)
+    rows = [done[s] for s in seeds]
+    md = (f"## One LCM-LoRA, several samplers (issue #13: 8 steps)\n\n`python -m benchmarks.sampler_mini --seeds "
+          f"{args.seeds} --gammas {args.gammas} --n {args.n}`\n\n{os.cpu_count()} CPUs, {platform.machine()}; "
+          f"{args.n} eval samples per cell; commits {sorted({r['commit'] for r in rows})}. FD / accuracy by "
+          "`lcm eval`'s evaluate; every row samples the same LoRA of that seed (`configs/mini_lcm_lora.yaml`).\n\n"
+          + table(rows, steps, names))
+    (RESULTS / "sampler_mini.md").write_text(md)
+    (RESULTS / "sampler_mini.json").write_text(json.dumps({"rows": rows}, indent=2))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
