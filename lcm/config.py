@@ -394,7 +394,7 @@ def _check_cross_fields(cfg) -> None:
                          cfg.train.max_train_steps, d.mse_stages)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if d.stages[-1] == 1 and d.x0_one_step and v.num_inference_steps != 1:
+        if d.stages[-1] == 1 and d.x0_one_step and v.every_n_steps > 0 and v.num_inference_steps != 1:
             raise ConfigError(f"validation.num_inference_steps={v.num_inference_steps}: a final 1-step stage with "
                               "distill.x0_one_step=true predicts x₀ and samples only at 1 step; set it to 1")
     if not d.teacher_cfg and (d.w_min, d.w_max) != (0, 0):

@@ -78,6 +78,10 @@ def test_accumulation_matches_one_batch(single_process_run, tiny_sdxl_dir, tmp_p
 
 ADVERSARIAL = ("distill.objective=lcd_adv", "adversarial.weight=0.5", "adversarial.head_hidden=8",
                "adversarial.optim.lr=1e-3", "train.checkpoint_every=1", "train.checkpoints_total_limit=3")
+# SDXL-Lightning's pair discriminator: one MSE step, then two adversarial steps of the 2-step stage; the smooth
+# non-saturating loss (no hinge kink for summation-order noise to flip)
+LIGHTNING = ("distill.objective=lightning", "distill.stages=[4,2]", "distill.stage_steps=[1,2]",
+             "adversarial.loss=nonsaturating", *ADVERSARIAL[1:])
 
 
 def _heads(run: Path, step: int = 3) -> dict:
@@ -87,15 +91,16 @@ def _heads(run: Path, step: int = 3) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def test_two_processes_match_one_with_a_discriminator(single_process_run, tiny_sdxl_dir, tmp_path):
+@pytest.mark.parametrize("objective", [ADVERSARIAL, LIGHTNING], ids=["lcd_adv", "lightning"])
+def test_two_processes_match_one_with_a_discriminator(single_process_run, tiny_sdxl_dir, tmp_path, objective):
     """A two-optimiser step (student, then the discriminator heads on the student's handoff) distributes the same
     way: the heads are DDP-wrapped on their own, and the LoRA and the heads both match the one-process run."""
     data, _ = single_process_run
     one, two = tmp_path / "one", tmp_path / "two"
     assert load_entry_script("train_lcm_lora").main(_args(tiny_sdxl_dir, data, one, "train.batch_size=4",
-                                                          *ADVERSARIAL)) == 0
+                                                          *objective)) == 0
     proc = accelerate_launch(ROOT / "train_lcm_lora.py", _args(tiny_sdxl_dir, data, two, "train.batch_size=2",
-                                                               *ADVERSARIAL))
+                                                               *objective))
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_lora(one, two)
     a, b = _heads(one), _heads(two)

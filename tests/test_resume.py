@@ -30,6 +30,10 @@ STEPS_PER_EPOCH = 3  # 10 images in batches of 2 = 5 batches; accumulating 2 per
 
 ADVERSARIAL = ("distill.objective=lcd_adv", "adversarial.weight=0.5", "adversarial.warmup_steps=3",
                "adversarial.r1_gamma=0.1", "adversarial.head_hidden=8")
+# SDXL-Lightning: three stages over the 6 steps (the kill lands inside one), MSE first, then the pair discriminator
+LIGHTNING = ("distill.objective=lightning", "distill.stages=[4,2,1]", "adversarial.weight=0.5",
+             "adversarial.r1_gamma=0.1", "adversarial.head_hidden=8")
+EXTRA = {"lcd": (), "lcd_adv": ADVERSARIAL, "lightning": LIGHTNING}
 
 
 def _args(teacher, data, out, objective="lcd"):
@@ -41,7 +45,7 @@ def _args(teacher, data, out, objective="lcd"):
             "train.gradient_accumulation_steps=2", "train.report_to=none", "lora.rank=4", "lora.alpha=4",
             "lora.dropout=0.1", "distill.ema_decay=0.5", "optim.lr_warmup_steps=2", "validation.every_n_steps=0",
             f"train.max_train_steps={MAX_STEPS}", "train.checkpoint_every=1", "train.checkpoints_total_limit=2",
-            "train.seed=3", *(ADVERSARIAL if objective == "lcd_adv" else ())]
+            "train.seed=3", *EXTRA[objective]]
 
 
 def _tensors_equal(a: dict, b: dict) -> list[str]:
@@ -64,7 +68,7 @@ def deterministic(monkeypatch):
     torch.use_deterministic_algorithms(before)
 
 
-@pytest.mark.parametrize("objective", ["lcd", "lcd_adv"])
+@pytest.mark.parametrize("objective", ["lcd", "lcd_adv", "lightning"])
 def test_sigkill_after_a_random_checkpoint_then_resume_latest_is_bit_identical(tiny_sdxl_dir, tmp_path, deterministic,
                                                                                objective):
     """lcd_adv adds a discriminator with its own optimiser, warm-up and R1: its heads and Adam state must resume
@@ -113,7 +117,7 @@ def test_sigkill_after_a_random_checkpoint_then_resume_latest_is_bit_identical(t
     # 3. Bit-identical: the exported LoRA, and the final checkpoint's EMA target and Adam moments.
     final, last = "final/pytorch_lora_weights.safetensors", f"checkpoints/step-{MAX_STEPS:06d}"
     compared = [(final, load_file), (f"{last}/extra_state.safetensors", load_file), (last, _optimizer_tensors)]
-    if objective == "lcd_adv":  # the discriminator heads (accelerate's model file) and their Adam state
+    if objective != "lcd":  # the discriminator heads (accelerate's model file) and their Adam state
         compared += [(f"{last}/model.safetensors", load_file),
                      (last, lambda p: _optimizer_tensors(p, "optimizer_1.bin"))]
     for what, load in compared:

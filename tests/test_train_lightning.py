@@ -161,5 +161,5 @@ def test_lightning_config_errors_name_the_key(tiny_sdxl_dir, data, tmp_path):
     with pytest.raises(ConfigError, match="distill.stages"):
         train.main(_args(tiny_sdxl_dir, data, tmp_path / "a", "distill.stages=[2,4]"))
     with pytest.raises(ConfigError, match="validation.num_inference_steps"):
-        train.main(_args(tiny_sdxl_dir, data, tmp_path / "b", "distill.stages=[2,1]",
+        train.main(_args(tiny_sdxl_dir, data, tmp_path / "b", "distill.stages=[2,1]", "validation.every_n_steps=1",
                          "validation.num_inference_steps=4"))
