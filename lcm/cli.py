@@ -57,19 +57,40 @@ def _named_student_arg(value: str) -> tuple[str, str, str | None]:
     return name, rest, None
 
 
-def _with_preset_defaults(args):
-    """Fill --steps/--guidance/--eta/--height/--width left unset from the --preset table (lcm when none is given)."""
+def _with_preset_defaults(args, model_paths=()):
+    """Fill --steps/--guidance/--eta/--height/--width left unset from the --preset table. With no --preset, the preset
+    is the one the run behind the first LoRA / student in `model_paths` trained for (its config.yaml: a TCD-LoRA
+    samples with tcd at its gamma, a Lightning LoRA with lightning), else lcm; an explicit --preset always wins."""
     from .presets import get_preset
+    from .sampling import resolve_lora_dir, resolve_student_dir, saved_preset
 
-    name = getattr(args, "preset", None) or "lcm"
+    name, run_eta = getattr(args, "preset", None), None
+    if name is None and model_paths:
+        found = None
+        for resolve in (resolve_lora_dir, resolve_student_dir):
+            try:
+                found = saved_preset(resolve(model_paths[0]))
+                break
+            except FileNotFoundError:
+                continue
+        if found is not None:
+            name, run_eta, config = found
+            print(f"lcm: preset {name}" + (f" (eta {run_eta})" if run_eta is not None else "")
+                  + f" from the run's {config}; --preset overrides", file=sys.stderr)
+    name = name or "lcm"
     try:
         preset = get_preset(name)
     except ValueError as err:
         raise SystemExit(f"lcm sample: {err}") from err
-    fill = {"steps": preset.steps, "guidance": preset.guidance, "eta": preset.eta, "height": preset.size,
-            "width": preset.size, "init_image": None, "strength": None}
+    fill = {"steps": preset.steps, "guidance": preset.guidance, "eta": preset.eta if run_eta is None else run_eta,
+            "height": preset.size, "width": preset.size, "init_image": None, "strength": None}
     unset = {k: v for k, v in fill.items() if getattr(args, k, None) is None}
     return argparse.Namespace(**{**vars(args), **unset, "preset": name})
+
+
+def _model_paths(args) -> list[str]:
+    """The LoRA paths, then the student, that `lcm sample` was given (what the preset is inferred from)."""
+    return [_lora_arg(v)[0] for v in args.lora or []] + ([args.student] if getattr(args, "student", None) else [])
 
 
 def _student_kinds(args) -> list:
@@ -96,7 +117,7 @@ def cmd_sample(args) -> int:
     from .sampling import (generate, image_grid, img2img_pipeline, img2img_steps, load_init_image,
                            load_pipeline_for_sampling, parse_seeds)
 
-    args = _with_preset_defaults(args)
+    args = _with_preset_defaults(args, _model_paths(args))
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
@@ -156,8 +177,8 @@ def cmd_serve(args) -> int:
     """The live page: the image follows the prompt as you type (see lcm/serve.py)."""
     from .serve import host_warning, serve
 
-    args = _with_preset_defaults(args)
     base, loras = default_model(args.base, [_lora_arg(v) for v in args.lora or []])
+    args = _with_preset_defaults(args, [path for path, _ in loras])
     if not 1 <= args.steps <= 8:
         raise SystemExit(f"lcm serve: --steps must be in [1, 8] (the page's range), got {args.steps}")
     if warning := host_warning(args.host):
@@ -293,8 +314,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     """The model and sampling options `sample` and `serve` share (what `load_pipeline_for_sampling` takes)."""
     p.add_argument("--lora", action="append", help="LoRA run folder / weights folder / .safetensors, optional :WEIGHT;"
                    " repeat to stack")
-    p.add_argument("--preset", default="lcm", choices=sorted(PRESET_NAMES),
-                   help="scheduler + default steps/guidance for the weights' family (default lcm)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESET_NAMES),
+                   help="scheduler + default steps/guidance/eta for the weights' family (default: the one the first "
+                   "LoRA's / student's run trained for, read from its config.yaml; lcm when there is none)")
     p.add_argument("--steps", type=int, default=None, help="default: the preset's (lcm: 4)")
     p.add_argument("--guidance", type=float, default=None,
                    help="diffusers guidance_scale (= LCM w + 1); default: the preset's (lcm: 1.0; 1.0–2.0 suits "

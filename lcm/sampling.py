@@ -197,17 +197,35 @@ def saved_scheduler(lora: Path):
     return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
+def _run_distill_config(path: Path):
+    """(config.yaml, its `distill` section) of the run a LoRA or student at `path` came from: the first config.yaml in
+    the folder given, its parent or grandparent (a run keeps it beside `final/`); None when there is none."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "config.yaml").is_file():
+            distill = OmegaConf.load(folder / "config.yaml").get("distill")
+            return (folder / "config.yaml", distill) if distill is not None else None
+    return None
+
+
 def saved_eta(student: Path) -> Optional[float]:
     """The `eta` a run validated with (`student_eta`: TCD's gamma), read from the `config.yaml` beside its `final/`
     folder (or in the folder given); None when there is no config or the objective's sampler takes none."""
-    from omegaconf import OmegaConf
+    found = _run_distill_config(student)
+    return None if found is None else student_eta(found[1])
 
-    student = Path(student)
-    for folder in (student, student.parent, student.parent.parent):
-        if (folder / "config.yaml").is_file():
-            distill = OmegaConf.load(folder / "config.yaml").get("distill")
-            return None if distill is None else student_eta(distill)
-    return None
+
+def saved_preset(path: Path) -> Optional[tuple[str, Optional[float], Path]]:
+    """(preset, eta, config file) the run that made the LoRA or student at `path` validated with: a TCD-LoRA's run →
+    ("tcd", its gamma), a Lightning run → "lightning" (or "lightning-1step"), an LCM run → "lcm"; None when no run
+    config is found (a LoRA file from elsewhere)."""
+    found = _run_distill_config(path)
+    if found is None:
+        return None
+    config, distill = found
+    return objective_preset(distill), student_eta(distill), config
 
 
 def _load_peft_lora(pipe, loras: Sequence[tuple[str, float]]):

@@ -143,3 +143,65 @@ def test_preset_spec_takes_an_eta_after_at():
                        ("tcd@1.5", r"in \[0, 1\]")):
         with pytest.raises(ValueError, match=match):
             split_preset_spec(bad)
+
+
+def _fake_run(root, config, *overrides):
+    """A run folder as train_lcm_lora.py leaves it (config.yaml + final/pytorch_lora_weights.safetensors), with the
+    real config of `config`; the weights file is a placeholder (the preset is read from the config alone)."""
+    from lcm.config import load_config, to_yaml
+
+    run = root / config
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (run / "config.yaml").write_text(to_yaml(load_config(config, list(overrides))))
+    return run
+
+
+def test_cli_infers_the_preset_and_eta_from_the_runs_config_and_an_explicit_preset_wins(tmp_path, capsys):
+    unset = dict(preset=None, steps=None, guidance=None, eta=None, height=None, width=None)
+    tcd = _fake_run(tmp_path, "mini_tcd_lora", "distill.tcd_gamma=0.6")
+    lightning = _fake_run(tmp_path, "mini_lightning_lora")
+    lcm_run = _fake_run(tmp_path, "mini_lcm_lora")
+    got = cli._with_preset_defaults(argparse.Namespace(**unset), [str(tcd)])
+    assert (got.preset, got.eta, got.steps) == ("tcd", 0.6, get_preset("tcd").steps)
+    assert "preset tcd (eta 0.6)" in capsys.readouterr().err  # the user is told where the choice came from
+    # the weights file itself and the final/ folder find the same run config
+    for path in (tcd / "final", tcd / "final" / "pytorch_lora_weights.safetensors"):
+        assert cli._with_preset_defaults(argparse.Namespace(**unset), [str(path)]).preset == "tcd"
+    got = cli._with_preset_defaults(argparse.Namespace(**unset), [str(lightning)])
+    assert (got.preset, got.guidance) == ("lightning", get_preset("lightning").guidance)
+    assert cli._with_preset_defaults(argparse.Namespace(**unset), [str(lcm_run)]).preset == "lcm"
+    # explicit values win over the run's: --preset, and --eta under the inferred preset
+    assert cli._with_preset_defaults(argparse.Namespace(**{**unset, "preset": "lcm"}), [str(tcd)]).preset == "lcm"
+    assert cli._with_preset_defaults(argparse.Namespace(**{**unset, "eta": 0.1}), [str(tcd)]).eta == 0.1
+    # a LoRA file with no run config beside it (a hub download), or no LoRA at all: lcm
+    loose = tmp_path / "elsewhere" / "deep" / "lora.safetensors"
+    loose.parent.mkdir(parents=True)
+    loose.write_bytes(b"")
+    assert cli._with_preset_defaults(argparse.Namespace(**unset), [str(loose)]).preset == "lcm"
+    assert cli._with_preset_defaults(argparse.Namespace(**unset), []).preset == "lcm"
+
+
+def test_lcm_sample_loads_a_tcd_run_with_tcd_and_its_gamma(tiny_sdxl_dir, tmp_path, monkeypatch):
+    """End to end through `lcm sample`: a real LoRA run whose config says objective=tcd gets TCDScheduler and the run's
+    gamma as eta, with no --preset given."""
+    from omegaconf import OmegaConf
+
+    import lcm.sampling
+    from tests._helpers import write_lora_run
+
+    run = write_lora_run(tiny_sdxl_dir, tmp_path / "run", rank=4, alpha=4)
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.distill.objective, cfg.distill.tcd_gamma = "tcd", 0.45
+    OmegaConf.save(cfg, run / "config.yaml")
+    seen = {}
+
+    def spy(pipe, prompts, seeds, steps, guidance, height, width, negative, **kw):
+        seen.update(scheduler=type(pipe.scheduler), eta=kw["eta"], steps=steps)
+        return generate(pipe, prompts, seeds, steps, guidance, height, width, negative, **kw)
+
+    monkeypatch.setattr(lcm.sampling, "generate", spy)
+    assert lcm_main(["sample", "--base", str(tiny_sdxl_dir), "--lora", str(run), "--prompt", "a", "--steps", "2",
+                     "--height", "32", "--width", "32", "--out", str(tmp_path / "grid.png")]) == 0
+    assert seen == {"scheduler": TCDScheduler, "eta": 0.45, "steps": 2}
+    assert (tmp_path / "grid.png").is_file()
