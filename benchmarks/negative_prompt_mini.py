@@ -1,5 +1,7 @@
 """Does a negative prompt work? The share of sevens among samples for the prompt "a handwritten digit", with and
-without the negative prompt "the number 7" (issue #17), on the mini teacher:
+without the negative prompt "the number 7" (issue #17), on the mini teacher, and the same for a prompt that makes
+sevens common ("a handwritten digit seven or one": the mini teacher draws ~70% sevens for it unguided, while "a
+handwritten digit" gives ~6%, so only the second can show a large drop):
 
     python -m benchmarks.negative_prompt_mini --ncfg runs/mini/ncfg-lora [--lcm runs/mini/lcm-lora] [--n 500]
 
@@ -19,16 +21,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-PROMPT, NEGATIVE = "a handwritten digit", "the number 7"
+PROMPTS, NEGATIVE = ("a handwritten digit", "a handwritten digit seven or one"), "the number 7"
 
 
-def digit_shares(pipe, n: int, steps: int, guidance: float, negative: str | None) -> list[float]:
-    """Share of each digit 0–9 among n samples of PROMPT (seeds 0 … n − 1)."""
+def digit_shares(pipe, prompt: str, n: int, steps: int, guidance: float, negative: str | None) -> list[float]:
+    """Share of each digit 0–9 among n samples of `prompt` (seeds 0 … n − 1)."""
     from lcm.classifier import classify
     from lcm.evaluate import sample_tensors
 
     kwargs = {"negative_prompt": negative} if negative else {}  # one string: the pipeline repeats it per prompt
-    images, _ = sample_tensors(pipe, [PROMPT] * n, list(range(n)), steps, guidance, **kwargs)
+    images, _ = sample_tensors(pipe, [prompt] * n, list(range(n)), steps, guidance, **kwargs)
     counts = torch.bincount(classify(images), minlength=10).float()
     return (counts / n).tolist()
 
@@ -40,6 +42,7 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=500, help="samples per cell")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--guidance", default="3,4,5")
+    p.add_argument("--prompt", action="append", default=None, help=f"repeatable; default: {list(PROMPTS)}")
     args = p.parse_args(argv)
     from diffusers import StableDiffusionXLPipeline
 
@@ -48,16 +51,18 @@ def main(argv=None) -> None:
     from lcm.sampling import load_pipeline_for_sampling
 
     guidances = [float(g) for g in args.guidance.split(",")]
+    prompts = args.prompt or list(PROMPTS)
     rows = []
 
     def run(name, pipe, steps, guidance):
         pipe.set_progress_bar_config(disable=True)
-        for negative in (None, NEGATIVE):
-            shares = digit_shares(pipe, args.n, steps, guidance, negative)
-            rows.append({"row": name, "steps": steps, "guidance_scale": guidance, "negative_prompt": negative,
-                         "share_7": shares[7], "shares": shares})
-            print(f"{name:>12} {steps} steps g {guidance}  negative {negative!r:>16}  sevens {shares[7]:6.1%}",
-                  flush=True)
+        for prompt in prompts:
+            for negative in (None, NEGATIVE):
+                shares = digit_shares(pipe, prompt, args.n, steps, guidance, negative)
+                rows.append({"row": name, "prompt": prompt, "steps": steps, "guidance_scale": guidance,
+                             "negative_prompt": negative, "share_7": shares[7], "shares": shares})
+                print(f"{name:>12} {prompt!r} {steps} steps g {guidance}  negative {negative!r:>16}  sevens "
+                      f"{shares[7]:6.1%}", flush=True)
 
     teacher = StableDiffusionXLPipeline.from_pretrained(MINI_TEACHER)
     teacher.scheduler = TEACHER_SOLVERS["DDIM"](teacher.scheduler.config)
@@ -71,16 +76,18 @@ def main(argv=None) -> None:
         for g in (1.0, 2.0):
             run("LCM-LoRA", lcm, args.steps, g)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    meta = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "n": args.n, "ncfg": args.ncfg, "lcm": args.lcm,
+    meta = {"prompts": prompts, "negative_prompt": NEGATIVE, "n": args.n, "ncfg": args.ncfg, "lcm": args.lcm,
             "commit": commit.strip(), "torch_threads": torch.get_num_threads()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "negative_prompt_mini.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    lines = [f"## Negative prompt on the mini teacher: share of sevens for {PROMPT!r}", "",
+    lines = ["## Negative prompt on the mini teacher: share of sevens", "",
              f"`python -m benchmarks.negative_prompt_mini`; {args.n} samples per cell, commit {meta['commit']}, "
              f"negative prompt {NEGATIVE!r}.", "",
-             "| row | steps | guidance_scale | sevens without | sevens with the negative prompt |", "|---|---|---|---|---|"]
+             "| row | prompt | steps | guidance_scale | sevens without | sevens with the negative prompt |",
+             "|---|---|---|---|---|---|"]
     for a, b in zip(rows[::2], rows[1::2]):
-        lines.append(f"| {a['row']} | {a['steps']} | {a['guidance_scale']} | {a['share_7']:.1%} | {b['share_7']:.1%} |")
+        lines.append(f"| {a['row']} | {a['prompt']} | {a['steps']} | {a['guidance_scale']} | {a['share_7']:.1%} | "
+                     f"{b['share_7']:.1%} |")
     (RESULTS / "negative_prompt_mini.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
