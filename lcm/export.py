@@ -192,7 +192,16 @@ from diffusers import DiffusionPipeline, {sched_cls}
 pipe.scheduler = {sched_cls}.from_pretrained("path/to/this/folder", subfolder="scheduler")
 image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={g_student}{f", eta={d.tcd_gamma}" if objective == "tcd" else ""}).images[0]
 ```
-"""
+{_lcd_tcd_tip() if objective in ("lcd", "lcd_adv") else ""}"""
+
+
+def _lcd_tcd_tip() -> str:
+    """A consistency student's card: at 4–8 steps `TCDScheduler` with eta 0.7 samples it better than LCMScheduler
+    (README, issue #13: 8-step FD 33.6 against 43.2 on the mini teacher, median of 3 seeds)."""
+    return ("\nAt 4–8 steps, `TCDScheduler` with `eta=0.7` samples the same weights better than `LCMScheduler` (which "
+            "re-noises fully at every step): `pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)`, then "
+            "`pipe(..., num_inference_steps=8, eta=0.7)` (`lcm sample --preset tcd --eta 0.7`). At 1–2 steps keep "
+            "`LCMScheduler`.\n")
 
 
 # ------------------------------------------------------------------------------------------------ `lcm export RUN …`
