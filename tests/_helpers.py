@@ -135,3 +135,40 @@ def save_noisy_mini_lora(out: Path) -> Path:
             p.add_(0.01 * torch.randn_like(p))
     save_lora(pipe.unet, out, StableDiffusionXLPipeline)
     return out
+
+
+def sample_cli(teacher, run, out, prompts, *extra):
+    """`lcm sample` of a run's LoRA on `teacher` at seeds 0 and 1, 16 px, CPU fp32, into the grid `out`; the grid as an
+    array (what the trainer's own validation sampling is compared against)."""
+    import numpy as np
+    from PIL import Image
+
+    from lcm.cli import main as lcm_main
+
+    args = ["sample", "--base", str(teacher), "--lora", str(run), "--seeds", "0,1", "--height", "16", "--width", "16",
+            "--device", "cpu", "--dtype", "fp32", "--out", str(out), *extra]
+    for p in prompts:
+        args += ["--prompt", p]
+    assert lcm_main(args) == 0
+    return np.asarray(Image.open(out))
+
+
+def lcd_unet_batch(indices):
+    """A tiny SDXL UNet with seeded non-zero LoRA adapters, a 2-sample LCDBatch at grid `indices` (w 0.5 and 1.0) and
+    the N = 50 LCDSpec: the fixture the objective tests share."""
+    from lcm.config import LCM_LORA_TARGETS
+    from lcm.consistency import LCDBatch, LCDSpec
+    from lcm.lora import add_lora
+    from lcm.schedule import NoiseSchedule, SolverGrid, scaled_linear_alphas_cumprod
+    from lcm.tiny import build_tiny_sdxl_pipeline
+
+    unet = build_tiny_sdxl_pipeline(seed=0).unet
+    add_lora(unet, 4, 4, LCM_LORA_TARGETS)
+    randomise_lora_b(unet, seed=1)
+    inputs = sdxl_unet_inputs(unet)
+    cond = {"encoder_hidden_states": inputs["encoder_hidden_states"], **inputs["added_cond_kwargs"]}
+    uncond = {k: torch.zeros_like(v) if k != "time_ids" else v for k, v in cond.items()}
+    g = torch.Generator().manual_seed(0)
+    batch = LCDBatch(z0=torch.randn(2, 4, 8, 8, generator=g), noise=torch.randn(2, 4, 8, 8, generator=g),
+                     index=torch.tensor(indices), w=torch.tensor([0.5, 1.0]), cond=cond, uncond=uncond)
+    return unet, batch, LCDSpec(NoiseSchedule(scaled_linear_alphas_cumprod()), SolverGrid(1000, 50))

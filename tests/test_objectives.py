@@ -7,31 +7,19 @@ import torch
 from safetensors.torch import load_file
 
 from lcm.adversarial import frozen
-from lcm.config import LCM_LORA_TARGETS
-from lcm.consistency import LCDBatch, LCDSpec, lcd_loss
+from lcm.consistency import LCDBatch, lcd_loss
 from lcm.discriminator import build_heads, make_discriminator, teacher_features
-from lcm.lora import add_lora
 from lcm.objectives import (ADDSpec, AdversarialSpec, StudentTimesteps, add_loss, discriminator_loss,
                             lcd_adv_loss)
 from lcm.roles import base_role, denoiser_role
-from lcm.schedule import NoiseSchedule, SolverGrid, scaled_linear_alphas_cumprod
-from lcm.tiny import build_tiny_sdxl_pipeline, make_captioned_image_folder
+from lcm.tiny import make_captioned_image_folder
 
-from _helpers import load_entry_script, randomise_lora_b, sdxl_unet_inputs
+from _helpers import lcd_unet_batch, load_entry_script
 
 
 @pytest.fixture
 def setup():
-    unet = build_tiny_sdxl_pipeline(seed=0).unet
-    add_lora(unet, 4, 4, LCM_LORA_TARGETS)
-    randomise_lora_b(unet, seed=1)
-    inputs = sdxl_unet_inputs(unet)
-    cond = {"encoder_hidden_states": inputs["encoder_hidden_states"], **inputs["added_cond_kwargs"]}
-    uncond = {k: torch.zeros_like(v) if k != "time_ids" else v for k, v in cond.items()}
-    g = torch.Generator().manual_seed(0)
-    batch = LCDBatch(z0=torch.randn(2, 4, 8, 8, generator=g), noise=torch.randn(2, 4, 8, 8, generator=g),
-                     index=torch.tensor([3, 40]), w=torch.tensor([0.5, 1.0]), cond=cond, uncond=uncond)
-    spec = LCDSpec(NoiseSchedule(scaled_linear_alphas_cumprod()), SolverGrid(1000, 50))
+    unet, batch, spec = lcd_unet_batch([3, 40])
     heads = build_heads(unet, hidden=8)
     return unet, heads, batch, spec
 

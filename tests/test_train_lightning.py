@@ -10,32 +10,19 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lcm.adversarial import frozen
-from lcm.config import LCM_LORA_TARGETS
-from lcm.consistency import LCDBatch, LCDSpec
 from lcm.discriminator import build_pair_heads, make_pair_discriminator, teacher_features
 from lcm.lightning import lightning_discriminator_loss, lightning_loss, make_stage
-from lcm.lora import add_lora
 from lcm.roles import base_role, denoiser_role
-from lcm.schedule import NoiseSchedule, SolverGrid, scaled_linear_alphas_cumprod
-from lcm.tiny import build_tiny_sdxl_pipeline, make_captioned_image_folder
+from lcm.tiny import make_captioned_image_folder
 
-from _helpers import load_entry_script, randomise_lora_b, sdxl_unet_inputs
+from _helpers import lcd_unet_batch, load_entry_script, sample_cli
 
 PROMPTS = ["a red circle", "a blue square"]
 
 
 @pytest.fixture
 def setup():
-    unet = build_tiny_sdxl_pipeline(seed=0).unet
-    add_lora(unet, 4, 4, LCM_LORA_TARGETS)
-    randomise_lora_b(unet, seed=1)
-    inputs = sdxl_unet_inputs(unet)
-    cond = {"encoder_hidden_states": inputs["encoder_hidden_states"], **inputs["added_cond_kwargs"]}
-    uncond = {k: torch.zeros_like(v) if k != "time_ids" else v for k, v in cond.items()}
-    g = torch.Generator().manual_seed(0)
-    batch = LCDBatch(z0=torch.randn(2, 4, 8, 8, generator=g), noise=torch.randn(2, 4, 8, 8, generator=g),
-                     index=torch.tensor([0, 3]), w=torch.tensor([0.5, 1.0]), cond=cond, uncond=uncond)
-    spec = LCDSpec(NoiseSchedule(scaled_linear_alphas_cumprod()), SolverGrid(1000, 50))
+    unet, batch, spec = lcd_unet_batch([0, 3])
     return unet, batch, spec
 
 
@@ -118,14 +105,7 @@ def test_entry_scripts_train_lightning(tiny_sdxl_dir, data, tmp_path, script, ba
 
 
 def _sample_cli(teacher, run, out, *extra):
-    from lcm.cli import main as lcm_main
-
-    args = ["sample", "--base", str(teacher), "--lora", str(run), "--seeds", "0,1", "--height", "16", "--width", "16",
-            "--device", "cpu", "--dtype", "fp32", "--out", str(out), *extra]
-    for p in PROMPTS:
-        args += ["--prompt", p]
-    assert lcm_main(args) == 0
-    return np.asarray(Image.open(out))
+    return sample_cli(teacher, run, out, PROMPTS, *extra)
 
 
 @pytest.mark.parametrize("stages,steps,preset,prediction", [("[4,2]", 2, "lightning", "epsilon"),

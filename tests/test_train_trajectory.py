@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lcm.tiny import make_captioned_image_folder
 
-from _helpers import load_entry_script
+from _helpers import load_entry_script, sample_cli
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -37,14 +37,7 @@ def test_pcm_with_one_phase_trains_the_same_lora_as_lcd(tiny_sdxl_dir, data, tmp
 
 
 def _sample_cli(teacher, run, out, *extra):
-    from lcm.cli import main as lcm_main
-
-    args = ["sample", "--base", str(teacher), "--lora", str(run), "--seeds", "0,1", "--height", "16", "--width", "16",
-            "--device", "cpu", "--dtype", "fp32", "--out", str(out), *extra]
-    for p in PROMPTS:
-        args += ["--prompt", p]
-    assert lcm_main(args) == 0
-    return np.asarray(Image.open(out))
+    return sample_cli(teacher, run, out, PROMPTS, *extra)
 
 
 def _validation_args(steps):
