@@ -76,6 +76,7 @@ def train(config: str, overrides: list[str], seed: int, run_dir: Path, threads: 
     return time.perf_counter() - start
 
 
+DIVERSITY_REF_STEPS = 25  # issue #16: 1-step diversity ≥ 80% of the teacher's at 25 DDIM steps (mode collapse check)
 HELDOUT_STEPS = (2, 4)  # the held-out column (issue #13 item 5): prompts from templates no training caption uses
 
 
@@ -132,11 +133,12 @@ def _trained_grid(run_dir: Path) -> int:
 
 def teacher_rows(log: Path, n: int, steps: list[int], out: Path) -> dict:
     """The teacher's DDIM scores at the same step counts, computed once per log."""
+    want = sorted({*steps, DIVERSITY_REF_STEPS})
     for r in read_log(log):
-        if (r.get("cell") == "teacher DDIM" and r["n"] == n and set(map(str, steps)) <= set(r["scores"])
+        if (r.get("cell") == "teacher DDIM" and r["n"] == n and set(map(str, want)) <= set(r["scores"])
                 and "heldout" in r["scores"]):
             return r["scores"]
-    scores = score(None, out / "teacher-eval", n, steps, methods=("DDIM",))
+    scores = score(None, out / "teacher-eval", n, want, methods=("DDIM",))
     append_log(log, {"cell": "teacher DDIM", "key": "teacher", "n": n, "commit": commit(), "scores": scores})
     return scores
 
@@ -161,8 +163,9 @@ def summarize(rows: list[dict], steps: list[int], teacher: dict | None = None) -
     return out
 
 
-def targets(summary: dict, rows: list[dict]) -> list[tuple[str, bool, str]]:
-    """Issue #13's quality targets against this summary, for the step counts it holds: (target, met, measured)."""
+def targets(summary: dict, rows: list[dict], teacher: dict | None = None) -> list[tuple[str, bool, str]]:
+    """Issue #13's quality targets (and #16's diversity check, given the teacher's rows) against this summary, for
+    the step counts it holds: (target, met, measured)."""
     out = [(f"{k} step{'s' * (k != '1')}: median FD ≤ {limit}", summary[k]["fd_median"] <= limit,
             f"{summary[k]['fd_median']:.1f}") for k, limit in (("1", 100), ("2", 45.6), ("4", 35)) if k in summary]
     if "4" in summary:
@@ -171,6 +174,11 @@ def targets(summary: dict, rows: list[dict]) -> list[tuple[str, bool, str]]:
     if "4" in summary and "8" in summary:
         worst = max(r["scores"]["8"]["fd"] / r["scores"]["4"]["fd"] for r in rows)
         out.append(("8 steps ≤ 4 steps + 10% on every seed", worst <= 1.1, f"worst seed: 8-step FD = {worst:.2f} × 4-step"))
+    ref = (teacher or {}).get(str(DIVERSITY_REF_STEPS), {}).get("div")
+    if "1" in summary and ref and all("div" in r["scores"]["1"] for r in rows):
+        worst = min(r["scores"]["1"]["div"] for r in rows) / ref
+        out.append((f"1-step diversity ≥ 80% of the teacher's {DIVERSITY_REF_STEPS}-step ({ref:.1f}) on every seed",
+                    worst >= 0.8, f"worst seed {worst:.0%}"))
     for k, v in summary.get("heldout", {}).items():
         if "acc_ratio_min" in v:
             out.append((f"held-out {k} steps: accuracy ≥ 90% of the teacher's on every seed", v["acc_ratio_min"] >= 0.9,
@@ -194,6 +202,12 @@ def markdown(title: str, rows: list[dict], teacher: dict, steps: list[int], meta
     med = lambda v: f"**{v['fd_median']:.1f}** ({v['fd_min']:.1f}–{v['fd_max']:.1f}) / {v['acc_median']:.1%}"  # noqa: E731
     s = summarize(rows, steps, teacher)
     lines.append(f"| **median of {len(rows)} seeds** (min–max) | " + " | ".join(med(s[str(k)]) for k in steps) + " |")
+    if "1" in map(str, steps) and str(DIVERSITY_REF_STEPS) in teacher and "div" in teacher["1"]:
+        ref = teacher[str(DIVERSITY_REF_STEPS)]
+        lines += ["", "Diversity at 1 step (mean pairwise classifier-feature distance within each prompted digit): "
+                  f"teacher DDIM {teacher['1']['div']:.1f}, and {ref['div']:.1f} at {DIVERSITY_REF_STEPS} steps (FD "
+                  f"{ref['fd']:.1f}); per seed " + ", ".join(f"{r['seed']}: {r['scores']['1'].get('div', float('nan')):.1f}"
+                                                         for r in rows) + "."]
     lines += ["", "Held-out prompts (caption templates that neither the teacher nor any student trained on):", "",
               "| run | " + " | ".join(f"{k} steps FD / acc" for k in HELDOUT_STEPS) + " |",
               "|---|" + "---|" * len(HELDOUT_STEPS)]
@@ -204,8 +218,8 @@ def markdown(title: str, rows: list[dict], teacher: dict, steps: list[int], meta
                      + " |")
     lines.append(f"| **median of {len(rows)} seeds** (min–max) | "
                  + " | ".join(med(s["heldout"][str(k)]) for k in HELDOUT_STEPS) + " |")
-    lines += ["", "| target (issue #13) | met | measured |", "|---|---|---|"]
-    lines += [f"| {t} | {'yes' if ok else '**no**'} | {m} |" for t, ok, m in targets(s, rows)]
+    lines += ["", "| target (issues #13, #16) | met | measured |", "|---|---|---|"]
+    lines += [f"| {t} | {'yes' if ok else '**no**'} | {m} |" for t, ok, m in targets(s, rows, teacher)]
     return "\n".join(lines) + "\n"
 
 
