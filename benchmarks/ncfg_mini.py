@@ -27,7 +27,7 @@ from benchmarks.quality_mini import RESULTS, ROOT, TEACHER, _trained_grid, appen
 
 STUDENT_STEPS = (2, 4, 8)
 TEACHER_STEPS = (4, 25)
-TOLERANCE = 0.15  # the issue's "within 15%": student 4-step FD ≤ 1.15 × teacher 25-step FD at the same guidance
+TOLERANCE = 0.15  # the issue's "within 15%": student 4-step FD / teacher 25-step FD at the same guidance in [0.85, 1.15]
 
 
 def _scores(rows) -> dict:
@@ -64,8 +64,8 @@ def summarize(teacher: dict, students: dict) -> dict:
         ref = t["25"]["fd"]
         ratios = [r["scores"]["4"]["fd"] / ref for r in rows]
         out[g] = {"teacher": t, "students": per_step, "ratio_4_vs_teacher25": ratios,
-                  "met": bool(rows) and statistics.median(ratios) <= 1 + TOLERANCE,
-                  "met_every_seed": bool(rows) and max(ratios) <= 1 + TOLERANCE}
+                  "met": bool(rows) and abs(statistics.median(ratios) - 1) <= TOLERANCE,
+                  "met_every_seed": bool(rows) and all(abs(x - 1) <= TOLERANCE for x in ratios)}
     return out
 
 
@@ -87,10 +87,13 @@ def markdown(summary: dict, students: dict, meta: dict) -> str:
             med = lambda v: f"**{v['fd_median']:.1f}** ({v['fd_min']:.1f}–{v['fd_max']:.1f})"  # noqa: E731
             lines.append(f"| {g} | **median of {len(students[g])} seeds** (min–max) | "
                          + " | ".join(med(s["students"][str(k)]) for k in STUDENT_STEPS) + " | — |")
-    lines += ["", "| target (issue #17) | met | measured (student 4-step FD / teacher 25-step FD) |", "|---|---|---|"]
+    lines += ["", "A ratio below 1 is not simply better: FD grows with guidance (strong CFG sharpens the digits away from "
+              "the handwriting's spread), so a student below its teacher at the same scale is guided more weakly than "
+              "the teacher.",
+              "", "| target (issue #17) | met | measured (student 4-step FD / teacher 25-step FD) |", "|---|---|---|"]
     for g, s in summary.items():
         r = s["ratio_4_vs_teacher25"]
-        lines.append(f"| guidance {g}: 4-step FD ≤ 1.15 × teacher's 25-step DDIM (median of seeds) | "
+        lines.append(f"| guidance {g}: 4-step FD within 15% of the teacher's 25-step DDIM (median of seeds) | "
                      f"{'yes' if s['met'] else '**no**'} | median {statistics.median(r):.2f}, per seed "
                      + ", ".join(f"{x:.2f}" for x in r) + " |")
     return "\n".join(lines) + "\n"
