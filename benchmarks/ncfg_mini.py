@@ -74,7 +74,8 @@ def markdown(summary: dict, students: dict, meta: dict) -> str:
     lines = ["## Normal-CFG LoRA (`mini_ncfg_lora`) at real guidance on the mini teacher", "",
              f"`{meta['command']}`", "",
              f"{meta['platform']}; {meta['threads']} torch thread(s) per training; {meta['n']} eval samples per cell; "
-             f"wall {meta['wall_s']:.0f} s; commit {meta['commit']}. FD / accuracy on the training caption templates.",
+             f"wall {meta['wall_s']:.0f} s for this invocation (rows already in the log are not rerun); commit "
+             f"{meta['commit']}. FD / accuracy on the training caption templates.",
              "", "| guidance | row | " + " | ".join(f"{k} steps" for k in (*STUDENT_STEPS, 25)) + " |",
              "|---|---|" + "---|" * (len(STUDENT_STEPS) + 1)]
     for g, s in summary.items():
