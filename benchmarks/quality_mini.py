@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
             "wall_s": time.perf_counter() - start, "commit": commit()}
     result = {"meta": meta, "teacher_ddim": teacher, "rows": rows, "summary": summarize(rows, steps, teacher)}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(f"LCM-LoRA `{args.config}` {' '.join(args.overrides)}", rows,
+    args.out.with_suffix(".md").write_text(markdown(f"LoRA preset `{args.config}` {' '.join(args.overrides)}", rows,
                                                     teacher, steps, meta))
     print(args.out.with_suffix(".md").read_text())
     return result
