@@ -23,15 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.quality_mini import RESULTS, ROOT, TEACHER, _trained_grid, append_log, cell_key, commit, read_log, train
+from benchmarks.quality_mini import (RESULTS, ROOT, TEACHER, _stats, _trained_grid, append_log, cell_key, commit,
+                                     read_log, scores_by_steps, train)
 
 STUDENT_STEPS = (2, 4, 8)
 TEACHER_STEPS = (4, 25)
 TOLERANCE = 0.15  # the "within 15%": student 4-step FD / teacher 25-step FD at the same guidance in [0.85, 1.15]
-
-
-def _scores(rows) -> dict:
-    return {str(r.steps): {"fd": r.frechet, "acc": r.accuracy, "div": r.diversity} for r in rows}
 
 
 def score_teacher(g: float, n: int, out: Path) -> dict:
@@ -39,7 +36,7 @@ def score_teacher(g: float, n: int, out: Path) -> dict:
 
     rows = evaluate(str(TEACHER), None, out, n=n, steps=[TEACHER_STEPS[0]], teacher_extra_steps=TEACHER_STEPS[1:],
                     teacher_w=g - 1.0, methods=["DDIM"])
-    return _scores(rows)
+    return scores_by_steps(rows)
 
 
 def score_student(run: Path, g: float, n: int, out: Path) -> dict:
@@ -47,7 +44,7 @@ def score_student(run: Path, g: float, n: int, out: Path) -> dict:
 
     rows = evaluate(str(TEACHER), str(run), out, n=n, steps=list(STUDENT_STEPS), teacher_extra_steps=(),
                     student_guidance=g, methods=["LCM-LoRA"], original_inference_steps=_trained_grid(run))
-    return _scores(rows)
+    return scores_by_steps(rows)
 
 
 def summarize(teacher: dict, students: dict) -> dict:
@@ -55,12 +52,7 @@ def summarize(teacher: dict, students: dict) -> dict:
     out = {}
     for g, t in teacher.items():
         rows = students.get(g, [])
-        per_step = {}
-        for k in map(str, STUDENT_STEPS):
-            fds = [r["scores"][k]["fd"] for r in rows]
-            accs = [r["scores"][k]["acc"] for r in rows]
-            per_step[k] = {"fd_median": statistics.median(fds), "fd_min": min(fds), "fd_max": max(fds),
-                           "acc_median": statistics.median(accs)} if rows else None
+        per_step = {k: _stats([r["scores"][k] for r in rows]) if rows else None for k in map(str, STUDENT_STEPS)}
         ref = t["25"]["fd"]
         ratios = [r["scores"]["4"]["fd"] / ref for r in rows]
         out[g] = {"teacher": t, "students": per_step, "ratio_4_vs_teacher25": ratios,
@@ -126,8 +118,8 @@ def main(argv=None) -> dict:
         teacher[g] = got[0]["scores"]
     for seed in parse_seeds(args.seeds):
         run = args.runs / f"{args.name}-s{seed}"
-        todo = [g for g in guidances if not any(r.get("key") == key and r["seed"] == seed and r["g"] == g
-                                                and r["n"] == args.n for r in read_log(log))]
+        logged = {r["g"] for r in read_log(log) if r.get("key") == key and r["seed"] == seed and r["n"] == args.n}
+        todo = [g for g in guidances if g not in logged]
         if todo and not (run / "final" / "pytorch_lora_weights.safetensors").is_file():
             secs = train(args.config, args.overrides, seed, run, args.threads)
             print(f"{run.name}: trained in {secs:.0f} s", flush=True)

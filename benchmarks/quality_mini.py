@@ -94,9 +94,14 @@ def score(lora_dir, out_dir: Path, n: int, steps: list[int], methods=("LCM-LoRA"
     rows = evaluate(str(TEACHER), lora, out_dir, n=n, steps=steps, **common)
     held = evaluate(str(TEACHER), lora, Path(out_dir) / "heldout", n=n, steps=HELDOUT_STEPS, prompt_sets=("heldout",),
                     **common)
-    scores = {str(r.steps): {"fd": r.frechet, "acc": r.accuracy, "div": r.diversity} for r in rows}
+    scores = scores_by_steps(rows)
     scores["heldout"] = {str(r.steps): {"fd": r.frechet, "acc": r.accuracy} for r in held}
     return scores
+
+
+def scores_by_steps(rows) -> dict:
+    """`evaluate`'s rows as {steps: {"fd", "acc", "div"}}, the form every benchmark log stores."""
+    return {str(r.steps): {"fd": r.frechet, "acc": r.accuracy, "div": r.diversity} for r in rows}
 
 
 def run_cell(name: str, config: str, overrides: list[str], seeds: list[int], log: Path, runs: Path, n: int,
