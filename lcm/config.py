@@ -162,7 +162,8 @@ class DistillConfig:
     # the student keeps real classifier-free guidance and negative prompts at sampling (guidance_scale 3–8)
     teacher_cfg: bool = True
     # lcd (consistency) | lcd_adv (LCD + adversarial term on the student's x̂₀) | add (SDXL-Turbo's ADD) | pcm (phased
-    # consistency) | tcd (trajectory consistency); lcd_adv and add train a discriminator as well (`adversarial`)
+    # consistency) | tcd (trajectory consistency) | pcm_adv, tcd_adv (pcm / tcd + the same adversarial term) |
+    # lightning; the *_adv objectives and add train a discriminator as well (`adversarial`)
     objective: str = "lcd"
     # pcm: the number of phases M the grid is cut into (must divide num_ddim_timesteps); sample with M steps
     phases: int = bounded(2, ge=1, le=1000)
@@ -198,12 +199,13 @@ def _discriminator_optim() -> "OptimConfig":
 
 @dataclass
 class AdversarialConfig:
-    """The discriminator and the adversarial terms of distill.objective=lcd_adv | add (lcm/objectives.py)."""
+    """The discriminator and the adversarial terms of distill.objective=lcd_adv | pcm_adv | tcd_adv | add | lightning
+    (lcm/objectives.py)."""
 
     backbone: str = "frozen"  # frozen: the teacher's encoder, adapters off, no gradients into it; trainable: a copy
     loss: str = "hinge"  # hinge | nonsaturating
-    # generator-side weight of the adversarial term (lcd_adv: beside LCD's 1; add: beside λ·distillation), reached
-    # linearly over warmup_steps
+    # generator-side weight of the adversarial term (*_adv: beside the consistency loss's 1; add: beside
+    # λ·distillation), reached linearly over warmup_steps
     weight: float = bounded(0.1, ge=0)
     warmup_steps: int = bounded(0, ge=0)
     r1_gamma: float = bounded(0.0, ge=0)  # R1 on real inputs, γ/2·‖∇D‖²; 0 = off
@@ -384,7 +386,7 @@ def _check_cross_fields(cfg) -> None:
     d, v = cfg.distill, cfg.validation
     if not d.w_min <= d.w_max:
         raise ConfigError(f"distill.w_min={d.w_min} must be <= distill.w_max={d.w_max}")
-    if d.objective == "pcm" and d.num_ddim_timesteps % d.phases:
+    if d.objective in ("pcm", "pcm_adv") and d.num_ddim_timesteps % d.phases:
         raise ConfigError(f"distill.phases={d.phases} must divide distill.num_ddim_timesteps={d.num_ddim_timesteps} "
                           "(each phase holds the same number of grid points)")
     if d.objective == "lightning":

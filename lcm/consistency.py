@@ -183,16 +183,20 @@ def trajectory_fn(z, x0_hat, eps_hat, t, s, c_skip, c_out, alpha_s, sigma_s):
     return torch.where(s == CLEAN_END, clean, torch.where(t == s, z, jump))
 
 
-def predict_trajectory(model, z, t, s, cond, w, spec: LCDSpec):
-    """f_θ(z, t → s) from a role callable (`trajectory_fn`); s all CLEAN_END is exactly `predict_consistency`."""
+def predict_trajectory(model, z, t, s, cond, w, spec: LCDSpec, with_clean: bool = False):
+    """f_θ(z, t → s) from a role callable (`trajectory_fn`); s all CLEAN_END is exactly `predict_consistency`.
+    `with_clean=True` returns (f_θ(z, t → s), f_θ(z, t → clean end)) from the same network call: the second is the
+    clean-latent estimate the adversarial terms judge (`objectives.with_adversarial_term`)."""
     if bool((s == CLEAN_END).all()):
-        return predict_consistency(model, z, t, cond, w, spec)
+        f = predict_consistency(model, z, t, cond, w, spec)
+        return (f, f) if with_clean else f
     x0_hat, eps_hat = predict_x0_eps(model, z, t, cond, w, spec)
     c_skip, c_out = boundary_scalings(t, spec.sigma_data, spec.timestep_scaling)
+    c_skip, c_out = append_dims(c_skip, z.ndim).to(z.dtype), append_dims(c_out, z.ndim).to(z.dtype)
     alpha_s, sigma_s = spec.schedule.alpha_sigma(s.clamp(min=0), z.ndim)
-    return trajectory_fn(z, x0_hat, eps_hat, append_dims(t, z.ndim), append_dims(s, z.ndim),
-                         append_dims(c_skip, z.ndim).to(z.dtype), append_dims(c_out, z.ndim).to(z.dtype),
-                         alpha_s.to(z.dtype), sigma_s.to(z.dtype))
+    f = trajectory_fn(z, x0_hat, eps_hat, append_dims(t, z.ndim), append_dims(s, z.ndim), c_skip, c_out,
+                      alpha_s.to(z.dtype), sigma_s.to(z.dtype))
+    return (f, consistency_fn(z, x0_hat, c_skip, c_out)) if with_clean else f
 
 
 def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
@@ -202,21 +206,23 @@ def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
 
 
 def lcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec, end=None):
-    """`lcd_loss` plus the student's consistency output f_θ(z_{t_{n+k}}) with its graph (the objectives that add a
-    term on the student's clean-latent estimate use it). `end(t_nk, t_n) -> s` gives each sample's end point s ≤ t_n
-    (PCM's phase edge, TCD's drawn s; lcm/trajectory.py); None is LCD's clean end, evaluated as before."""
+    """`lcd_loss` plus the student's clean-latent estimate f_θ(z_{t_{n+k}}, t_{n+k} → clean end) with its graph (the
+    objectives that add a term on it use it; for LCD it is the consistency output itself, for an end s > 0 it comes
+    from the same network call). `end(t_nk, t_n) -> s` gives each sample's end point s ≤ t_n (PCM's phase edge, TCD's
+    drawn s; lcm/trajectory.py); None is LCD's clean end, evaluated as before."""
     t_nk, t_n = spec.grid.pair(batch.index)
     s = None if end is None else end(t_nk, t_n)
 
-    def consistency(model, z, t):
+    def consistency(model, z, t, with_clean=False):
         if s is None:
-            return predict_consistency(model, z, t, batch.cond, batch.w, spec)
-        return predict_trajectory(model, z, t, s, batch.cond, batch.w, spec)
+            f = predict_consistency(model, z, t, batch.cond, batch.w, spec)
+            return (f, f) if with_clean else f
+        return predict_trajectory(model, z, t, s, batch.cond, batch.w, spec, with_clean)
 
     # 1. Forward-diffuse the clean latent to t_{n+k}.
     z_tnk = spec.schedule.add_noise(batch.z0, batch.noise, t_nk)
     # 2. Student's consistency output at t_{n+k} (gradients flow here only).
-    f_student = consistency(student, z_tnk, t_nk)
+    f_student, clean_student = consistency(student, z_tnk, t_nk, with_clean=True)
     with torch.no_grad():
         # 3. One teacher ODE step t_{n+k} → t_n with CFG at the sampled w.
         denoise = guided_denoiser(teacher, batch.cond, batch.uncond, batch.w, spec.schedule, spec.prediction_type,
@@ -232,4 +238,4 @@ def lcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec, end=None
         "w_mean": batch.w.float().mean().detach(),
         "target_norm": f_target.float().flatten(1).norm(dim=1).mean().detach(),
     }
-    return loss, diagnostics, f_student
+    return loss, diagnostics, clean_student

@@ -18,6 +18,7 @@ from .errors import PathNotFoundError, write_guard
 from .guidance import guidance_scale_from_w
 from .lora import check_lora_landed, save_lora
 from .models import PIPELINES
+from .objectives import base_objective
 from .sampling import student_scheduler_for
 
 
@@ -68,14 +69,14 @@ def _base_load_line(cfg) -> str:
 def _objective_summary(cfg) -> str:
     """The objective and, for the adversarial ones, the discriminator's settings, for the card's table."""
     objective = cfg.distill.get("objective", "lcd")
+    if objective in ("pcm", "pcm_adv", "tcd", "tcd_adv"):
+        m = cfg.distill.phases
+        summary = (f"pcm (phased consistency): {m} phases of {cfg.distill.num_ddim_timesteps // m} grid points; "
+                   f"sample with {m} steps" if objective.startswith("pcm") else
+                   f"tcd (trajectory consistency): s ~ U[0, t_n]; validated with gamma = {cfg.distill.tcd_gamma}")
+        return summary if objective in ("pcm", "tcd") else f"{summary}; plus {_adversarial_summary(cfg, objective)}"
     if objective == "lcd":
         return "lcd (consistency distillation)"
-    if objective == "pcm":
-        m = cfg.distill.phases
-        return (f"pcm (phased consistency): {m} phases of {cfg.distill.num_ddim_timesteps // m} grid points; "
-                f"sample with {m} steps")
-    if objective == "tcd":
-        return f"tcd (trajectory consistency): s ~ U[0, t_n]; validated with gamma = {cfg.distill.tcd_gamma}"
     a = cfg.adversarial
     if objective == "lightning":
         d = cfg.distill
@@ -84,6 +85,11 @@ def _objective_summary(cfg) -> str:
                 f"with MSE; {'conditional' if a.conditional else 'relaxed (unconditional)'} {a.loss} discriminator "
                 f"on the {a.backbone} teacher encoder, weight {a.weight}, R1 γ {a.r1_gamma}; teacher {d.teacher_steps} "
                 f"DDIM steps per trajectory{'; x₀ prediction at 1 step' if d.stages[-1] == 1 and d.x0_one_step else ''}")
+    return _adversarial_summary(cfg, objective)
+
+
+def _adversarial_summary(cfg, objective: str) -> str:
+    a = cfg.adversarial
     parts = [f"{objective}: {a.loss} loss, weight {a.weight} (warm-up {a.warmup_steps} steps), R1 γ {a.r1_gamma}",
              f"discriminator heads on the {a.backbone} teacher encoder, t̂ logit-normal({a.t_hat_loc}, "
              f"{a.t_hat_scale}) shift {a.t_hat_shift}"]
@@ -127,7 +133,7 @@ def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
         sub, cls = ("transformer", "PixArtTransformer2DModel") if pixart else ("unet", "UNet2DConditionModel")
         load = (f'from diffusers import {cls}\n'
                 f'pipe.{sub} = {cls}.from_pretrained("path/to/this/folder", subfolder="{sub}")')
-    objective = d.get("objective", "lcd")
+    objective = base_objective(d.get("objective", "lcd"))  # an *_adv student samples like its base objective
     title, method, sched_cls, steps = (
         ("LCM-LoRA" if lora else "LCM (full distillation)", "latent consistency distillation", "LCMScheduler", 4)
         if objective != "add" else
@@ -167,7 +173,7 @@ def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
     return f"""---
 library_name: diffusers
 base_model: {cfg.model.pretrained}
-tags: [lcm, {'lcm-lora' if lora else 'lcm-full'}, {objective}, {cfg.model.kind}{'' if d.get('teacher_cfg', True) else ', ' + NORMAL_CFG_TAG}]
+tags: [lcm, {'lcm-lora' if lora else 'lcm-full'}, {d.get('objective', 'lcd')}, {cfg.model.kind}{'' if d.get('teacher_cfg', True) else ', ' + NORMAL_CFG_TAG}]
 ---
 # {title} for `{cfg.model.pretrained}`
 

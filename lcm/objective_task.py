@@ -3,6 +3,7 @@ objectives, the discriminator critic (DESIGN.md §2). Entry scripts build the ro
 
     lcd      loss_fn = LCD; no critic                                  (bit-identical to before the objectives)
     lcd_adv  loss_fn = LCD + w·L_G(D(f_θ)); critic "d" = the heads on the frozen teacher encoder
+    pcm_adv, tcd_adv  loss_fn = pcm / tcd + w·L_G(D(f_θ → clean)) on the student's clean estimate; the same critic
     add      loss_fn = ADD's L_G + λ·distillation; the same critic
     pcm      loss_fn = LCD toward each sample's phase edge (distill.phases); no critic
     tcd      loss_fn = LCD toward a drawn s ∈ [0, t_n] on the trajectory; no critic
@@ -18,15 +19,15 @@ from typing import Callable
 import torch
 
 from .adversarial import frozen, warmed_up_weight
-from .consistency import LCDSpec, lcd_loss
+from .consistency import LCDSpec, lcd_terms
 from .discriminator import (EncoderDiscriminator, EncoderPairDiscriminator, build_heads, build_pair_heads, encoder_copy,
                             make_discriminator, make_pair_discriminator, teacher_features)
 from .encode import lcd_batch_from_data
 from .lightning import check_stages, lightning_discriminator_loss, lightning_loss, make_stage, stage_at
-from .objectives import (OBJECTIVES, ADDSpec, AdversarialSpec, StudentTimesteps, add_loss, discriminator_loss,
-                         lcd_adv_loss)
+from .objectives import (OBJECTIVES, ADDSpec, AdversarialSpec, StudentTimesteps, add_loss, base_objective,
+                         discriminator_loss, with_adversarial_term)
 from .trainer import Critic
-from .trajectory import check_phases, pcm_loss, tcd_loss
+from .trajectory import check_phases, pcm_terms, tcd_terms
 
 CONSISTENCY_OBJECTIVES = ("lcd", "pcm", "tcd")
 ADVERSARIAL_OBJECTIVES = tuple(o for o in OBJECTIVES if o not in CONSISTENCY_OBJECTIVES)  # with a discriminator
@@ -56,18 +57,21 @@ def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, targ
     """`student_of(model)` makes the student role from the accelerate-prepared module; `target`/`teacher` are roles;
     `backbone` is the teacher network the discriminator reads features from (adapters switched off inside)."""
     objective = cfg.distill.objective
-    if objective in CONSISTENCY_OBJECTIVES:  # the same batch and roles; only the end point s differs
-        if objective == "pcm":
+    base = base_objective(objective)
+    if base in CONSISTENCY_OBJECTIVES:  # the same batch and roles; only the end point s differs
+        if base == "pcm":
             check_phases(spec.grid, cfg.distill.phases)
-        consistency = {"lcd": lambda student, b, gens: lcd_loss(student, target, teacher, b, spec),
-                       "pcm": lambda student, b, gens: pcm_loss(student, target, teacher, b, spec, cfg.distill.phases),
-                       "tcd": lambda student, b, gens: tcd_loss(student, target, teacher, b, spec, gens)}[objective]
-
-        def consistency_loss(model, batch, gens):
-            lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
-            return consistency(student_of(model), lcd_batch, gens)
-        return ObjectiveParts(consistency_loss)
-    if objective not in ADVERSARIAL_OBJECTIVES:
+        # each returns (per-sample loss, diagnostics, the student's clean estimate for an adversarial term)
+        terms = {"lcd": lambda student, b, gens: lcd_terms(student, target, teacher, b, spec),
+                 "pcm": lambda student, b, gens: pcm_terms(student, target, teacher, b, spec, cfg.distill.phases),
+                 "tcd": lambda student, b, gens: tcd_terms(student, target, teacher, b, spec, gens)}[base]
+        if objective == base:
+            def consistency_loss(model, batch, gens):
+                lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
+                loss, diagnostics, _ = terms(student_of(model), lcd_batch, gens)
+                return loss, diagnostics
+            return ObjectiveParts(consistency_loss)
+    elif objective not in ADVERSARIAL_OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; valid: {list(OBJECTIVES)}")
 
     if objective == "lightning":
@@ -87,11 +91,12 @@ def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, targ
     def weight() -> float:
         return warmed_up_weight(a.weight, a.warmup_steps, step["now"])
 
-    if objective == "lcd_adv":
+    if base in CONSISTENCY_OBJECTIVES:  # lcd_adv, pcm_adv, tcd_adv
         def generator_loss(model, batch, gens):
             lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
             with frozen(critic_module):  # the student's step: D is judged through, never updated
-                return lcd_adv_loss(student_of(model), target, teacher, judge, lcd_batch, spec, adv, weight(), gens)
+                return with_adversarial_term(terms(student_of(model), lcd_batch, gens), judge, lcd_batch, spec, adv,
+                                             weight(), gens)
     else:
         add = add_spec(a)
 

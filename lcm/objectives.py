@@ -79,17 +79,27 @@ def discriminator_loss(discriminator, handoff: dict, generators, schedule, adv: 
     return loss, diagnostics
 
 
-def lcd_adv_loss(student, target, teacher, discriminator, batch: LCDBatch, spec: LCDSpec, adv: AdversarialSpec,
-                 weight: float, generators):
-    """LCD plus `weight` × the generator's adversarial term on the student's consistency output f_θ(z_{t_{n+k}}),
-    its estimate of the clean latent. weight = 0 leaves the LCD loss and its gradients exactly as `lcd_loss`'s."""
-    loss, diagnostics, f_student = lcd_terms(student, target, teacher, batch, spec)
-    g_adv, logits = generator_adversarial_term(discriminator, f_student.float(), batch.cond, generators,
+def with_adversarial_term(terms, discriminator, batch: LCDBatch, spec: LCDSpec, adv: AdversarialSpec, weight: float,
+                          generators):
+    """A consistency objective's `(loss, diagnostics, clean estimate)` (`lcd_terms`, `trajectory.pcm_terms`,
+    `trajectory.tcd_terms`) plus `weight` × the generator's adversarial term on the clean estimate f_θ(z_{t_{n+k}} →
+    clean end), and the discriminator's handoff. The term's draws (t̂, ε) come after the objective's own, so weight = 0
+    leaves its loss and gradients exactly as the plain objective's."""
+    loss, diagnostics, x0_student = terms
+    g_adv, logits = generator_adversarial_term(discriminator, x0_student.float(), batch.cond, generators,
                                                spec.schedule, adv)
     if weight != 0:  # skipped at 0: x + 0·y is x, but 0·inf is not
         loss = loss + weight * g_adv
     diagnostics.update(g_adv=g_adv.mean().detach(), adv_weight=torch.tensor(float(weight)))
-    return loss, diagnostics, {"real": batch.z0, "fake": f_student.detach().float(), "cond": batch.cond}
+    return loss, diagnostics, {"real": batch.z0, "fake": x0_student.detach().float(), "cond": batch.cond}
+
+
+def lcd_adv_loss(student, target, teacher, discriminator, batch: LCDBatch, spec: LCDSpec, adv: AdversarialSpec,
+                 weight: float, generators):
+    """LCD plus `weight` × the generator's adversarial term on the student's consistency output f_θ(z_{t_{n+k}}),
+    its estimate of the clean latent. weight = 0 leaves the LCD loss and its gradients exactly as `lcd_loss`'s."""
+    return with_adversarial_term(lcd_terms(student, target, teacher, batch, spec), discriminator, batch, spec, adv,
+                                 weight, generators)
 
 
 class StudentTimesteps:
@@ -162,5 +172,13 @@ def add_loss(student, teacher, discriminator, batch: LCDBatch, spec: LCDSpec, ad
 
 
 # pcm and tcd (lcm/trajectory.py) are consistency objectives toward an end point s > 0; no discriminator.
+# lcd_adv / pcm_adv / tcd_adv: the consistency objective plus the adversarial term on its clean estimate
+# (`with_adversarial_term`); they train, export and sample exactly like their base objective otherwise.
 # lightning (lcm/lightning.py): progressive adversarial distillation with a pair discriminator.
-OBJECTIVES = ("lcd", "lcd_adv", "add", "pcm", "tcd", "lightning")
+OBJECTIVES = ("lcd", "lcd_adv", "add", "pcm", "pcm_adv", "tcd", "tcd_adv", "lightning")
+ADVERSARIAL_VARIANTS = {"lcd_adv": "lcd", "pcm_adv": "pcm", "tcd_adv": "tcd"}
+
+
+def base_objective(objective: str) -> str:
+    """The consistency objective an `*_adv` objective adds its term to (its sampler, grid and export); else itself."""
+    return ADVERSARIAL_VARIANTS.get(objective, objective)

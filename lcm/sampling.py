@@ -17,6 +17,7 @@ from .lora import (PEFT_CONFIG_FILE, PEFT_KEY_PREFIX, PEFT_WEIGHTS_FILE, check_l
                    load_pipeline_lora)
 
 from .models import DTYPES, denoiser_name, load_pretrained
+from .objectives import base_objective
 from .presets import build_scheduler, get_preset
 
 logger = logging.getLogger("lcm")
@@ -67,8 +68,8 @@ def lcm_scheduler_for(base_config, original_inference_steps: int = NUM_DDIM_TIME
 # The sampling preset each distillation objective trains its student for: consistency students sample with
 # LCMScheduler on the trained grid; ADD's with Euler ancestral on trailing timesteps (at 4 steps exactly ADD's student
 # timesteps 999/749/499/249), no CFG.
-OBJECTIVE_PRESETS = {"lcd": "lcm", "lcd_adv": "lcm", "add": "turbo", "pcm": "pcm", "tcd": "tcd",
-                     "lightning": "lightning"}
+OBJECTIVE_PRESETS = {"lcd": "lcm", "add": "turbo", "pcm": "pcm", "tcd": "tcd", "lightning": "lightning"}
+# an `*_adv` objective (lcd_adv, pcm_adv, tcd_adv) samples like its base objective (objectives.base_objective)
 
 
 def objective_preset(distill_cfg) -> str:
@@ -77,7 +78,7 @@ def objective_preset(distill_cfg) -> str:
     objective = distill_cfg.get("objective", "lcd")  # runs from before objectives existed: lcd
     if objective == "lightning" and distill_cfg.stages[-1] == 1 and distill_cfg.x0_one_step:
         return "lightning-1step"
-    return OBJECTIVE_PRESETS[objective]
+    return OBJECTIVE_PRESETS[base_objective(objective)]
 
 
 def student_scheduler_for(distill_cfg, base_config):
@@ -95,7 +96,7 @@ def student_scheduler_for(distill_cfg, base_config):
 def student_eta(distill_cfg) -> Optional[float]:
     """The `eta` the objective's sampler is called with (TCD's gamma), or None."""
     objective = distill_cfg.get("objective", "lcd")
-    return distill_cfg.tcd_gamma if objective == "tcd" else get_preset(objective_preset(distill_cfg)).eta
+    return distill_cfg.tcd_gamma if base_objective(objective) == "tcd" else get_preset(objective_preset(distill_cfg)).eta
 
 
 def resolve_lora_dir(path: str) -> Path:

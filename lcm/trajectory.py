@@ -55,11 +55,16 @@ def pcm_end(grid: SolverGrid, phases: int):
     return end
 
 
+def pcm_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec, phases: int):
+    """`pcm_loss` plus the student's clean-latent estimate (`lcd_terms`' third output), which `pcm_adv` judges."""
+    end = None if phases == 1 else pcm_end(spec.grid, phases)
+    return lcd_terms(student, target, teacher, batch, spec, end)
+
+
 def pcm_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec, phases: int):
     """Per-sample d(f_θ(z_{t_{n+k}}, t_{n+k} → s_m), sg[f_θ⁻(ẑ_{t_n}, t_n → s_m)]) with s_m the phase's lower edge
-    (PCM arXiv:2405.18407 Alg. 1, without its adversarial term: `lcd_adv` adds one). M = 1 is `lcd_loss` bit for bit."""
-    end = None if phases == 1 else pcm_end(spec.grid, phases)
-    loss, diagnostics, _ = lcd_terms(student, target, teacher, batch, spec, end)
+    (PCM arXiv:2405.18407 Alg. 1, without its adversarial term: `pcm_adv` adds one). M = 1 is `lcd_loss` bit for bit."""
+    loss, diagnostics, _ = pcm_terms(student, target, teacher, batch, spec, phases)
     return loss, diagnostics
 
 
@@ -69,17 +74,23 @@ def draw_tcd_end(t_n: torch.Tensor, generators: list[torch.Generator]) -> torch.
     return torch.floor(u.to(t_n.device) * (t_n.double() + 1)).long().clamp(max=t_n)
 
 
-def tcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec, generators):
-    """Per-sample d(f_θ(z_{t_{n+k}}, t_{n+k} → s), sg[f_θ⁻(ẑ_{t_n}, t_n → s)]) with s drawn on [0, t_n]
-    (TCD arXiv:2402.19159 Alg. 3)."""
+def tcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec, generators):
+    """`tcd_loss` plus the student's clean-latent estimate (`lcd_terms`' third output), which `tcd_adv` judges."""
     drawn = {}
 
     def end(t_nk, t_n):
         drawn["s"] = draw_tcd_end(t_n, generators)
         return drawn["s"]
 
-    loss, diagnostics, _ = lcd_terms(student, target, teacher, batch, spec, end)
+    loss, diagnostics, clean = lcd_terms(student, target, teacher, batch, spec, end)
     diagnostics["s_mean"] = drawn["s"].float().mean()
+    return loss, diagnostics, clean
+
+
+def tcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec, generators):
+    """Per-sample d(f_θ(z_{t_{n+k}}, t_{n+k} → s), sg[f_θ⁻(ẑ_{t_n}, t_n → s)]) with s drawn on [0, t_n]
+    (TCD arXiv:2402.19159 Alg. 3)."""
+    loss, diagnostics, _ = tcd_terms(student, target, teacher, batch, spec, generators)
     return loss, diagnostics
 
 

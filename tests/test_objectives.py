@@ -10,7 +10,7 @@ from lcm.adversarial import frozen
 from lcm.consistency import LCDBatch, lcd_loss
 from lcm.discriminator import build_heads, make_discriminator, teacher_features
 from lcm.objectives import (ADDSpec, AdversarialSpec, StudentTimesteps, add_loss, discriminator_loss,
-                            lcd_adv_loss)
+                            lcd_adv_loss, with_adversarial_term)
 from lcm.roles import base_role, denoiser_role
 from lcm.tiny import make_captioned_image_folder
 
@@ -53,6 +53,46 @@ def test_lcd_adv_at_weight_zero_is_lcd_loss_and_gradient(setup):
     # and a positive weight does change the loss
     with frozen(heads):
         weighted, _, _ = lcd_adv_loss(student, student, teacher, d, batch, spec, AdversarialSpec(), 0.5, _gens())
+    assert not torch.equal(plain, weighted)
+
+
+@pytest.mark.parametrize("base", ["pcm", "tcd"])
+def test_pcm_and_tcd_adv_at_weight_zero_are_the_plain_loss_and_judge_the_clean_estimate(setup, base):
+    """pcm_adv / tcd_adv = pcm / tcd + the term on the student's clean estimate. At weight 0 loss and gradients are the
+    plain objective's, bit for bit; the judged sample is f_θ(z_{t_{n+k}}, t_{n+k} → clean end), i.e. LCD's
+    consistency output from the same network call, not the trajectory point at s (which is still noisy); a positive
+    weight changes the loss."""
+    from lcm.consistency import predict_consistency
+    from lcm.trajectory import pcm_loss, pcm_terms, tcd_loss, tcd_terms
+
+    unet, heads, batch, spec = setup
+    student, teacher = denoiser_role(unet), base_role(unet)
+    d = make_discriminator(teacher_features(unet), heads)
+    plain_fn = {"pcm": lambda g: pcm_loss(student, student, teacher, batch, spec, 2),
+                "tcd": lambda g: tcd_loss(student, student, teacher, batch, spec, g)}[base]
+    terms_fn = {"pcm": lambda g: pcm_terms(student, student, teacher, batch, spec, 2),
+                "tcd": lambda g: tcd_terms(student, student, teacher, batch, spec, g)}[base]
+    plain, _ = plain_fn(_gens())
+    plain.mean().backward()
+    g_plain = {n: p.grad.clone() for n, p in _lora(unet).items()}
+    unet.zero_grad(set_to_none=True)
+    gens = _gens()
+    with frozen(heads):
+        adv, diag, handoff = with_adversarial_term(terms_fn(gens), d, batch, spec, AdversarialSpec(), 0.0, gens)
+    adv.mean().backward()
+    assert torch.equal(plain, adv)
+    assert all(torch.equal(g_plain[n], p.grad) for n, p in _lora(unet).items())
+    assert float(diag["g_adv"]) != 0
+    unet.zero_grad(set_to_none=True)
+    t_nk, _ = spec.grid.pair(batch.index)
+    with torch.no_grad():
+        clean = predict_consistency(student, spec.schedule.add_noise(batch.z0, batch.noise, t_nk), t_nk, batch.cond,
+                                    batch.w, spec)
+    torch.testing.assert_close(handoff["fake"], clean.float(), rtol=0, atol=1e-6)
+    assert torch.equal(handoff["real"], batch.z0)
+    gens = _gens()
+    with frozen(heads):
+        weighted, _, _ = with_adversarial_term(terms_fn(gens), d, batch, spec, AdversarialSpec(), 0.5, gens)
     assert not torch.equal(plain, weighted)
 
 
@@ -113,6 +153,26 @@ def test_lcd_adv_weight_zero_trains_the_same_lora_as_lcd(tiny_sdxl_dir, data, tm
     ckpt = tmp_path / "adv0/checkpoints/step-000002"
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "optimizer_1.bin").is_file()
     assert not (tmp_path / "lcd/checkpoints/step-000002/optimizer_1.bin").exists()
+
+
+@pytest.mark.parametrize("base", ["pcm", "tcd"])
+def test_pcm_and_tcd_adv_weight_zero_train_the_same_lora_and_export_like_their_base(tiny_sdxl_dir, data, tmp_path,
+                                                                                   base):
+    train = load_entry_script("train_lcm_lora")
+    lora = ("lora.rank=4", "lora.alpha=4", "distill.num_ddim_timesteps=50", "distill.phases=2")
+    assert train.main(_args(tiny_sdxl_dir, data, tmp_path / base, *lora, f"distill.objective={base}")) == 0
+    assert train.main(_args(tiny_sdxl_dir, data, tmp_path / "adv0", *lora, f"distill.objective={base}_adv",
+                            "adversarial.weight=0.0", "adversarial.head_hidden=8")) == 0
+    a = load_file(tmp_path / base / "final/pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "adv0/final/pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "adv0/checkpoints/step-000002/optimizer_1.bin").is_file()  # the discriminator's optimiser
+    # the same sampler is exported, and the card names the adversarial objective
+    sched = "final/scheduler/scheduler_config.json"
+    assert (tmp_path / base / sched).read_text() == (tmp_path / "adv0" / sched).read_text()
+    card = (tmp_path / "adv0/final/README.md").read_text()
+    assert f"{base}_adv" in card and "discriminator heads" in card
+    assert ("TCD-LoRA" if base == "tcd" else "PCM-LoRA") in card
 
 
 @pytest.mark.parametrize("script,objective,backbone", [("train_lcm_lora", "add", "frozen"),
