@@ -296,7 +296,7 @@ def _row_plan(methods: Sequence[str], students: Mapping[str, str], lcd: Optional
         kinds["LCD"] = ("lcd", lcd)
     kinds.update({name: (student_kind(run), (run, preset)) for name, (run, preset) in named.items()})
     for name in methods:
-        if name == "LCD" and lcd is None:
+        if name == "LCD" and lcd is None and name not in named:  # `--student LCD=RUN` is an ordinary student row
             raise ValueError("the LCD row needs --lcd (a train_lcd.py run folder or its UNet)")
         if name not in kinds:
             raise ValueError(f"unknown method {name!r}; valid: {[*TEACHER_SOLVERS, *STUDENTS, *students, *named]}")

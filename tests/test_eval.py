@@ -62,6 +62,18 @@ def test_lcm_eval_student_rows_need_their_weights(tmp_path):
             lcm_main(["eval", "--out", str(tmp_path), "--n", "2", "--steps", "1", "--methods", method])
 
 
+def test_a_student_named_lcd_is_an_ordinary_student_row(tmp_path):
+    """`--student LCD=RUN` (README's example) plans a row from that run; without it the LCD row still needs --lcd."""
+    from lcm.evaluate import _row_plan
+
+    StableDiffusionXLPipeline.from_pretrained(MINI_TEACHER).unet.save_pretrained(tmp_path / "run" / "final" / "unet")
+    run = str(tmp_path / "run")
+    assert _row_plan(["DDIM", "LCD"], {}, None, {"LCD": (run, None)}) == [("DDIM", "teacher", None),
+                                                                          ("LCD", "lcd", (run, None))]
+    with pytest.raises(ValueError, match="--lcd"):
+        _row_plan(["LCD"], {}, None, {"other": (run, None)})
+
+
 def test_lcd_row_rejects_a_unet_without_guidance_embedding(tmp_path):
     StableDiffusionXLPipeline.from_pretrained(MINI_TEACHER).unet.save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="guidance embedding"):
