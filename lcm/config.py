@@ -386,7 +386,9 @@ def _check_cross_fields(cfg) -> None:
     d, v = cfg.distill, cfg.validation
     if not d.w_min <= d.w_max:
         raise ConfigError(f"distill.w_min={d.w_min} must be <= distill.w_max={d.w_max}")
-    if d.objective in ("pcm", "pcm_adv") and d.num_ddim_timesteps % d.phases:
+    from .objectives import base_objective
+
+    if base_objective(d.objective) == "pcm" and d.num_ddim_timesteps % d.phases:
         raise ConfigError(f"distill.phases={d.phases} must divide distill.num_ddim_timesteps={d.num_ddim_timesteps} "
                           "(each phase holds the same number of grid points)")
     if d.objective == "lightning":

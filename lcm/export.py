@@ -69,12 +69,13 @@ def _base_load_line(cfg) -> str:
 def _objective_summary(cfg) -> str:
     """The objective and, for the adversarial ones, the discriminator's settings, for the card's table."""
     objective = cfg.distill.get("objective", "lcd")
-    if objective in ("pcm", "pcm_adv", "tcd", "tcd_adv"):
+    base = base_objective(objective)
+    if base in ("pcm", "tcd"):
         m = cfg.distill.phases
         summary = (f"pcm (phased consistency): {m} phases of {cfg.distill.num_ddim_timesteps // m} grid points; "
-                   f"sample with {m} steps" if objective.startswith("pcm") else
+                   f"sample with {m} steps" if base == "pcm" else
                    f"tcd (trajectory consistency): s ~ U[0, t_n]; validated with gamma = {cfg.distill.tcd_gamma}")
-        return summary if objective in ("pcm", "tcd") else f"{summary}; plus {_adversarial_summary(cfg, objective)}"
+        return summary if objective == base else f"{summary}; plus {_adversarial_summary(cfg, objective)}"
     if objective == "lcd":
         return "lcd (consistency distillation)"
     a = cfg.adversarial

@@ -95,8 +95,8 @@ def student_scheduler_for(distill_cfg, base_config):
 
 def student_eta(distill_cfg) -> Optional[float]:
     """The `eta` the objective's sampler is called with (TCD's gamma), or None."""
-    objective = distill_cfg.get("objective", "lcd")
-    return distill_cfg.tcd_gamma if base_objective(objective) == "tcd" else get_preset(objective_preset(distill_cfg)).eta
+    tcd = base_objective(distill_cfg.get("objective", "lcd")) == "tcd"
+    return distill_cfg.tcd_gamma if tcd else get_preset(objective_preset(distill_cfg)).eta
 
 
 def resolve_lora_dir(path: str) -> Path:
