@@ -59,14 +59,16 @@ def ensure_digits() -> Path:
     return DIGITS
 
 
-def train(config: str, overrides: list[str], seed: int, run_dir: Path, threads: int) -> float:
-    """Train one run from scratch in a fresh process with `threads` torch threads; returns its wall seconds."""
+def train(config: str, overrides: list[str], seed: int, run_dir: Path, threads: int,
+          script: str = "train_lcm_lora.py") -> float:
+    """Train one run from scratch (`script`: train_lcm_lora.py or train_lcd.py) in a fresh process with `threads`
+    torch threads; returns its wall seconds."""
     if run_dir.exists():  # a half-written run from a stopped benchmark: start it again, never resume a different cell
         import shutil
 
         shutil.rmtree(run_dir)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, str(ROOT / "train_lcm_lora.py"), "--config", config, f"data.path={ensure_digits()}",
+    cmd = [sys.executable, str(ROOT / script), "--config", config, f"data.path={ensure_digits()}",
            f"model.pretrained={TEACHER}", f"train.seed={seed}", f"train.output_dir={run_dir}",
            "train.report_to=none", *overrides]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
