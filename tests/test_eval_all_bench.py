@@ -101,11 +101,11 @@ def _verdict(part: str, **kw) -> bool:
 
 def test_targets_flip_with_the_medians():
     assert _verdict("1 step FD ≤ 45.6") is True  # median 45.0
-    assert _verdict("PCM-LoRA 2 steps") is True  # median 39.5
+    assert _verdict("PCM-LoRA row at 2 steps") is True  # median 39.5
     assert _verdict("TCD-LoRA 4 steps") is True
     assert _verdict("within 2×") is True  # 1.5×
     assert _verdict("diversity") is True  # 26 / 31.5 = 83%
-    assert _verdict("PCM-LoRA 2 steps", pcm2=(39.0, 41.0, 40.5)) is False  # median 40.5
+    assert _verdict("PCM-LoRA row at 2 steps", pcm2=(39.0, 41.0, 40.5)) is False  # median 40.5
     assert _verdict("1 step FD ≤ 45.6", lightning1=(60.0, 44.0, 46.0)) is False  # median 46.0
     # accuracy below 95% disqualifies the 1-step row however low its FD
     assert _verdict("1 step FD ≤ 45.6", lightning_acc=0.9) is False
