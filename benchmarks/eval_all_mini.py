@@ -101,8 +101,9 @@ def ensure_run(row: TableRow, seed: int, runs: Path, threads: int) -> dict:
     record = run_dir / "train.json"
     if matches(row, seed, run_dir):
         return json.loads(record.read_text()) if record.is_file() else {"train_s": None}
+    trained_at = commit()
     secs = train(row.config, list(row.overrides), seed, run_dir, threads, script=row.script)
-    info = {"train_s": round(secs, 1), "threads": threads, "load": round(os.getloadavg()[0], 2), "commit": commit(),
+    info = {"train_s": round(secs, 1), "threads": threads, "load": round(os.getloadavg()[0], 2), "commit": trained_at,
             "script": row.script, "config": row.config, "overrides": list(row.overrides), "seed": seed}
     record.write_text(json.dumps(info, indent=2))
     if not matches(row, seed, run_dir):
