@@ -220,15 +220,16 @@ def markdown(summary: dict, rows, steps: list[int], meta: dict) -> str:
              f"`{meta['command']}`", "",
              f"{meta['platform']}; training on {meta['threads']} thread(s) each; {meta['n']} eval samples per cell; "
              f"driver commit {meta['commit']}; wall {meta['wall_s']:.0f} s. Cells: FD median (min–max over seeds) / "
-             "accuracy median / ms per image; diversity: the lowest seed's 1-step within-digit feature distance.", "",
+             "accuracy median / ms per image (the eval's own threads and load); diversity: the lowest seed's 1-step "
+             "within-digit feature distance; wall —: a run adopted from before the driver, without train.json.", "",
              "| row | training | " + " | ".join(f"{k} step{'s' * (k > 1)}" for k in steps) + " | 1-step diversity |",
              "|---|---|" + "---|" * (len(steps) + 1)]
     for name, s in summary.items():
         t = s["train"]
         if t:
-            walls = ", ".join("—" if w is None else f"{w:.0f}" for w in t["train_s"])
-            budget = (f"`{t['config']}` {' '.join(t['overrides'])} ({t['script']}), {t['steps']} × {t['batch']}, "
-                      f"wall {walls} s")
+            walls = ", ".join("—" if w is None else f"{w:.0f} s" for w in t["train_s"])
+            budget = " ".join([f"`{t['config']}`", *t["overrides"]]) + (f" ({t['script']}), {t['steps']} × "
+                                                                          f"{t['batch']}, wall {walls}")
         else:
             budget = "teacher, guidance 1.5" + (f"; {DIVERSITY_REF_STEPS} steps: {s['cells'][str(DIVERSITY_REF_STEPS)]['fd_median']:.1f}"
                                                 if str(DIVERSITY_REF_STEPS) in s["cells"] else "")
