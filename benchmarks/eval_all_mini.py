@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.quality_mini import DIVERSITY_REF_STEPS, RESULTS, ROOT, TEACHER, commit, ensure_digits, train
+from lcm.evaluate import TEACHER_SOLVERS
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ ROWS = (
     TableRow("LCD+adv", "lcd-adv-full", "train_lcd.py", "mini_lcd",
              ("distill.objective=lcd_adv", "adversarial.weight=0.1", "adversarial.warmup_steps=50"), kind="adversarial"),
 )
-TEACHER_ROWS = ("DDIM", "DPM-Solver++", "Euler")
+TEACHER_ROWS = tuple(TEACHER_SOLVERS)  # the rows `lcm eval` gives the teacher
 # keys that name where a run lives or reports, not what it trains
 _PLACE_KEYS = {("train", "output_dir"), ("train", "report_to"), ("train", "resume"), ("data", "path"),
                ("data", "cache_dir"), ("model", "pretrained")}
