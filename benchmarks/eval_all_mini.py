@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.quality_mini import DIVERSITY_REF_STEPS, RESULTS, ROOT, TEACHER, commit, ensure_digits, train
+from benchmarks.quality_mini import DIVERSITY_REF_STEPS, RESULTS, ROOT, TEACHER, _stats, commit, ensure_digits, train
 from lcm.evaluate import TEACHER_SOLVERS
 
 
@@ -146,10 +146,7 @@ def summarize(per_seed: dict[int, list[dict]], rows, trains: dict, steps: list[i
             got = [r for seed_list in per_seed.values() for r in seed_list if r["method"] == name and r["steps"] == k]
             if not got:
                 continue
-            fds = [r["frechet"] for r in got]
-            cells[str(k)] = {"fd_median": statistics.median(fds), "fd_min": min(fds), "fd_max": max(fds),
-                             "acc_median": statistics.median(r["accuracy"] for r in got),
-                             "acc_min": min(r["accuracy"] for r in got),
+            cells[str(k)] = {**_stats([{"fd": r["frechet"], "acc": r["accuracy"]} for r in got]),
                              "ms_median": 1e3 * statistics.median(r["sec_per_image"] for r in got),
                              "div_min": min(r["diversity"] for r in got), "seeds": len(got)}
         if cells:
@@ -284,8 +281,7 @@ def main(argv=None) -> dict:
             continue
         out = args.runs / f"eval-all-s{seed}"
         if not eval_done(out, rows, args.n, steps, with_teacher=i == 0):
-            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-            import torch
+            import torch  # the eval runs in this process: its thread count is torch's, not OMP_NUM_THREADS's
 
             torch.set_num_threads(args.threads)
             lcm_main(eval_argv(rows, seed, args.runs, out, args.n, steps, with_teacher=i == 0))

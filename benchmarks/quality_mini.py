@@ -117,12 +117,12 @@ def run_cell(name: str, config: str, overrides: list[str], seeds: list[int], log
         run_dir = runs / f"{name}-s{seed}"
         # A run folder that already holds its final LoRA (e.g. started by hand under this cell's name) is scored as it is.
         adopted = (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file()
-        trained_at = commit()  # the tree the run trains from (the log row is written after training and eval)
+        trained_at = None if adopted else commit()  # the tree it trains from (the row is written after the eval)
         secs = None if adopted else train(config, overrides, seed, run_dir, threads)
         n_steps = _trained_grid(run_dir)
         row = {"cell": name, "key": key, "config": config, "overrides": overrides, "seed": seed, "n": n,
                "train_s": secs and round(secs, 1), "threads": threads, "load": round(os.getloadavg()[0], 2),
-               "commit": None if adopted else trained_at, "scores": score(run_dir, run_dir / "eval", n, steps,
+               "commit": trained_at, "scores": score(run_dir, run_dir / "eval", n, steps,
                                                    original_inference_steps=n_steps)}
         append_log(log, row)
         done[seed] = row
