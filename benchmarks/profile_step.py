@@ -51,8 +51,10 @@ def main(argv=None) -> dict:
 
     net.register_forward_pre_hook(pre)
     net.register_forward_hook(post)
-    # vae.encode does not go through vae.forward: hook its encoder.
-    for module in (getattr(pipe, "vae").encoder, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+    # vae.encode does not go through vae.forward: hook its encoder. A latent-cache run (data.cache_dir) has neither.
+    vae = getattr(pipe, "vae", None)
+    for module in (getattr(vae, "encoder", None), getattr(pipe, "text_encoder", None),
+                   getattr(pipe, "text_encoder_2", None)):
         if module is not None:
             a, b = timed("VAE + text encoders")
             module.register_forward_pre_hook(a)

@@ -161,6 +161,9 @@ class DistillConfig:
     # false = "normal CFG" (PCM): distil the teacher's *unguided* ODE (w = 0, no unconditional pass, no w input), so
     # the student keeps real classifier-free guidance and negative prompts at sampling (guidance_scale 3–8)
     teacher_cfg: bool = True
+    # true: a pair whose t_{n+k} is the top timestep T − 1 starts from pure noise ε, not the forward-diffused
+    # √ᾱ z₀ + √(1 − ᾱ) ε (√ᾱ_999 = 0.068 on SD/SDXL schedules): the input 1-step sampling starts from
+    terminal_pure_noise: bool = False
     # lcd (consistency) | lcd_adv (LCD + adversarial term on the student's x̂₀) | add (SDXL-Turbo's ADD) | pcm (phased
     # consistency) | tcd (trajectory consistency) | pcm_adv, tcd_adv (pcm / tcd + the same adversarial term) |
     # lightning; the *_adv objectives and add train a discriminator as well (`adversarial`)

@@ -81,6 +81,7 @@ class LCDSpec:
     teacher_batched: bool = True  # False: cond and uncond in two teacher calls (same result; for benchmarks)
     loss_weighting: str = "uniform"  # a LOSS_WEIGHTINGS key: the per-grid-pair weight λ_i of the loss
     teacher_cfg: bool = True  # False ("normal CFG"): the teacher's unguided ODE, one conditional call, no w
+    terminal_pure_noise: bool = False  # True: at t_{n+k} = T − 1 the pair starts from pure ε, as sampling does
 
     def __post_init__(self):
         get_solver(self.solver)
@@ -199,6 +200,20 @@ def predict_trajectory(model, z, t, s, cond, w, spec: LCDSpec, with_clean: bool 
     return (f, consistency_fn(z, x0_hat, c_skip, c_out)) if with_clean else f
 
 
+def terminal_as_pure_noise(z_t: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, T: int) -> torch.Tensor:
+    """z_t with the rows at t = T − 1 replaced by their noise ε: the input every sampler starts from.
+
+    SD-style schedules do not reach zero SNR (√ᾱ_999 = 0.068 for scaled_linear 0.00085–0.012), so a forward-diffused
+    z_999 still holds 6.8% of z₀, while a sampler starts its first step at t = 999 from pure ε (Lin et al. 2024,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", arXiv:2305.08891 §2). A student trained only on the
+    leaked z_999 can read z₀ from it, and at one step it meets an input it never saw. SDXL-Lightning (arXiv:2402.13929
+    §3.5) trains its first segment the same way (lcm/lightning.py `start_latents`). `noise` is the sampler's own start:
+    ε for LCMScheduler / TCDScheduler / DDIM (init_noise_sigma 1), σ_{T−1}·ε for an Euler sampler.
+    """
+    top = (t == T - 1).view(-1, *([1] * (z_t.ndim - 1)))
+    return torch.where(top, noise.to(z_t.dtype), z_t)
+
+
 def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
     """Per-sample d(f_θ(z_{t_{n+k}}, t_{n+k}), sg[f_θ⁻(ẑ_{t_n}, t_n)]) and a small diagnostics dict (LCM Alg. 1)."""
     loss, diagnostics, _ = lcd_terms(student, target, teacher, batch, spec)
@@ -221,6 +236,8 @@ def lcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec, end=None
 
     # 1. Forward-diffuse the clean latent to t_{n+k}.
     z_tnk = spec.schedule.add_noise(batch.z0, batch.noise, t_nk)
+    if spec.terminal_pure_noise:
+        z_tnk = terminal_as_pure_noise(z_tnk, batch.noise, t_nk, spec.grid.T)
     # 2. Student's consistency output at t_{n+k} (gradients flow here only).
     f_student, clean_student = consistency(student, z_tnk, t_nk, with_clean=True)
     with torch.no_grad():

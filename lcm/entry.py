@@ -78,7 +78,7 @@ def prepare_run(args: argparse.Namespace, schema) -> Optional[Run]:
     d = cfg.distill
     spec = LCDSpec(noise_schedule_of(pipe.scheduler), SolverGrid(sc.num_train_timesteps, d.num_ddim_timesteps),
                    sc.prediction_type, d.solver, d.loss, d.huber_c, d.sigma_data, d.timestep_scaling, d.teacher_batched,
-                   d.loss_weighting, d.teacher_cfg)
+                   d.loss_weighting, d.teacher_cfg, terminal_pure_noise=d.terminal_pure_noise)
     return Run(cfg, accelerator, dataset, collate_fn, summary, pipe, spec)
 
 

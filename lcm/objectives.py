@@ -24,7 +24,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adversarial import D_LOSSES, G_LOSSES, r1_penalty, sample_t_hat
-from .consistency import LCDBatch, LCDSpec, guided_denoiser, lcd_terms, per_sample_randn, predict_x0
+from .consistency import (LCDBatch, LCDSpec, guided_denoiser, lcd_terms, per_sample_randn, predict_x0,
+                          terminal_as_pure_noise)
 
 
 @dataclass
@@ -151,6 +152,9 @@ def add_loss(student, teacher, discriminator, batch: LCDBatch, spec: LCDSpec, ad
     # 1. Forward-diffuse real latents to the student's timestep s and denoise in one step.
     s = add.student_timesteps.at(batch.index)
     z_s = schedule.add_noise(batch.z0, batch.noise, s)
+    if spec.terminal_pure_noise:  # turbo's Euler sampler starts at T − 1 from σ·ε in these (VP) coordinates
+        z_s = terminal_as_pure_noise(z_s, schedule.alpha_sigma(s, z_s.ndim)[1].to(z_s.dtype) * batch.noise, s,
+                                     schedule.T)
     x0_theta = predict_x0(student, z_s, s, batch.cond, batch.w, spec).float()
     # 2. The adversarial term on x̂_θ.
     g_adv, _ = generator_adversarial_term(discriminator, x0_theta, batch.cond, generators, schedule, adv)

@@ -195,3 +195,44 @@ def test_unguided_teacher_is_cfg_at_w_zero_in_one_conditional_call():
     # …and differs from the guided teacher at the batch's own w > 0 (the uncond branch differs here)
     x0_w, _ = guided_denoiser(teacher, batch.cond, batch.uncond, batch.w.clamp_min(1.0), spec.schedule, "epsilon")(z, t)
     assert not torch.allclose(x0_u, x0_w, atol=1e-4)
+
+
+def test_terminal_pure_noise_feeds_eps_at_the_top_timestep_and_changes_nothing_else():
+    from lcm.consistency import terminal_as_pure_noise
+
+    sched = NoiseSchedule(scaled_linear_alphas_cumprod())
+    # The premise: an SD-style schedule leaks z₀ into z_999 (√ᾱ_999 ≈ 0.068), so the two inputs differ.
+    assert 0.05 < sched.alphas_cumprod[999].sqrt() < 0.08
+    z0, eps = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
+    t = torch.tensor([999, 959, 0, 999])
+    z_t = sched.add_noise(z0, eps, t)
+    out = terminal_as_pure_noise(z_t, eps, t, 1000)
+    torch.testing.assert_close(out[[0, 3]], eps[[0, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(out[[1, 2]], z_t[[1, 2]], rtol=0, atol=0)
+    assert not torch.allclose(z_t[0], eps[0])
+
+    seen = []
+    student, teacher = TinyEps(1), TinyEps(2)
+
+    def spy(z, t, cond, w=None):
+        seen.append((z.detach().clone(), t.clone()))
+        return student(z, t, cond, w)
+
+    batch = _batch(B=8)
+    batch.index[:3] = 49  # t_{n+k} = 999 for three rows
+    batch.index[3:] = torch.tensor([0, 10, 20, 30, 48])
+    plain, _ = lcd_loss(student, student, teacher, batch, _spec())
+    pure, _ = lcd_loss(spy, student, teacher, batch, _spec(terminal_pure_noise=True))
+    z_student, t_student = seen[0]  # the student's call comes first
+    assert (t_student[:3] == 999).all()
+    torch.testing.assert_close(z_student[:3], batch.noise[:3], rtol=0, atol=0)
+    # Rows below the top keep the forward-diffused input, so their loss is bit for bit the plain one.
+    torch.testing.assert_close(pure[3:], plain[3:], rtol=0, atol=0)
+    assert not torch.allclose(pure[:3], plain[:3])
+
+
+def test_terminal_pure_noise_off_by_default_and_in_the_config():
+    from lcm.config import DistillConfig
+
+    assert LCDSpec.__dataclass_fields__["terminal_pure_noise"].default is False
+    assert DistillConfig().terminal_pure_noise is False

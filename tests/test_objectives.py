@@ -256,3 +256,32 @@ def test_add_run_samples_bit_for_bit_with_lcm_sample_preset_turbo(tiny_sdxl_dir,
     with ROW_KINDS["lora"](setup, "ADD-LoRA", str(out)):
         assert isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler)
         assert pipe.scheduler.config.timestep_spacing == "trailing"
+
+
+def test_add_with_terminal_pure_noise_feeds_the_turbo_start_at_999_only(setup):
+    """distill.terminal_pure_noise=true in `add`: the student's input at s = 999 is σ_999·ε, the VP form of the
+    Euler sampler's first input (init_noise_sigma · ε, scaled by 1/√(σ²+1)); at s < 999 it is the forward-diffused
+    latent as before, so those rows' losses do not move."""
+    import dataclasses
+
+    unet, heads, batch, spec = setup
+    student, teacher = denoiser_role(unet), base_role(unet)
+    d = make_discriminator(teacher_features(unet), heads)
+    add = ADDSpec(StudentTimesteps([999, 749, 499, 249]))
+    add_batch = LCDBatch(batch.z0, batch.noise, torch.tensor([0, 2]), batch.w, batch.cond, batch.uncond)
+    seen = []
+
+    def spy(z, t, *args, **kwargs):
+        seen.append(z.detach().clone())
+        return student(z, t, *args, **kwargs)
+
+    with torch.no_grad(), frozen(heads):
+        plain, _, _ = add_loss(student, teacher, d, add_batch, spec, add, AdversarialSpec(), 1.0, _gens())
+        pure, _, _ = add_loss(spy, teacher, d, add_batch, dataclasses.replace(spec, terminal_pure_noise=True), add,
+                              AdversarialSpec(), 1.0, _gens())
+    sigma_999 = spec.schedule.alpha_sigma(torch.tensor([999]))[1]
+    torch.testing.assert_close(seen[0][0], (sigma_999 * batch.noise[0]).to(seen[0].dtype), rtol=0, atol=0)
+    leaked = spec.schedule.add_noise(batch.z0, batch.noise, torch.tensor([999, 499]))
+    assert not torch.allclose(seen[0][0], leaked[0])
+    torch.testing.assert_close(seen[0][1], leaked[1], rtol=0, atol=0)
+    assert torch.equal(pure[1], plain[1]) and not torch.equal(pure[0], plain[0])

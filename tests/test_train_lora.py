@@ -303,3 +303,25 @@ def test_normal_cfg_lora_follows_the_negative_prompt_and_lcm_lora_does_not(train
     assert not all(torch.equal(a, b) for a, b in zip(*ncfg))
     lcm = images(trained_run, 1.0, None), images(trained_run, 1.0, "a blue square")
     assert all(torch.equal(a, b) for a, b in zip(*lcm))
+
+
+def test_every_distill_option_of_the_loss_reaches_the_run_spec(tiny_sdxl_dir, tmp_path):
+    """prepare_run builds LCDSpec from config.distill: each shared field, set away from its default, must arrive
+    under its own name (a positional argument out of place would hand one option another's value)."""
+    import dataclasses
+
+    from lcm.config import DistillConfig, LCMLoraConfig
+    from lcm.consistency import LCDSpec
+    from lcm.entry import parse_train_args, prepare_run
+
+    data = make_captioned_image_folder(tmp_path / "data", n=2, size=16)
+    overrides = ["distill.solver=euler", "distill.loss=l2", "distill.huber_c=0.02", "distill.sigma_data=0.4",
+                 "distill.timestep_scaling=7.0", "distill.teacher_batched=false",
+                 "distill.loss_weighting=inverse_delta", "distill.teacher_cfg=false", "distill.w_min=0",
+                 "distill.w_max=0", "distill.terminal_pure_noise=true"]
+    run = prepare_run(parse_train_args(_args(tiny_sdxl_dir, data, tmp_path / "o", *overrides), "", ""),
+                      LCMLoraConfig)
+    shared = {f.name for f in dataclasses.fields(LCDSpec)} & {f.name for f in dataclasses.fields(DistillConfig)}
+    assert {"terminal_pure_noise", "teacher_cfg", "loss_weighting", "huber_c"} <= shared
+    for name in shared:
+        assert getattr(run.spec, name) == getattr(run.cfg.distill, name) != getattr(DistillConfig(), name), name
