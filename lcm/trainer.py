@@ -13,6 +13,7 @@ dropping the batches already consumed before decoding them.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -345,6 +346,17 @@ def _critic_step(accelerator: Accelerator, run: _CriticRun, handoff, gens) -> di
     return out
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def append_metrics(path: Path, step: int, logs: dict) -> None:
+    """One JSON line {"step", "loss", "lr", …, D loss and accuracy for an adversarial run} per logged step, whatever
+    train.report_to says: a run without tensorboard (every benchmark) keeps its scalars. A resumed run appends, so a
+    step logged before a crash and again after the resume appears twice; the later line is the one that continued."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, **logs}) + "\n")
+
+
 def _end_of_step(cfg, accelerator: Accelerator, task: TrainingTask, run: _Run, result: _MicroStep, progress) -> None:
     """After optimiser step `run.step`: progress bar, tracker logs, checkpoint and validation when they are due."""
     tc, step = cfg.train, run.step
@@ -356,6 +368,8 @@ def _end_of_step(cfg, accelerator: Accelerator, task: TrainingTask, run: _Run, r
     progress.set_postfix(loss=f"{logs['loss']:.4g}")
     if step % tc.log_every == 0 or step == tc.max_train_steps:
         accelerator.log(logs, step=step)
+        if accelerator.is_main_process:
+            append_metrics(Path(tc.output_dir) / METRICS_FILE, step, logs)
     if tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0:
         save_checkpoint(accelerator, task, cfg, step)
     every = cfg.validation.every_n_steps

@@ -2,6 +2,8 @@
 generator step moves only the student and the discriminator step only the heads, the frozen backbone never changes,
 and both entry scripts train every objective end to end."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -193,6 +195,10 @@ def test_entry_scripts_train_adversarial_objectives(tiny_sdxl_dir, data, tmp_pat
     else:
         assert any(k.startswith("heads.") for k in heads)
     assert (out / "final").is_dir()
+    # The discriminator's scalars reach metrics.jsonl without a tracker (the benchmarks' report_to=none)
+    (last,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [k for k in last if k.endswith("d_acc_real") or k.endswith("d_acc_fake")]
+    assert last["step"] == 2 and len(accuracy) == 2 and all(0 <= last[k] <= 1 for k in accuracy), last
     if script == "train_lcd" and objective == "add":  # the whole-UNet ADD row of `lcm eval` samples as trained
         from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 

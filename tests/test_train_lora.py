@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -61,6 +62,10 @@ def test_resume_continues_from_latest_checkpoint(trained_run):
     # Adapters only: a checkpoint does not carry the frozen base UNet.
     assert not list((trained_run / "checkpoints/step-000003").glob("model*.safetensors"))
     assert Image.open(trained_run / "samples/step-000002.png").size == (2 * 16, 2 * 16)
+    # report_to=none, yet the scalars are kept: the last step of each run (log_every 10 > 3), the resumed run appended
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 and r["lr"] > 0 and "grad_norm" in r for r in rows)
 
 
 def test_exported_lora_loads_in_diffusers_and_matches_training_model(trained_run, tiny_sdxl_dir, caplog):
