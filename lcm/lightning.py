@@ -31,7 +31,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .adversarial import D_LOSSES, G_LOSSES, r1_penalty
-from .consistency import CLEAN_END, LCDBatch, LCDSpec, guided_denoiser
+from .consistency import CLEAN_END, LCDBatch, LCDSpec, guided_denoiser, terminal_as_pure_noise
 from .parameterization import to_x0_eps
 from .solvers import ddim_step
 
@@ -167,8 +167,8 @@ def start_latents(z0, noise, t, schedule):
     (`lightning_sample`), so the first segment trains on the input the sampler gives it (SDXL-Lightning §3.5's
     schedule fix; ᾱ_{T−1} is not 0 on SD/SDXL betas)."""
     alpha, sigma = schedule.alpha_sigma(t, z0.ndim)
-    top = (t == schedule.T - 1).view(-1, *[1] * (z0.ndim - 1))
-    return torch.where(top, sigma.to(z0.dtype) * noise, alpha.to(z0.dtype) * z0 + sigma.to(z0.dtype) * noise)
+    return terminal_as_pure_noise(alpha.to(z0.dtype) * z0 + sigma.to(z0.dtype) * noise, sigma.to(z0.dtype) * noise, t,
+                                  schedule.T)
 
 
 def lightning_loss(student, teacher, discriminator, batch: LCDBatch, spec: LCDSpec, stage: LightningStage,
