@@ -220,6 +220,8 @@ class AdversarialConfig:
     # lightning: D also reads x_t (the paper's conditional objective); false = the relaxed, unconditional one
     conditional: bool = True
     d_steps_per_g: int = bounded(1, ge=1)
+    # lcd_adv / pcm_adv / tcd_adv: the generator term only on rows with t_{n+k} ≤ this (999 = every row)
+    student_t_max: int = bounded(999, ge=0, le=999)
     optim: OptimConfig = field(default_factory=_discriminator_optim)
     # ADD only: the student's fixed timesteps, λ and c(t) of the distillation term
     student_timesteps: list[int] = bounded(default_factory=lambda: [999, 749, 499, 249], ge=0, le=999)

@@ -45,7 +45,8 @@ class ObjectiveParts:
 
 def adversarial_spec(adv_cfg) -> AdversarialSpec:
     return AdversarialSpec(loss=adv_cfg.loss, r1_gamma=adv_cfg.r1_gamma, t_hat_loc=adv_cfg.t_hat_loc,
-                           t_hat_scale=adv_cfg.t_hat_scale, t_hat_shift=adv_cfg.t_hat_shift)
+                           t_hat_scale=adv_cfg.t_hat_scale, t_hat_shift=adv_cfg.t_hat_shift,
+                           student_t_max=adv_cfg.student_t_max)
 
 
 def add_spec(adv_cfg) -> ADDSpec:
@@ -98,6 +99,9 @@ def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, targ
                 return with_adversarial_term(terms(student_of(model), lcd_batch, gens), judge, lcd_batch, spec, adv,
                                              weight(), gens)
     else:
+        if a.student_t_max < spec.schedule.T - 1:
+            raise ValueError("adversarial.student_t_max restricts the term of lcd_adv / pcm_adv / tcd_adv; "
+                             f"objective {objective!r} has its own student timesteps (adversarial.student_timesteps)")
         add = add_spec(a)
 
         def generator_loss(model, batch, gens):

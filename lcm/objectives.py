@@ -37,6 +37,9 @@ class AdversarialSpec:
     t_hat_loc: float = 1.0
     t_hat_scale: float = 1.0
     t_hat_shift: float = 1.0
+    # *_adv only: the generator term applies to the rows whose student timestep t_{n+k} is at most this (999 = all);
+    # the discriminator still judges every row's clean estimate
+    student_t_max: int = 999
 
     def __post_init__(self):
         if self.loss not in D_LOSSES:
@@ -85,10 +88,14 @@ def with_adversarial_term(terms, discriminator, batch: LCDBatch, spec: LCDSpec, 
     """A consistency objective's `(loss, diagnostics, clean estimate)` (`lcd_terms`, `trajectory.pcm_terms`,
     `trajectory.tcd_terms`) plus `weight` × the generator's adversarial term on the clean estimate f_θ(z_{t_{n+k}} →
     clean end), and the discriminator's handoff. The term's draws (t̂, ε) come after the objective's own, so weight = 0
-    leaves its loss and gradients exactly as the plain objective's."""
+    leaves its loss and gradients exactly as the plain objective's. With `adv.student_t_max` below T − 1 the term is
+    zero on the rows whose t_{n+k} lies above it (the 1-step sampler's t = 999 prediction stays the plain one's)."""
     loss, diagnostics, x0_student = terms
     g_adv, logits = generator_adversarial_term(discriminator, x0_student.float(), batch.cond, generators,
                                                spec.schedule, adv)
+    if adv.student_t_max < spec.schedule.T - 1:  # the draws above stay those of every row
+        t_nk, _ = spec.grid.pair(batch.index)
+        g_adv = g_adv * (t_nk.to(g_adv.device) <= adv.student_t_max).to(g_adv.dtype)
     if weight != 0:  # skipped at 0: x + 0·y is x, but 0·inf is not
         loss = loss + weight * g_adv
     diagnostics.update(g_adv=g_adv.mean().detach(), adv_weight=torch.tensor(float(weight)))

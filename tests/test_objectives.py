@@ -58,6 +58,33 @@ def test_lcd_adv_at_weight_zero_is_lcd_loss_and_gradient(setup):
     assert not torch.equal(plain, weighted)
 
 
+def test_student_t_max_keeps_the_term_off_the_rows_above_it(setup):
+    """adversarial.student_t_max: rows with t_{n+k} above it get the plain LCD loss (and D still sees them), rows at
+    or below it get exactly the full term's loss. The fixture's rows sit at t_{n+k} = 79 and 819."""
+    unet, heads, batch, spec = setup
+    student, teacher = denoiser_role(unet), base_role(unet)
+    d = make_discriminator(teacher_features(unet), heads)
+    assert spec.grid.pair(batch.index)[0].tolist() == [79, 819]
+    with torch.no_grad(), frozen(heads):
+        plain, _ = lcd_loss(student, student, teacher, batch, spec)
+        full, _, _ = lcd_adv_loss(student, student, teacher, d, batch, spec, AdversarialSpec(), 0.5, _gens())
+        low, _, handoff = lcd_adv_loss(student, student, teacher, d, batch, spec, AdversarialSpec(student_t_max=500),
+                                       0.5, _gens())
+        none, _, _ = lcd_adv_loss(student, student, teacher, d, batch, spec, AdversarialSpec(student_t_max=78), 0.5,
+                                  _gens())
+    assert not torch.equal(full, plain)
+    assert torch.equal(low[0], full[0]) and torch.equal(low[1], plain[1])
+    assert torch.equal(none, plain)
+    assert handoff["fake"].shape[0] == 2  # the discriminator's batch is every row's clean estimate
+
+
+def test_student_t_max_is_refused_for_add(tiny_sdxl_dir, data, tmp_path):
+    with pytest.raises(ValueError, match="adversarial.student_t_max"):
+        load_entry_script("train_lcm_lora").main(_args(tiny_sdxl_dir, data, tmp_path / "run", "lora.rank=4",
+                                                       "lora.alpha=4", "distill.objective=add",
+                                                       "adversarial.student_t_max=500"))
+
+
 @pytest.mark.parametrize("base", ["pcm", "tcd"])
 def test_pcm_and_tcd_adv_at_weight_zero_are_the_plain_loss_and_judge_the_clean_estimate(setup, base):
     """pcm_adv / tcd_adv = pcm / tcd + the term on the student's clean estimate. At weight 0 loss and gradients are the
