@@ -78,11 +78,12 @@ def test_student_t_max_keeps_the_term_off_the_rows_above_it(setup):
     assert handoff["fake"].shape[0] == 2  # the discriminator's batch is every row's clean estimate
 
 
-def test_student_t_max_is_refused_for_add(tiny_sdxl_dir, data, tmp_path):
+@pytest.mark.parametrize("objective", ["add", "lightning"])
+def test_student_t_max_is_refused_where_it_does_not_apply(tiny_sdxl_dir, data, tmp_path, objective):
     with pytest.raises(ValueError, match="adversarial.student_t_max"):
         load_entry_script("train_lcm_lora").main(_args(tiny_sdxl_dir, data, tmp_path / "run", "lora.rank=4",
-                                                       "lora.alpha=4", "distill.objective=add",
-                                                       "adversarial.student_t_max=500"))
+                                                       "lora.alpha=4", f"distill.objective={objective}",
+                                                       "distill.stages=[2,1]", "adversarial.student_t_max=500"))
 
 
 @pytest.mark.parametrize("base", ["pcm", "tcd"])
