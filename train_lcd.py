@@ -60,7 +60,7 @@ def main(argv=None):
 
     task = TrainingTask(
         model=student, params=params, dataset=dataset, collate_fn=run.collate_fn, loss_fn=objective.loss_fn,
-        critics=objective.critics, before_step=objective.before_step,
+        critics=objective.critics, before_step=objective.before_step, lr_segments=objective.lr_segments,
         after_optimizer_step=ema.update, extra_state=ema.state, load_extra_state=ema.load,
         validate=validate,
         export=lambda final: export_unet_run(final_model(), pipe.scheduler.config, cfg, final, cfg.train.max_train_steps,

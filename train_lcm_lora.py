@@ -65,7 +65,7 @@ def build_task(run) -> TrainingTask:
 
     return TrainingTask(
         model=net, params=params, dataset=run.dataset, collate_fn=run.collate_fn, loss_fn=objective.loss_fn,
-        critics=objective.critics, before_step=objective.before_step,
+        critics=objective.critics, before_step=objective.before_step, lr_segments=objective.lr_segments,
         after_optimizer_step=ema.update if ema else (lambda: None),
         extra_state=ema.state if ema else dict, load_extra_state=ema.load if ema else (lambda state: None),
         save_model_hook=save_hook, load_model_hook=load_hook,

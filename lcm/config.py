@@ -180,6 +180,9 @@ class DistillConfig:
     mse_weight: float = bounded(0.0, ge=0)  # the MSE kept beside the adversarial term after them (0 = the paper)
     x0_one_step: bool = True  # a final 1-step stage predicts x₀ directly (exported as the lightning-1step preset)
     teacher_steps: int = bounded(8, ge=1)  # teacher DDIM steps over 999 → 0; a segment of an n-step stage gets ⌈/n⌉
+    # lightning: restart the student's LR schedule (optim.lr_scheduler, warm-up included) at each stage, as if each
+    # stage were its own run from the previous one's weights; false = one schedule over all stages
+    stage_lr_restart: bool = False
 
 
 @dataclass
@@ -396,6 +399,9 @@ def _check_cross_fields(cfg) -> None:
     if base_objective(d.objective) == "pcm" and d.num_ddim_timesteps % d.phases:
         raise ConfigError(f"distill.phases={d.phases} must divide distill.num_ddim_timesteps={d.num_ddim_timesteps} "
                           "(each phase holds the same number of grid points)")
+    if d.stage_lr_restart and d.objective != "lightning":
+        raise ConfigError(f"distill.stage_lr_restart=true restarts the LR at Lightning's stages; distill.objective="
+                          f"{d.objective!r} has none (set distill.objective=lightning or drop the key)")
     if d.objective == "lightning":
         from .lightning import check_stages
         try:

@@ -41,6 +41,7 @@ class ObjectiveParts:
     critics: list = field(default_factory=list)
     before_step: Callable[[int], None] = lambda step: None
     discriminator: torch.nn.Module | None = None  # the critic's module: the heads, or encoder copy + heads
+    lr_segments: list | None = None  # the student's LR schedule restarts after each of these step counts
 
 
 def adversarial_spec(adv_cfg) -> AdversarialSpec:
@@ -155,7 +156,8 @@ def _lightning_objective(cfg, pipe, spec: LCDSpec, device, student_of, teacher, 
                                             a.r1_gamma)
 
     critic = Critic("d", critic_module, list(critic_module.parameters()), d_loss, a.optim, a.d_steps_per_g)
-    return ObjectiveParts(generator_loss, [critic], lambda n: step.update(now=n), critic_module)
+    return ObjectiveParts(generator_loss, [critic], lambda n: step.update(now=n), critic_module,
+                          per_stage if d.stage_lr_restart else None)
 
 
 def _no_grad(features):

@@ -13,13 +13,14 @@ dropping the batches already consumed before decoding them.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -75,6 +76,7 @@ class TrainingTask:
     summary: dict = field(default_factory=dict)
     critics: list = field(default_factory=list)  # Critic modules stepped after the student, in this order
     before_step: Callable[[int], None] = lambda step: None  # told the completed-step count before each micro-batch
+    lr_segments: Optional[list] = None  # the student's LR schedule restarts after each (Lightning's stages); None = one
 
     def all_params(self) -> list:
         """Every trainable tensor: the student's, then each critic's."""
@@ -112,13 +114,40 @@ def build_optimizer(params, optim_cfg):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def build_lr_scheduler(optimizer, optim_cfg, max_train_steps: int, num_processes: int):
-    """A diffusers LR schedule with warm-up; steps count scheduler calls, which accelerate makes per process."""
+def build_lr_scheduler(optimizer, optim_cfg, max_train_steps: int, num_processes: int,
+                       segments: Optional[Sequence[int]] = None):
+    """A diffusers LR schedule with warm-up; steps count scheduler calls, which accelerate makes per process.
+
+    `segments` (optimiser steps, summing to `max_train_steps`) restarts the schedule at each boundary: segment i runs
+    the same diffusers schedule, warm-up included, as if it were a run of its own `segments[i]` steps."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(optim_cfg.lr_scheduler, optimizer=optimizer,
-                         num_warmup_steps=optim_cfg.lr_warmup_steps * num_processes,
-                         num_training_steps=max_train_steps * num_processes)
+    def schedule(opt, steps):
+        return get_scheduler(optim_cfg.lr_scheduler, optimizer=opt,
+                             num_warmup_steps=optim_cfg.lr_warmup_steps * num_processes,
+                             num_training_steps=steps * num_processes)
+
+    if segments is None:
+        return schedule(optimizer, max_train_steps)
+    segments = list(segments)
+    if sum(segments) != max_train_steps or any(n < 1 for n in segments):
+        raise ValueError(f"LR segments {segments} must be positive and sum to {max_train_steps} steps")
+    factors, starts, start = [], [], 0
+    for n in segments:
+        # The factor of each segment's own schedule, read from one built on a throwaway optimiser.
+        probe = schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), n)
+        if not isinstance(probe, torch.optim.lr_scheduler.LambdaLR):
+            raise ValueError(f"optim.lr_scheduler={optim_cfg.lr_scheduler!r} cannot restart per stage (not a "
+                             "step-indexed schedule); use constant, linear, cosine or another LambdaLR schedule")
+        factors.append(probe.lr_lambdas[0])
+        starts.append(start * num_processes)
+        start += n
+
+    def factor(step: int) -> float:
+        i = bisect.bisect_right(starts, step) - 1
+        return factors[i](step - starts[i])
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def clip_and_step(accelerator: Accelerator, params, optimizer, lr_scheduler, max_grad_norm: float):
@@ -234,7 +263,8 @@ def _prepare(cfg, accelerator: Accelerator, task: TrainingTask) -> _Run:
     if len(loader) == 0:
         raise DataError(f"dataset has {len(task.dataset)} usable samples, fewer than train.batch_size={tc.batch_size}")
     optimizer = build_optimizer(task.params, cfg.optim)
-    lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, tc.max_train_steps, accelerator.num_processes)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, tc.max_train_steps, accelerator.num_processes,
+                                      task.lr_segments)
     critic_parts = _critic_parts(task, tc, accelerator.num_processes)
     # Important: a stream's loader is already this rank's (disjoint shards). accelerate.prepare would shard an iterable
     # by reading the whole stream on every rank, so it is wrapped as a one-process loader: accelerate then only moves

@@ -134,12 +134,44 @@ def test_lightning_run_samples_bit_for_bit_with_lcm_sample_preset(tiny_sdxl_dir,
     assert "Lightning-LoRA" in card and f"num_inference_steps={steps}" in card and f"--preset {preset}" in card
 
 
+def test_stage_lr_restart_gives_each_stage_its_own_schedule(tiny_sdxl_dir, data, tmp_path):
+    """With distill.stage_lr_restart the logged LR of stage 2 repeats stage 1's (each its own cosine with warm-up over
+    its own steps, diffusers' schedule); without it one cosine runs over both stages."""
+    import json
+
+    from diffusers.optimization import get_scheduler
+
+    def logged(out, *extra):
+        assert load_entry_script("train_lcm_lora").main(_args(
+            tiny_sdxl_dir, data, out, "lora.rank=4", "lora.alpha=4", "distill.stages=[4,2]", "train.max_train_steps=4",
+            "train.checkpoint_every=4", "train.log_every=1", "optim.lr_scheduler=cosine", "optim.lr_warmup_steps=1",
+            "optim.lr=0.01", *extra)) == 0
+        return [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    def alone(steps):  # the LR logged after each of `steps` optimiser steps of a run of that length
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+        sched = get_scheduler("cosine", optimizer=opt, num_warmup_steps=1, num_training_steps=steps)
+        out = []
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+            out.append(sched.get_last_lr()[0])
+        return out
+
+    restarted = logged(tmp_path / "restart", "distill.stage_lr_restart=true")
+    assert restarted == pytest.approx(alone(2) + alone(2))
+    assert logged(tmp_path / "one", "distill.stage_lr_restart=false") == pytest.approx(alone(4))
+    assert alone(4) != pytest.approx(alone(2) + alone(2))
+
+
 def test_lightning_config_errors_name_the_key(tiny_sdxl_dir, data, tmp_path):
     from lcm.config import ConfigError
 
     train = load_entry_script("train_lcm_lora")
     with pytest.raises(ConfigError, match="distill.stages"):
         train.main(_args(tiny_sdxl_dir, data, tmp_path / "a", "distill.stages=[2,4]"))
+    with pytest.raises(ConfigError, match="distill.stage_lr_restart"):
+        train.main(_args(tiny_sdxl_dir, data, tmp_path / "c", "distill.objective=lcd", "distill.stage_lr_restart=true"))
     with pytest.raises(ConfigError, match="validation.num_inference_steps"):
         train.main(_args(tiny_sdxl_dir, data, tmp_path / "b", "distill.stages=[2,1]", "validation.every_n_steps=1",
                          "validation.num_inference_steps=4"))

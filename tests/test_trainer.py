@@ -125,6 +125,41 @@ def test_lr_warmup_from_config(tmp_path):
         build_optimizer(p, SimpleNamespace(**{**dict(cfg.optim), "use_8bit_adam": True}))
 
 
+@pytest.mark.parametrize("name,warmup", [("cosine", 2), ("linear", 0), ("constant_with_warmup", 3)])
+def test_lr_segments_restart_the_diffusers_schedule_at_each_boundary(name, warmup):
+    """Segment i follows diffusers' own schedule built for its steps alone; without segments it is that schedule
+    over the whole run (so a restart is visible: the first step of segment 2 is back at the warm-up's start)."""
+    from diffusers.optimization import get_scheduler
+
+    from lcm.trainer import build_lr_scheduler
+
+    cfg = SimpleNamespace(lr_scheduler=name, lr_warmup_steps=warmup)
+
+    def lrs(sched, opt, n):
+        out = []
+        for _ in range(n):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    def run(segments, steps):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        return lrs(build_lr_scheduler(opt, cfg, steps, 1, segments), opt, steps)
+
+    def alone(steps):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        return lrs(get_scheduler(name, optimizer=opt, num_warmup_steps=warmup, num_training_steps=steps), opt, steps)
+
+    assert run([5, 7, 4], 16) == pytest.approx(alone(5) + alone(7) + alone(4))
+    assert run(None, 16) == pytest.approx(alone(16))
+    assert run([16], 16) == pytest.approx(alone(16))
+    if warmup:
+        assert run([5, 7, 4], 16)[5] == pytest.approx(0.0) and alone(16)[5] > 0
+    with pytest.raises(ValueError, match="sum to 16"):
+        run([5, 7], 16)
+
+
 # --- a full disk (issue 14 item 3) -------------------------------------------------------------------------------
 
 _TORCH_DISK_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 4352 vs 4240"
