@@ -7,7 +7,8 @@ Each seed trains `configs/mini_lcm_lora.yaml` (plus any dotted overrides) from s
 `train.seed=S`, then every run is scored by `lcm eval`'s own `evaluate` (same prompts, seeds and FD reference as
 `lcm eval`). Every finished run is appended to `<out>.jsonl` as soon as it is scored, so a stopped benchmark loses
 nothing: a rerun skips (seed, overrides) pairs whose rows are already there and whose run folder still holds the LoRA.
-The teacher's DDIM rows are scored once per log. `benchmarks/sweep_mini.py` drives the same functions per sweep cell.
+The teacher's DDIM rows are scored once per log. `<out>.md` / `<out>.json` show the cell just run, then every other
+cell the log holds (at the same eval size and step counts). `benchmarks/sweep_mini.py` drives the same functions per sweep cell.
 """
 
 from __future__ import annotations
@@ -231,6 +232,36 @@ def markdown(title: str, rows: list[dict], teacher: dict, steps: list[int], meta
     return "\n".join(lines) + "\n"
 
 
+def logged_cells(log: Path, n: int, steps: list[int]) -> list[dict]:
+    """Every cell of the log scored at `n` eval samples on all of `steps` (and the held-out prompts), in the order
+    the log first holds them: {"name", "key", "config", "overrides", "rows"}, one row per seed (the last one logged)."""
+    cells: dict[str, dict] = {}
+    for r in read_log(log):
+        if r.get("key") in (None, "teacher") or r.get("n") != n or "heldout" not in r["scores"]:
+            continue
+        if not all(str(k) in r["scores"] for k in steps):
+            continue
+        c = cells.setdefault(r["key"], {"name": r["cell"], "key": r["key"], "config": r["config"],
+                                        "overrides": r["overrides"], "seeds": {}})
+        c["seeds"][r["seed"]] = r
+    return [{**{k: v for k, v in c.items() if k != "seeds"}, "rows": [c["seeds"][s] for s in sorted(c["seeds"])]}
+            for c in cells.values()]
+
+
+def logged_meta(cell: dict, out: Path, n: int) -> dict:
+    """The header of a cell's table rebuilt from its logged rows (a cell run by an earlier invocation)."""
+    rows = cell["rows"]
+    seeds = ",".join(str(r["seed"]) for r in rows)
+    threads = sorted({r.get("threads") for r in rows if r.get("threads")})
+    command = (f"python -m benchmarks.quality_mini --seeds {seeds} --threads {threads[-1] if threads else 2} --out "
+               f"{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} --config {cell['config']} --name "
+               f"{cell['name']} " + " ".join(cell["overrides"])).strip()
+    walls = [r["train_s"] for r in rows if r.get("train_s")]
+    return {"command": command, "platform": "rows as logged (load: the highest seed's)", "threads": "/".join(map(str, threads)) or "?",
+            "load": max((r.get("load") or 0) for r in rows), "n": n, "wall_s": sum(walls),
+            "commit": ", ".join(dict.fromkeys(str(r.get("commit")) for r in rows))}
+
+
 def main(argv=None) -> dict:
     from lcm.sampling import parse_seeds
 
@@ -254,10 +285,18 @@ def main(argv=None) -> dict:
             "platform": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
             "threads": args.threads, "load": round(os.getloadavg()[0], 2), "n": args.n,
             "wall_s": time.perf_counter() - start, "commit": commit()}
-    result = {"meta": meta, "teacher_ddim": teacher, "rows": rows, "summary": summarize(rows, steps, teacher)}
+    # OUT.md / OUT.json: this cell first, then every other cell the log holds, so a later cell never hides an earlier one
+    key = cell_key(args.config, args.overrides)
+    others = [c for c in logged_cells(log, args.n, steps) if c["key"] != key]
+    result = {"meta": meta, "teacher_ddim": teacher, "rows": rows, "summary": summarize(rows, steps, teacher),
+              "other_cells": [{**c, "summary": summarize(c["rows"], steps, teacher)} for c in others]}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(f"LoRA preset `{args.config}` {' '.join(args.overrides)}", rows,
-                                                    teacher, steps, meta))
+    text = markdown(f"LoRA preset `{args.config}` {' '.join(args.overrides)}", rows, teacher, steps, meta)
+    if others:
+        text += f"\n# Every other cell in `{log.name}` (rows as logged; the wall is the sum of the seeds' training)\n"
+        text += "".join("\n" + markdown(f"`{c['name']}`: `{c['config']}` {' '.join(c['overrides'])}", c["rows"],
+                                        teacher, steps, logged_meta(c, args.out, args.n)) for c in others)
+    args.out.with_suffix(".md").write_text(text)
     print(args.out.with_suffix(".md").read_text())
     return result
 
