@@ -164,6 +164,9 @@ class DistillConfig:
     # true: a pair whose t_{n+k} is the top timestep T − 1 starts from pure noise ε, not the forward-diffused
     # √ᾱ z₀ + √(1 − ᾱ) ε (√ᾱ_999 = 0.068 on SD/SDXL schedules): the input 1-step sampling starts from
     terminal_pure_noise: bool = False
+    # extra share of the grid's top pair (t_{n+k} = T − 1, the prediction a 1-step sampler uses) in the index draws:
+    # P(top) = share + (1 − share)/N; 0 = uniform (LCM); the grid objectives only (not add / lightning)
+    top_index_share: float = bounded(0.0, ge=0, lt=1)
     # lcd (consistency) | lcd_adv (LCD + adversarial term on the student's x̂₀) | add (SDXL-Turbo's ADD) | pcm (phased
     # consistency) | tcd (trajectory consistency) | pcm_adv, tcd_adv (pcm / tcd + the same adversarial term) |
     # lightning; the *_adv objectives and add train a discriminator as well (`adversarial`)
@@ -399,6 +402,9 @@ def _check_cross_fields(cfg) -> None:
     if base_objective(d.objective) == "pcm" and d.num_ddim_timesteps % d.phases:
         raise ConfigError(f"distill.phases={d.phases} must divide distill.num_ddim_timesteps={d.num_ddim_timesteps} "
                           "(each phase holds the same number of grid points)")
+    if d.top_index_share > 0 and d.objective in ("add", "lightning"):
+        raise ConfigError(f"distill.top_index_share={d.top_index_share} reweights the consistency grid's pairs; "
+                          f"distill.objective={d.objective!r} draws its own student timesteps (drop the key)")
     if d.stage_lr_restart and d.objective != "lightning":
         raise ConfigError(f"distill.stage_lr_restart=true restarts the LR at Lightning's stages; distill.objective="
                           f"{d.objective!r} has none (set distill.objective=lightning or drop the key)")

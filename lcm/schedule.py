@@ -58,10 +58,15 @@ class NoiseSchedule:
 class SolverGrid:
     """The teacher's N-step skipping grid τ_i = (i+1)·k − 1, k = T/N (LCM, Luo et al. 2023, arXiv:2310.04378 §4.2)."""
 
-    def __init__(self, T: int = 1000, num_ddim_timesteps: int = NUM_DDIM_TIMESTEPS):
+    def __init__(self, T: int = 1000, num_ddim_timesteps: int = NUM_DDIM_TIMESTEPS, top_share: float = 0.0):
         if T % num_ddim_timesteps:
             raise ValueError(f"num_ddim_timesteps={num_ddim_timesteps} must divide T={T}")
+        if not 0 <= top_share < 1:
+            raise ValueError(f"top_share={top_share} must be in [0, 1)")
         self.T, self.N = T, num_ddim_timesteps
+        # the extra probability of the top pair (t_{n+k} = T − 1, where every sampler's first step, and a 1-step
+        # sampler's only one, queries the student): P(N − 1) = top_share + (1 − top_share)/N
+        self.top_share = top_share
         self.k = T // num_ddim_timesteps
         self.timesteps = torch.arange(1, num_ddim_timesteps + 1) * self.k - 1  # ascending: 19, 39, …, 999
 
@@ -71,8 +76,14 @@ class SolverGrid:
         return t_nk, (t_nk - self.k).clamp(min=0)
 
     def sample_index(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """Grid indices i ~ U{0, …, N−1}, one per sample."""
-        return torch.randint(0, self.N, (batch,), generator=generator, device=device)
+        """Grid indices i ~ U{0, …, N−1}, one per sample; with `top_share` > 0, each index is the top one N − 1 with
+        probability top_share and uniform otherwise (one uniform draw, then the index draw). top_share = 0 draws
+        exactly what it always did: the same generator calls, so the same indices."""
+        index = torch.randint(0, self.N, (batch,), generator=generator, device=device)
+        if self.top_share > 0:
+            top = torch.rand((batch,), generator=generator, device=device) < self.top_share
+            index = torch.where(top, torch.full_like(index, self.N - 1), index)
+        return index
 
 
 def lcm_inference_timesteps(num_steps: int, original_steps: int = NUM_DDIM_TIMESTEPS, T: int = 1000) -> list[int]:

@@ -23,6 +23,17 @@ def test_bad_keys_and_values_name_the_key(override, key):
         load_config(None, REQ + [override])
 
 
+@pytest.mark.parametrize("objective", ["add", "lightning"])
+def test_top_index_share_is_refused_where_there_is_no_grid(objective):
+    with pytest.raises(ConfigError, match=r"distill\.top_index_share=0\.3.*" + objective):
+        load_config(None, REQ + [f"distill.objective={objective}", "distill.top_index_share=0.3"])
+    for ok in ("lcd", "tcd_adv", "pcm"):  # the grid objectives take it
+        assert load_config(None, REQ + [f"distill.objective={ok}", "distill.top_index_share=0.3"]
+                           ).distill.top_index_share == 0.3
+    with pytest.raises(ConfigError, match=r"distill\.top_index_share"):
+        load_config(None, REQ + ["distill.top_index_share=1.0"])
+
+
 def test_missing_required_key_is_named():
     with pytest.raises(ConfigError, match="data.path"):
         load_config(None, ["model.pretrained=x"])

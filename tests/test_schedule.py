@@ -32,6 +32,30 @@ def test_grid_rejects_non_divisor():
         SolverGrid(1000, 30)
 
 
+def test_top_index_share_zero_draws_exactly_the_uniform_indices():
+    uniform = torch.randint(0, 25, (64,), generator=torch.Generator().manual_seed(3))
+    drawn = SolverGrid(1000, 25, top_share=0.0).sample_index(64, torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, uniform)
+    assert SolverGrid(1000, 25).top_share == 0.0  # the default
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5])
+def test_top_index_share_histogram_matches_its_law(share):
+    n, N = 200_000, 25
+    idx = SolverGrid(1000, N, top_share=share).sample_index(n, torch.Generator().manual_seed(0))
+    freq = torch.bincount(idx, minlength=N).double() / n
+    want = torch.full((N,), (1 - share) / N, dtype=torch.float64)
+    want[-1] += share  # P(top) = share + (1 − share)/N
+    # each bin's binomial standard error is ≤ 0.0012 here; 5 of them
+    torch.testing.assert_close(freq, want, atol=5 * (0.25 / n) ** 0.5, rtol=0)
+    assert SolverGrid(1000, N, top_share=share).pair(freq.argmax().view(1))[0].item() == 999
+
+
+def test_top_index_share_rejects_one():
+    with pytest.raises(ValueError, match="top_share"):
+        SolverGrid(1000, 25, top_share=1.0)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
 def test_inference_grid_equals_lcmscheduler(steps):
     sched = LCMScheduler(original_inference_steps=50)

@@ -323,10 +323,11 @@ def test_every_distill_option_of_the_loss_reaches_the_run_spec(tiny_sdxl_dir, tm
     overrides = ["distill.solver=euler", "distill.loss=l2", "distill.huber_c=0.02", "distill.sigma_data=0.4",
                  "distill.timestep_scaling=7.0", "distill.teacher_batched=false",
                  "distill.loss_weighting=inverse_delta", "distill.teacher_cfg=false", "distill.w_min=0",
-                 "distill.w_max=0", "distill.terminal_pure_noise=true"]
+                 "distill.w_max=0", "distill.terminal_pure_noise=true", "distill.top_index_share=0.25"]
     run = prepare_run(parse_train_args(_args(tiny_sdxl_dir, data, tmp_path / "o", *overrides), "", ""),
                       LCMLoraConfig)
     shared = {f.name for f in dataclasses.fields(LCDSpec)} & {f.name for f in dataclasses.fields(DistillConfig)}
     assert {"terminal_pure_noise", "teacher_cfg", "loss_weighting", "huber_c"} <= shared
     for name in shared:
         assert getattr(run.spec, name) == getattr(run.cfg.distill, name) != getattr(DistillConfig(), name), name
+    assert run.spec.grid.top_share == 0.25 and run.spec.grid.N == run.cfg.distill.num_ddim_timesteps
