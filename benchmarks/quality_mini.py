@@ -8,7 +8,8 @@ Each seed trains `configs/mini_lcm_lora.yaml` (plus any dotted overrides) from s
 `lcm eval`). Every finished run is appended to `<out>.jsonl` as soon as it is scored, so a stopped benchmark loses
 nothing: a rerun skips (seed, overrides) pairs whose rows are already there and whose run folder still holds the LoRA.
 The teacher's DDIM rows are scored once per log. `<out>.md` / `<out>.json` show the cell just run, then every other
-cell the log holds (at the same eval size and step counts). `benchmarks/sweep_mini.py` drives the same functions per sweep cell.
+cell the log holds (at the same eval size and step counts). `benchmarks/sweep_mini.py` drives the same functions per
+sweep cell.
 """
 
 from __future__ import annotations
@@ -257,8 +258,9 @@ def logged_meta(cell: dict, out: Path, n: int) -> dict:
                f"{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} --config {cell['config']} --name "
                f"{cell['name']} " + " ".join(cell["overrides"])).strip()
     walls = [r["train_s"] for r in rows if r.get("train_s")]
-    return {"command": command, "platform": "rows as logged (load: the highest seed's)", "threads": "/".join(map(str, threads)) or "?",
-            "load": max((r.get("load") or 0) for r in rows), "n": n, "wall_s": sum(walls),
+    return {"command": command, "platform": "rows as logged (load: the highest seed's)",
+            "threads": "/".join(map(str, threads)) or "?", "load": max((r.get("load") or 0) for r in rows), "n": n,
+            "wall_s": sum(walls),
             "commit": ", ".join(dict.fromkeys(str(r.get("commit")) for r in rows))}
 
 

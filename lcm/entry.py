@@ -76,9 +76,10 @@ def prepare_run(args: argparse.Namespace, schema) -> Optional[Run]:
     pipe.to(accelerator.device)
     sc = pipe.scheduler.config
     d = cfg.distill
-    spec = LCDSpec(noise_schedule_of(pipe.scheduler), SolverGrid(sc.num_train_timesteps, d.num_ddim_timesteps, d.top_index_share),
-                   sc.prediction_type, d.solver, d.loss, d.huber_c, d.sigma_data, d.timestep_scaling, d.teacher_batched,
-                   d.loss_weighting, d.teacher_cfg, terminal_pure_noise=d.terminal_pure_noise)
+    grid = SolverGrid(sc.num_train_timesteps, d.num_ddim_timesteps, d.top_index_share)
+    spec = LCDSpec(noise_schedule_of(pipe.scheduler), grid, sc.prediction_type, d.solver, d.loss, d.huber_c,
+                   d.sigma_data, d.timestep_scaling, d.teacher_batched, d.loss_weighting, d.teacher_cfg,
+                   terminal_pure_noise=d.terminal_pure_noise)
     return Run(cfg, accelerator, dataset, collate_fn, summary, pipe, spec)
 
 

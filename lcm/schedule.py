@@ -77,7 +77,7 @@ class SolverGrid:
 
     def sample_index(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Grid indices i ~ U{0, …, N−1}, one per sample; with `top_share` > 0, each index is the top one N − 1 with
-        probability top_share and uniform otherwise (one uniform draw, then the index draw). top_share = 0 draws
+        probability top_share and uniform otherwise (the index draw, then one uniform draw). top_share = 0 draws
         exactly what it always did: the same generator calls, so the same indices."""
         index = torch.randint(0, self.N, (batch,), generator=generator, device=device)
         if self.top_share > 0:
