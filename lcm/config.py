@@ -402,9 +402,13 @@ def _check_cross_fields(cfg) -> None:
     if base_objective(d.objective) == "pcm" and d.num_ddim_timesteps % d.phases:
         raise ConfigError(f"distill.phases={d.phases} must divide distill.num_ddim_timesteps={d.num_ddim_timesteps} "
                           "(each phase holds the same number of grid points)")
-    if d.top_index_share > 0 and d.objective in ("add", "lightning"):
-        raise ConfigError(f"distill.top_index_share={d.top_index_share} reweights the consistency grid's pairs; "
-                          f"distill.objective={d.objective!r} draws its own student timesteps (drop the key)")
+    if d.objective in ("add", "lightning"):  # they draw their own student timesteps: no consistency grid to reweight
+        if d.top_index_share > 0:
+            raise ConfigError(f"distill.top_index_share={d.top_index_share} reweights the consistency grid's pairs; "
+                              f"distill.objective={d.objective!r} draws its own student timesteps (drop the key)")
+        if cfg.adversarial.student_t_max < 999:
+            raise ConfigError(f"adversarial.student_t_max={cfg.adversarial.student_t_max} restricts the term of "
+                              f"lcd_adv / pcm_adv / tcd_adv; distill.objective={d.objective!r} does not take it")
     if d.stage_lr_restart and d.objective != "lightning":
         raise ConfigError(f"distill.stage_lr_restart=true restarts the LR at Lightning's stages; distill.objective="
                           f"{d.objective!r} has none (set distill.objective=lightning or drop the key)")

@@ -86,6 +86,14 @@ def test_student_t_max_is_refused_where_it_does_not_apply(tiny_sdxl_dir, data, t
                                                        "distill.stages=[2,1]", "adversarial.student_t_max=500"))
 
 
+def test_student_t_max_trains_where_it_applies(tiny_sdxl_dir, data, tmp_path):
+    """The *_adv objectives take adversarial.student_t_max (a refusal meant for add / lightning once caught them too)."""
+    out = tmp_path / "run"
+    load_entry_script("train_lcm_lora").main(_args(tiny_sdxl_dir, data, out, "lora.rank=4", "lora.alpha=4",
+                                                   "distill.objective=lcd_adv", "adversarial.student_t_max=500"))
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
 @pytest.mark.parametrize("base", ["pcm", "tcd"])
 def test_pcm_and_tcd_adv_at_weight_zero_are_the_plain_loss_and_judge_the_clean_estimate(setup, base):
     """pcm_adv / tcd_adv = pcm / tcd + the term on the student's clean estimate. At weight 0 loss and gradients are the
