@@ -406,9 +406,12 @@ def _check_cross_fields(cfg) -> None:
         if d.top_index_share > 0:
             raise ConfigError(f"distill.top_index_share={d.top_index_share} reweights the consistency grid's pairs; "
                               f"distill.objective={d.objective!r} draws its own student timesteps (drop the key)")
-        if cfg.adversarial.student_t_max < 999:
-            raise ConfigError(f"adversarial.student_t_max={cfg.adversarial.student_t_max} restricts the term of "
-                              f"lcd_adv / pcm_adv / tcd_adv; distill.objective={d.objective!r} does not take it")
+    from .objectives import ADVERSARIAL_VARIANTS
+
+    if cfg.adversarial.student_t_max < 999 and d.objective not in ADVERSARIAL_VARIANTS:
+        # add / lightning draw their own timesteps; lcd / pcm / tcd have no term to restrict (the key would do nothing)
+        raise ConfigError(f"adversarial.student_t_max={cfg.adversarial.student_t_max} restricts the term of "
+                          f"{' / '.join(ADVERSARIAL_VARIANTS)}; distill.objective={d.objective!r} does not take it")
     if d.stage_lr_restart and d.objective != "lightning":
         raise ConfigError(f"distill.stage_lr_restart=true restarts the LR at Lightning's stages; distill.objective="
                           f"{d.objective!r} has none (set distill.objective=lightning or drop the key)")

@@ -34,6 +34,21 @@ def test_top_index_share_is_refused_where_there_is_no_grid(objective):
         load_config(None, REQ + ["distill.top_index_share=1.0"])
 
 
+@pytest.mark.parametrize("objective", ["lcd", "pcm", "tcd", "add", "lightning", "lcd_adv", "pcm_adv", "tcd_adv"])
+def test_student_t_max_is_taken_only_by_the_objectives_with_a_term(objective):
+    """adversarial.student_t_max restricts the *_adv term: every other objective refuses it, naming the key (a plain
+    lcd / pcm / tcd run once accepted it silently and it did nothing)."""
+    args = REQ + [f"distill.objective={objective}", "adversarial.student_t_max=500"]
+    if objective.endswith("_adv"):
+        assert load_config(None, args).adversarial.student_t_max == 500
+    else:
+        with pytest.raises(ConfigError, match=r"adversarial\.student_t_max=500.*" + objective):
+            load_config(None, args)
+    # ...and without the key the same objective loads: the refusal is the key's, not the objective's
+    load_config(None, REQ + [f"distill.objective={objective}"]
+                + ["distill.stages=[2,1]", "validation.num_inference_steps=1"] * (objective == "lightning"))
+
+
 def test_missing_required_key_is_named():
     with pytest.raises(ConfigError, match="data.path"):
         load_config(None, ["model.pretrained=x"])
@@ -145,7 +160,8 @@ def test_in_range_boundary_value_is_accepted(name, key):
 
 
 # Boundary values that a cross-field check would otherwise refuse: the other key moves with them.
-COMPANIONS = {"distill.w_max": ["distill.w_min=0"], "distill.num_ddim_timesteps": ["validation.num_inference_steps=1"]}
+COMPANIONS = {"distill.w_max": ["distill.w_min=0"], "distill.num_ddim_timesteps": ["validation.num_inference_steps=1"],
+              "adversarial.student_t_max": ["distill.objective=lcd_adv"]}
 
 
 @pytest.mark.parametrize("override, message", [
