@@ -397,7 +397,7 @@ def _check_cross_fields(cfg) -> None:
     d, v = cfg.distill, cfg.validation
     if not d.w_min <= d.w_max:
         raise ConfigError(f"distill.w_min={d.w_min} must be <= distill.w_max={d.w_max}")
-    from .objectives import base_objective
+    from .objectives import ADVERSARIAL_VARIANTS, base_objective
 
     if base_objective(d.objective) == "pcm" and d.num_ddim_timesteps % d.phases:
         raise ConfigError(f"distill.phases={d.phases} must divide distill.num_ddim_timesteps={d.num_ddim_timesteps} "
@@ -406,8 +406,6 @@ def _check_cross_fields(cfg) -> None:
         if d.top_index_share > 0:
             raise ConfigError(f"distill.top_index_share={d.top_index_share} reweights the consistency grid's pairs; "
                               f"distill.objective={d.objective!r} draws its own student timesteps (drop the key)")
-    from .objectives import ADVERSARIAL_VARIANTS
-
     if cfg.adversarial.student_t_max < 999 and d.objective not in ADVERSARIAL_VARIANTS:
         # add / lightning draw their own timesteps; lcd / pcm / tcd have no term to restrict (the key would do nothing)
         raise ConfigError(f"adversarial.student_t_max={cfg.adversarial.student_t_max} restricts the term of "
