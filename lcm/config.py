@@ -402,10 +402,9 @@ def _check_cross_fields(cfg) -> None:
     if base_objective(d.objective) == "pcm" and d.num_ddim_timesteps % d.phases:
         raise ConfigError(f"distill.phases={d.phases} must divide distill.num_ddim_timesteps={d.num_ddim_timesteps} "
                           "(each phase holds the same number of grid points)")
-    if d.objective in ("add", "lightning"):  # they draw their own student timesteps: no consistency grid to reweight
-        if d.top_index_share > 0:
-            raise ConfigError(f"distill.top_index_share={d.top_index_share} reweights the consistency grid's pairs; "
-                              f"distill.objective={d.objective!r} draws its own student timesteps (drop the key)")
+    if d.top_index_share > 0 and d.objective in ("add", "lightning"):  # they draw their own student timesteps
+        raise ConfigError(f"distill.top_index_share={d.top_index_share} reweights the consistency grid's pairs; "
+                          f"distill.objective={d.objective!r} draws its own student timesteps (drop the key)")
     if cfg.adversarial.student_t_max < 999 and d.objective not in ADVERSARIAL_VARIANTS:
         # add / lightning draw their own timesteps; lcd / pcm / tcd have no term to restrict (the key would do nothing)
         raise ConfigError(f"adversarial.student_t_max={cfg.adversarial.student_t_max} restricts the term of "
