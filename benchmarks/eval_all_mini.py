@@ -55,6 +55,10 @@ ROWS = (
     TableRow("Lightning-LoRA", "lightning-lora", "train_lcm_lora.py", "mini_lightning_lora", kind="adversarial"),
     TableRow("LCD+adv", "lcd-adv-full", "train_lcd.py", "mini_lcd",
              ("distill.objective=lcd_adv", "adversarial.weight=0.1", "adversarial.warmup_steps=50"), kind="adversarial"),
+    TableRow("TCD-LoRA+adv", "tcd-adv-lora", "train_lcm_lora.py", "mini_tcd_adv_lora", kind="adversarial"),
+    # #16's best cell (README, "TCD-adv screens"): twice the preset's steps, the most the issue's budget allows
+    TableRow("TCD-LoRA+adv 2×", "tcdadv-800-lr3-top05", "train_lcm_lora.py", "mini_tcd_adv_lora",
+             ("train.max_train_steps=800", "optim.lr=3e-3", "distill.top_index_share=0.5"), kind="adversarial"),
 )
 TEACHER_ROWS = tuple(TEACHER_SOLVERS)  # the rows `lcm eval` gives the teacher
 # keys that name where a run lives or reports, not what it trains
