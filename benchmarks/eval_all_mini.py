@@ -185,11 +185,20 @@ def targets(summary: dict, rows) -> list[tuple[str, bool, str]]:
             ratio = summary[worst]["cells"]["1"]["div_min"] / ref["div_min"]
             out.append((f"#16: 1-step diversity ≥ 80% of the teacher's {DIVERSITY_REF_STEPS}-step on every seed of "
                         "every adversarial row", ratio >= 0.8, f"worst {worst} {ratio:.0%}"))
-        wall = lambda name: summary.get(name, {}).get("train", {}).get("train_s_median")  # noqa: E731
+        # The budget is steps × batch, as #13 and #16 use the word ("400 steps × batch 64"); the wall-clock is stated
+        # beside it because an adversarial step costs more than a consistency step (D step + the term's backward).
+        train = lambda name: summary.get(name, {}).get("train", {})  # noqa: E731
+        size = lambda name: train(name).get("steps", 0) * train(name).get("batch", 0)  # noqa: E731
+        if size("LCM-LoRA") and all(size(n) for n in adv):
+            largest = max(adv, key=size)
+            ratio = size(largest) / size("LCM-LoRA")
+            out.append(("#16: adversarial rows within 2× LCM-LoRA's budget (steps × batch)", ratio <= 2,
+                        f"largest {largest} {ratio:.2f}×"))
+        wall = lambda name: train(name).get("train_s_median")  # noqa: E731
         if wall("LCM-LoRA") and all(wall(n) for n in adv):
             slowest = max(adv, key=wall)
             ratio = wall(slowest) / wall("LCM-LoRA")
-            out.append(("#16: adversarial rows within 2× LCM-LoRA's training wall", ratio <= 2,
+            out.append(("#16, wall-clock reading: adversarial rows within 2× LCM-LoRA's training wall", ratio <= 2,
                         f"slowest {slowest} {ratio:.2f}×"))
     pcm = [n for n in kinds if n.startswith("PCM-LoRA") and have(n, 2)]
     if pcm:
@@ -247,6 +256,18 @@ def markdown(summary: dict, rows, steps: list[int], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render(out: Path) -> dict:
+    """OUT.md and OUT.json's targets again from OUT.json's summary and meta: no training, no eval."""
+    result = json.loads(out.with_suffix(".json").read_text())
+    summary, meta = result["summary"], result["meta"]
+    rows = [r for r in ROWS if r.name in summary]
+    steps = sorted({int(k) for s in summary.values() if s["train"] for k in s["cells"]})
+    result["targets"] = [{"target": t, "met": ok, "measured": m} for t, ok, m in targets(summary, rows)]
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(summary, rows, steps, meta))
+    return result
+
+
 def main(argv=None) -> dict:
     from lcm.cli import main as lcm_main
     from lcm.sampling import parse_seeds
@@ -262,7 +283,11 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=RESULTS / "eval_all_mini", help="writes OUT.json and OUT.md")
     p.add_argument("--train-only", action="store_true", help="train (or adopt) the runs, evaluate nothing: a queue "
                    "of trainings to score later in one quiet eval")
+    p.add_argument("--render-only", action="store_true", help="train and score nothing: rewrite OUT.md and the "
+                   "targets in OUT.json from the summary OUT.json already holds (after a change to the targets)")
     args = p.parse_args(argv)
+    if args.render_only:
+        return render(args.out)
     steps = [int(s) for s in args.steps.split(",")]
     seeds = parse_seeds(args.seeds)
     if args.rows:

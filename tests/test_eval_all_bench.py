@@ -78,9 +78,11 @@ def _per_seed(pcm2=(39.0, 41.0, 39.5), lightning1=(60.0, 44.0, 45.0), lightning_
     return per_seed
 
 
-def _summary(**kw):
+def _summary(wall=1500.0, lightning_steps=800, **kw):
     rows = [r for r in ea.ROWS if r.name in ("LCM-LoRA", "PCM-LoRA", "TCD-LoRA", "Lightning-LoRA")]
-    trains = {r.name: {"train_s_median": 1000.0 if r.name != "Lightning-LoRA" else 1500.0} for r in rows}
+    trains = {r.name: {"train_s_median": 1000.0 if r.name != "Lightning-LoRA" else wall, "steps": 400, "batch": 64}
+              for r in rows}
+    trains["Lightning-LoRA"]["steps"] = lightning_steps
     return ea.summarize(_per_seed(**kw), rows, trains, [1, 2, 4, 8]), rows
 
 
@@ -92,9 +94,9 @@ def test_summary_is_median_and_range_over_seeds():
     assert summary["Lightning-LoRA"]["cells"]["1"]["ms_median"] == pytest.approx(4.0)
 
 
-def _verdict(part: str, **kw) -> bool:
+def _verdict(part: str, wall=1500.0, lightning_steps=800, **kw) -> bool:
     """The met flag of the one target whose text contains `part`."""
-    summary, rows = _summary(**kw)
+    summary, rows = _summary(wall, lightning_steps, **kw)
     (ok,) = [ok for t, ok, _ in ea.targets(summary, rows) if part in t]
     return ok
 
@@ -103,7 +105,11 @@ def test_targets_flip_with_the_medians():
     assert _verdict("1 step FD ≤ 45.6") is True  # median 45.0
     assert _verdict("PCM-LoRA row at 2 steps") is True  # median 39.5
     assert _verdict("TCD-LoRA 4 steps") is True
-    assert _verdict("within 2×") is True  # 1.5×
+    assert _verdict("training wall") is True  # 1.5×
+    assert _verdict("training wall", wall=2100.0) is False  # 2.1×
+    assert _verdict("(steps × batch)") is True  # 800 × 64 against 400 × 64: exactly 2×
+    assert _verdict("(steps × batch)", lightning_steps=801) is False
+    assert _verdict("(steps × batch)", wall=5000.0) is True  # the budget does not read the wall
     assert _verdict("diversity") is True  # 26 / 31.5 = 83%
     assert _verdict("PCM-LoRA row at 2 steps", pcm2=(39.0, 41.0, 40.5)) is False  # median 40.5
     assert _verdict("1 step FD ≤ 45.6", lightning1=(60.0, 44.0, 46.0)) is False  # median 46.0
@@ -122,3 +128,19 @@ def test_eval_done_needs_every_row_and_step(tmp_path):
     argv = ea.eval_argv(rows, 2, tmp_path, tmp_path / "out", 500, [1, 2], with_teacher=False)
     assert argv[argv.index("--methods") + 1] == "LCM-LoRA,PCM-LoRA"
     assert f"PCM-LoRA={tmp_path / 'pcm4-lora-s2'}" in argv
+
+
+def test_render_only_rewrites_the_targets_from_the_saved_summary(tmp_path):
+    summary, rows = _summary()
+    for row in rows:  # what train_summary adds beside the wall and the budget
+        summary[row.name]["train"].update(script=row.script, config=row.config, overrides=list(row.overrides),
+                                          train_s=[summary[row.name]["train"]["train_s_median"]])
+    meta = {"command": "x", "platform": "p", "threads": 2, "n": 500, "seeds": 3, "wall_s": 1.0, "commit": "abc"}
+    stale = {"meta": meta, "summary": summary, "targets": [{"target": "an old line", "met": False, "measured": "-"}]}
+    (tmp_path / "ea.json").write_text(json.dumps(stale))
+    result = ea.main(["--render-only", "--out", str(tmp_path / "ea")])
+    assert result["targets"] == [{"target": t, "met": ok, "measured": m} for t, ok, m in ea.targets(summary, rows)]
+    assert json.loads((tmp_path / "ea.json").read_text())["summary"] == summary  # the measurements are untouched
+    md = (tmp_path / "ea.md").read_text()
+    assert "an old line" not in md and "(steps × batch) | yes |" in md
+    assert md == ea.markdown(summary, rows, [1, 2, 4, 8], meta)
