@@ -53,6 +53,10 @@ ROWS = (
     # ADD's paper settings collapse on the mini teacher (README, "Adversarial distillation"); these are the toy's
     TableRow("ADD-LoRA", "add-toy", "train_lcm_lora.py", "mini_add_lora", ADD_TOY, kind="adversarial"),
     TableRow("Lightning-LoRA", "lightning-lora", "train_lcm_lora.py", "mini_lightning_lora", kind="adversarial"),
+    # the whole UNet down to SDXL-Lightning's 1-step x₀ stage (the LoRA's x₀ stage does not train here)
+    TableRow("Lightning (whole UNet)", "lightning-full", "train_lcd.py", "mini_lightning", kind="adversarial"),
+    TableRow("Lightning (whole UNet) 2×", "lightning-full-800", "train_lcd.py", "mini_lightning",
+             ("train.max_train_steps=800", "distill.stage_steps=[100,100,100,500]"), kind="adversarial"),
     TableRow("LCD+adv", "lcd-adv-full", "train_lcd.py", "mini_lcd",
              ("distill.objective=lcd_adv", "adversarial.weight=0.1", "adversarial.warmup_steps=50"), kind="adversarial"),
     TableRow("TCD-LoRA+adv", "tcd-adv-lora", "train_lcm_lora.py", "mini_tcd_adv_lora", kind="adversarial"),

@@ -87,14 +87,17 @@ HELDOUT_STEPS = (2, 4)  # the held-out column (issue #13 item 5): prompts from t
 def score(lora_dir, out_dir: Path, n: int, steps: list[int], methods=("LCM-LoRA",),
           original_inference_steps: int = 50) -> dict:
     """`lcm eval`'s evaluate on one run (or the teacher, methods=("DDIM",)): {steps: {"fd": …, "acc": …}} on the
-    training caption templates, plus {"heldout": {steps: …}} at HELDOUT_STEPS on the held-out templates."""
+    training caption templates, plus {"heldout": {steps: …}} at HELDOUT_STEPS on the held-out templates. With
+    methods=("LCD",), `lora_dir` is a whole-network (train_lcd.py) run, scored as `lcm eval --lcd` scores it."""
     from lcm.evaluate import evaluate
 
     # teacher_w = 0.5 (guidance_scale 1.5) is the mini teacher's best FD and `lcm eval`'s default; evaluate()'s own
     # default differs, so it is passed explicitly.
     common = dict(teacher_extra_steps=(), teacher_w=0.5, methods=list(methods),
                   original_inference_steps=original_inference_steps)
-    lora = str(lora_dir) if lora_dir else None
+    whole = tuple(methods) == ("LCD",)
+    lora = str(lora_dir) if lora_dir and not whole else None
+    common["lcd"] = str(lora_dir) if whole else None
     rows = evaluate(str(TEACHER), lora, out_dir, n=n, steps=steps, **common)
     held = evaluate(str(TEACHER), lora, Path(out_dir) / "heldout", n=n, steps=HELDOUT_STEPS, prompt_sets=("heldout",),
                     **common)
@@ -109,23 +112,29 @@ def scores_by_steps(rows) -> dict:
 
 
 def run_cell(name: str, config: str, overrides: list[str], seeds: list[int], log: Path, runs: Path, n: int,
-             steps: list[int], threads: int) -> list[dict]:
-    """Train + score every seed of one cell that the log does not already hold; returns all of the cell's rows."""
+             steps: list[int], threads: int, script: str = "train_lcm_lora.py") -> list[dict]:
+    """Train + score every seed of one cell that the log does not already hold; returns all of the cell's rows.
+    `script` train_lcd.py makes it a whole-network cell (the run's UNet scored as `lcm eval --lcd` does)."""
     key = cell_key(config, overrides)
+    whole = script == "train_lcd.py"
+    weights = Path("final") / ("unet/config.json" if whole else "pytorch_lora_weights.safetensors")
     done = {r["seed"]: r for r in read_log(log) if r.get("key") == key and r["n"] == n and "heldout" in r["scores"]}
     for seed in seeds:
         if seed in done:
             continue
         run_dir = runs / f"{name}-s{seed}"
         # A run folder that already holds its final LoRA (e.g. started by hand under this cell's name) is scored as it is.
-        adopted = (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file()
+        adopted = (run_dir / weights).is_file()
         trained_at = None if adopted else commit()  # the tree it trains from (the row is written after the eval)
-        secs = None if adopted else train(config, overrides, seed, run_dir, threads)
+        secs = None if adopted else train(config, overrides, seed, run_dir, threads, script)
         n_steps = _trained_grid(run_dir)
         row = {"cell": name, "key": key, "config": config, "overrides": overrides, "seed": seed, "n": n,
                "train_s": secs and round(secs, 1), "threads": threads, "load": round(os.getloadavg()[0], 2),
                "commit": trained_at, "scores": score(run_dir, run_dir / "eval", n, steps,
+                                                   methods=("LCD",) if whole else ("LCM-LoRA",),
                                                    original_inference_steps=n_steps)}
+        if whole:
+            row["script"] = script
         append_log(log, row)
         done[seed] = row
         print(f"{name} seed {seed}: " + "  ".join(f"{k}-step FD {v['fd']:.1f}" for k, v in row["scores"].items() if k != "heldout")
@@ -273,6 +282,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=500, help="eval samples per cell (lcm eval --n)")
     p.add_argument("--steps", default="1,2,4,8")
     p.add_argument("--config", default="mini_lcm_lora")
+    p.add_argument("--script", default="train_lcm_lora.py", choices=("train_lcm_lora.py", "train_lcd.py"),
+                   help="train_lcd.py: a whole-network cell (e.g. --config mini_lcd), scored as `lcm eval --lcd`")
     p.add_argument("--name", default="preset", help="run-name prefix under --runs")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality_mini")
     p.add_argument("--out", type=Path, default=RESULTS / "quality_mini", help="writes OUT.json, OUT.md, OUT.jsonl")
@@ -282,7 +293,7 @@ def main(argv=None) -> dict:
     start, log = time.perf_counter(), args.out.with_suffix(".jsonl")
     teacher = teacher_rows(log, args.n, steps, args.runs)
     rows = run_cell(args.name, args.config, args.overrides, parse_seeds(args.seeds), log, args.runs, args.n, steps,
-                    args.threads)
+                    args.threads, args.script)
     meta = {"command": "python -m benchmarks.quality_mini " + " ".join(argv if argv is not None else sys.argv[1:]),
             "platform": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
             "threads": args.threads, "load": round(os.getloadavg()[0], 2), "n": args.n,
@@ -293,7 +304,8 @@ def main(argv=None) -> dict:
     result = {"meta": meta, "teacher_ddim": teacher, "rows": rows, "summary": summarize(rows, steps, teacher),
               "other_cells": [{**c, "summary": summarize(c["rows"], steps, teacher)} for c in others]}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    text = markdown(f"LoRA preset `{args.config}` {' '.join(args.overrides)}", rows, teacher, steps, meta)
+    kind = "Whole-network" if args.script == "train_lcd.py" else "LoRA"
+    text = markdown(f"{kind} preset `{args.config}` {' '.join(args.overrides)}", rows, teacher, steps, meta)
     if others:
         text += f"\n# Every other cell in `{log.name}` (rows as logged; the wall is the sum of the seeds' training)\n"
         text += "".join("\n" + markdown(f"`{c['name']}`: `{c['config']}` {' '.join(c['overrides'])}", c["rows"],

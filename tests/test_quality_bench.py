@@ -57,3 +57,42 @@ def test_every_logged_cell_stays_in_the_summary_files(tmp_path, monkeypatch):
     # cells scored at another eval size belong to another table, not this one
     qm.main(["--seeds", "0", "--config", "mini_tcd_lora", "--name", "cell-b", *common[:-1], "30"])
     assert "`cell-a`" not in out.with_suffix(".md").read_text()
+
+
+def test_a_whole_network_cell_trains_with_train_lcd_and_is_scored_as_lcm_eval_lcd(tmp_path, monkeypatch):
+    """`--script train_lcd.py`: the run trains through train_lcd.py, is adopted by its final UNet, and evaluate()
+    receives it as the LCD student (not as a LoRA)."""
+    import lcm.evaluate
+
+    trained, evaluated = [], []
+
+    def train(config, overrides, seed, run_dir, threads, script="train_lcm_lora.py"):
+        trained.append(script)
+        (run_dir / "final" / "scheduler").mkdir(parents=True, exist_ok=True)
+        (run_dir / "final" / "scheduler" / "scheduler_config.json").write_text('{"original_inference_steps": 50}')
+        (run_dir / "final" / "unet").mkdir(parents=True)
+        (run_dir / "final" / "unet" / "config.json").write_text("{}")
+        return 1.0
+
+    def evaluate(teacher, lora, out_dir, n, steps, prompt_sets=("train",), **kw):
+        evaluated.append((lora, kw["lcd"], tuple(kw["methods"]), kw["original_inference_steps"]))
+        method = kw["methods"][0]
+
+        class Row:
+            def __init__(self, k):
+                self.steps, self.frechet, self.accuracy, self.diversity, self.method = k, 40.0 + k, 0.9, 30.0, method
+        return [Row(k) for k in steps]
+
+    monkeypatch.setattr(qm, "train", train)
+    monkeypatch.setattr(lcm.evaluate, "evaluate", evaluate)
+    monkeypatch.setattr(qm, "commit", lambda: "abc1234")
+    out = tmp_path / "q"
+    common = ["--threads", "1", "--runs", str(tmp_path / "runs"), "--out", str(out), "--n", "20"]
+    result = qm.main(["--seeds", "0", "--config", "mini_lcd", "--script", "train_lcd.py", "--name", "lcd", *common])
+    assert trained == ["train_lcd.py"]
+    run = str(tmp_path / "runs" / "lcd-s0")
+    assert (None, run, ("LCD",), 50) in evaluated and all(lora is None for lora, *_ in evaluated[1:])
+    assert result["rows"][0]["script"] == "train_lcd.py" and result["summary"]["2"]["fd_median"] == 42.0
+    assert "Whole-network preset `mini_lcd`" in out.with_suffix(".md").read_text()
+    qm.main(["--seeds", "0", "--config", "mini_lcd", "--script", "train_lcd.py", "--name", "lcd", *common])
+    assert trained == ["train_lcd.py"]  # logged: not trained again
