@@ -3,6 +3,7 @@ of README's "All students in one run" table.
 
     python -m benchmarks.eval_all_mini [--seeds 0-2] [--threads 1] [--n 500] [--rows LCM-LoRA,TCD-LoRA,...]
     python -m benchmarks.eval_all_mini --train-only --rows TCD-LoRA --seeds 1   # a training queue, no eval
+    python -m benchmarks.eval_all_mini --render-only   # OUT.md and the targets again from OUT.json, nothing re-run
 
 Each row of `ROWS` is a training command (script, preset, overrides). For every seed, each row trains from scratch in
 a fresh process (`train.seed=S`, `OMP_NUM_THREADS=threads`) into `RUNS/<slug>-s<S>`, which gets a `train.json`
