@@ -192,14 +192,14 @@ def targets(summary: dict, rows) -> list[tuple[str, bool, str]]:
                         "every adversarial row", ratio >= 0.8, f"worst {worst} {ratio:.0%}"))
         # The budget is steps × batch, as #13 and #16 use the word ("400 steps × batch 64"); the wall-clock is stated
         # beside it because an adversarial step costs more than a consistency step (D step + the term's backward).
-        train = lambda name: summary.get(name, {}).get("train", {})  # noqa: E731
-        size = lambda name: train(name).get("steps", 0) * train(name).get("batch", 0)  # noqa: E731
+        budget = lambda name: summary.get(name, {}).get("train", {})  # noqa: E731
+        size = lambda name: budget(name).get("steps", 0) * budget(name).get("batch", 0)  # noqa: E731
         if size("LCM-LoRA") and all(size(n) for n in adv):
             largest = max(adv, key=size)
             ratio = size(largest) / size("LCM-LoRA")
             out.append(("#16: adversarial rows within 2× LCM-LoRA's budget (steps × batch)", ratio <= 2,
                         f"largest {largest} {ratio:.2f}×"))
-        wall = lambda name: train(name).get("train_s_median")  # noqa: E731
+        wall = lambda name: budget(name).get("train_s_median")  # noqa: E731
         if wall("LCM-LoRA") and all(wall(n) for n in adv):
             slowest = max(adv, key=wall)
             ratio = wall(slowest) / wall("LCM-LoRA")

@@ -123,7 +123,7 @@ def run_cell(name: str, config: str, overrides: list[str], seeds: list[int], log
         if seed in done:
             continue
         run_dir = runs / f"{name}-s{seed}"
-        # A run folder that already holds its final LoRA (e.g. started by hand under this cell's name) is scored as it is.
+        # A run folder that already holds its final weights (e.g. started by hand under this cell's name) is scored as is.
         adopted = (run_dir / weights).is_file()
         trained_at = None if adopted else commit()  # the tree it trains from (the row is written after the eval)
         secs = None if adopted else train(config, overrides, seed, run_dir, threads, script)
