@@ -14,7 +14,7 @@ MINI_TEACHER = Path(__file__).resolve().parent / "assets" / "mini_teacher"
 MINI_RUN_ROOT = Path("runs/mini")  # where `lcm demo` (the README's main job) writes, relative to the current folder
 MINI_LORA_RUN = MINI_RUN_ROOT / "lcm-lora"
 # Choice lists spelled out here so `lcm --help` does not import torch/diffusers; tests check they match the registries.
-PRESET_NAMES = ("hyper", "lcm", "lightning", "lightning-1step", "pcm", "tcd", "turbo")
+PRESET_NAMES = ("hyper", "lcm", "lcm-auto", "lightning", "lightning-1step", "pcm", "tcd", "turbo")
 EXPORT_FORMAT_NAMES = ("diffusers", "fused", "kohya")
 EVAL_PROMPT_CHOICES = {"train": ("train",), "heldout": ("heldout",), "both": ("train", "heldout")}  # digits.PROMPT_SETS
 
@@ -60,8 +60,9 @@ def _named_student_arg(value: str) -> tuple[str, str, str | None]:
 def _with_preset_defaults(args, model_paths=()):
     """Fill --steps/--guidance/--eta/--height/--width left unset from the --preset table. With no --preset, the preset
     is the one the run behind the first LoRA / student in `model_paths` trained for (its config.yaml: a TCD-LoRA
-    samples with tcd at its gamma, a Lightning LoRA with lightning), else lcm; an explicit --preset always wins."""
-    from .presets import get_preset
+    samples with tcd at its gamma, a Lightning LoRA with lightning, an LCM-LoRA with lcm-auto), else lcm; an explicit
+    --preset always wins. A by-step-count preset (lcm-auto) stays unresolved here: see `_resolved`."""
+    from .presets import RUN_SAMPLING, get_preset
     from .sampling import resolve_lora_dir, resolve_student_dir, saved_preset
 
     name, run_eta = getattr(args, "preset", None), None
@@ -75,6 +76,7 @@ def _with_preset_defaults(args, model_paths=()):
                 continue
         if found is not None:
             name, run_eta, config = found
+            name = RUN_SAMPLING.get(name, name)
             print(f"lcm: preset {name}" + (f" (eta {run_eta})" if run_eta is not None else "")
                   + f" from the run's {config}; --preset overrides", file=sys.stderr)
     name = name or "lcm"
@@ -86,6 +88,17 @@ def _with_preset_defaults(args, model_paths=()):
             "height": preset.size, "width": preset.size, "init_image": None, "strength": None}
     unset = {k: v for k, v in fill.items() if getattr(args, k, None) is None}
     return argparse.Namespace(**{**vars(args), **unset, "preset": name})
+
+
+def _resolved(args, command: str):
+    """(preset, eta) to sample `args.steps` with: `args.preset` itself, or what a by-step-count preset picks (told)."""
+    from .presets import resolve_preset
+
+    preset, eta = resolve_preset(args.preset, args.steps, args.eta)
+    if preset != args.preset:
+        print(f"lcm {command}: {args.preset} at {args.steps} step(s) samples with {preset}"
+              + (f" (eta {eta})" if eta is not None else ""), file=sys.stderr)
+    return preset, eta
 
 
 def _model_paths(args) -> list[str]:
@@ -135,14 +148,15 @@ def cmd_sample(args) -> int:
             raise SystemExit(f"lcm sample: {err}") from err
         init_image = load_init_image(args.init_image, args.height, args.width)
     seeds = parse_seeds(args.seeds)
+    preset, eta = _resolved(args, "sample")
     pipe = load_pipeline_for_sampling(args.base, [_lora_arg(v) for v in args.lora or []], fuse=args.fuse,
-                                      device=args.device, dtype=args.dtype, preset=args.preset,
+                                      device=args.device, dtype=args.dtype, preset=preset,
                                       student=args.student,
                                       config_dir=getattr(args, "config_dir", None))
     if init_image is not None:
         pipe = img2img_pipeline(pipe)
     images = generate(pipe, prompts, seeds, args.steps, args.guidance, args.height, args.width, args.negative_prompt,
-                      eta=args.eta, init_image=init_image, strength=strength, normal_cfg=_student_kinds(args))
+                      eta=eta, init_image=init_image, strength=strength, normal_cfg=_student_kinds(args))
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -316,7 +330,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    " repeat to stack")
     p.add_argument("--preset", default=None, choices=sorted(PRESET_NAMES),
                    help="scheduler + default steps/guidance/eta for the weights' family (default: the one the first "
-                   "LoRA's / student's run trained for, read from its config.yaml; lcm when there is none)")
+                   "LoRA's / student's run trained for, read from its config.yaml, with lcm-auto for an LCM-LoRA: LCMScheduler at "
+                   "1-3 steps, TCDScheduler above; lcm when there is no run config)")
     p.add_argument("--steps", type=int, default=None, help="default: the preset's (lcm: 4)")
     p.add_argument("--guidance", type=float, default=None,
                    help="diffusers guidance_scale (= LCM w + 1); default: the preset's (lcm: 1.0; 1.0–2.0 suits "
@@ -403,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "guidance_scale = teacher w + 1 through its guidance embedding")
     e.add_argument("--student", action="append", default=None, type=_named_student_arg, metavar="NAME=RUN[:PRESET[@ETA]]",
                    help="any distilled student, repeatable: a LoRA or whole-network run folder (the kind is read from "
-                   "its files), its row named NAME; :PRESET (lcm, tcd, turbo, lightning, …) samples it with that "
+                   "its files), its row named NAME; :PRESET (lcm, lcm-auto, tcd, turbo, lightning, …) samples it with that "
                    "preset's scheduler instead of the one its run saved; @ETA sets the sampler's eta (tcd@0.5: TCD's gamma 0.5)")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--n", type=int, default=500, help="samples per cell")

@@ -32,7 +32,7 @@ from .constants import NUM_DDIM_TIMESTEPS
 from .guidance import guidance_scale_from_w
 from .lora import load_pipeline_lora
 from .models import load_pretrained
-from .presets import build_scheduler, get_preset, split_preset_spec
+from .presets import build_scheduler, get_preset, resolve_preset, split_preset_spec
 from .sampling import (image_grid, lcm_scheduler_for, resolve_lora_dir, resolve_student_dir, saved_eta,
                        saved_scheduler)
 
@@ -169,13 +169,17 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
     rows: list[Row] = []
     for name, kind, source in plan:
         path, spec = source if isinstance(source, tuple) else (source, None)
-        preset, eta = split_preset_spec(spec) if spec else (None, None)
+        preset, given_eta = split_preset_spec(spec) if spec else (None, None)
+        eta = given_eta
         if eta is None:  # the preset's own eta, or, sampled as saved, the eta the run validated with (TCD's gamma)
             eta = get_preset(preset).eta if preset else (saved_eta(path) if kind != "teacher" else None)
         setup.preset = preset
         with ROW_KINDS[kind](setup, name, path) as (guidance_scale, row_steps):
-            call = {"eta": eta} if eta is not None else {}
             for k in row_steps:
+                if preset is not None and get_preset(preset).by_steps:  # lcm-auto: this step count's sampler
+                    rule, eta = resolve_preset(preset, k, given_eta)
+                    pipe.scheduler = _student_scheduler(setup, setup.saved, rule)
+                call = {"eta": eta} if eta is not None else {}
                 rows += _run_cells(pipe, name, k, guidance_scale, prompt_table, real_feats, out, **call)
     real_vs_real = _real_vs_real(real_feats, size)
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "n": n, "teacher_w": teacher_w,
@@ -226,6 +230,7 @@ class RowSetup:
     student_guidance: float
     original_inference_steps: int  # the students' N (LCMScheduler grid)
     preset: Optional[str] = None  # the current student row's --student …:PRESET, if any
+    saved: object = None  # the current student row's saved scheduler (what a by-step-count preset rebuilds from)
 
 
 @contextlib.contextmanager
@@ -267,7 +272,12 @@ def _student_scheduler(setup: RowSetup, saved, preset: Optional[str] = None):
     scheduler as saved. Sampling an N = 25 student on the 50-step grid would ask it for timesteps it never saw.
 
     A `preset` replaces that choice with the preset's scheduler on the teacher's betas; the grid presets (lcm, tcd)
-    keep the run's N and timestep scaling, so a consistency LoRA sampled with `tcd` walks the grid it trained on."""
+    keep the run's N and timestep scaling, so a consistency LoRA sampled with `tcd` walks the grid it trained on. A
+    by-step-count preset (lcm-auto) starts on its rule for the table's first step count; `evaluate` re-resolves it at
+    each step count from `setup.saved`."""
+    setup.saved = saved
+    if preset is not None and get_preset(preset).by_steps:
+        preset = resolve_preset(preset, setup.steps[0])[0]
     grid = (saved.config.original_inference_steps, saved.config.timestep_scaling) if hasattr(
         saved, "config") and "original_inference_steps" in saved.config else (setup.original_inference_steps, None)
     if preset is not None:

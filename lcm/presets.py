@@ -31,6 +31,9 @@ class SamplingPreset:
     eta: Optional[float] = None  # passed to the pipeline call (not the scheduler): see the TCD entry
     size: Optional[int] = None  # default image side in pixels; None = the pipeline's own default
     note: str = ""
+    # A preset that picks its sampler by step count: (max steps or None for "any more", preset, eta) rules, first
+    # match wins (`resolve_preset`). Empty: one sampler at every step count.
+    by_steps: tuple = ()
 
 
 PRESETS: dict[str, SamplingPreset] = {
@@ -41,6 +44,13 @@ PRESETS: dict[str, SamplingPreset] = {
     # (default 0.0) to step(), which silently overrides the scheduler's default 0.3: so it is passed explicitly.
     "tcd": SamplingPreset(TCDScheduler, {"clip_sample": False}, steps=4, guidance=1.0, eta=0.3,
                           note="Trajectory Consistency Distillation (arXiv:2402.19159); eta = gamma"),
+    # An LCM-LoRA sampled by step count (issue #13, benchmarks/results/sampler_steps_mini.md): LCMScheduler re-noises
+    # its x̂₀ fully at every step, which is best at 1–3 steps but pays the student's small-t error again at every
+    # extra step, so 8 steps score worse than 4. From 4 steps on, TCDScheduler on the same grid keeps part of the
+    # sample (gamma < 1) and the curve stops falling apart. Measured on the mini teacher's LCM-LoRA over 3 seeds.
+    "lcm-auto": SamplingPreset(LCMScheduler, {"clip_sample": False}, steps=4, guidance=1.0,
+                               by_steps=((3, "lcm", None), (6, "tcd", 0.8), (None, "tcd", 0.7)),
+                               note="LCM-LoRA: LCMScheduler at 1-3 steps, TCDScheduler (eta 0.8, 0.7 from 7 steps) above"),
     # PCM's deterministic phase-by-phase sampler: DDIM trailing at M steps walks the phase edges (lcm/trajectory.py).
     "pcm": SamplingPreset(DDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False,
                                           "set_alpha_to_one": True}, steps=4, guidance=1.0,
@@ -58,11 +68,31 @@ PRESETS: dict[str, SamplingPreset] = {
 }
 
 
+# The preset `lcm sample` / `lcm serve` use for a run whose training validated with the key's preset: an LCM-LoRA (or
+# LCD student) is sampled by step count. `--preset lcm` still gives LCMScheduler at every step count.
+RUN_SAMPLING = {"lcm": "lcm-auto"}
+
+
 def get_preset(name: str) -> SamplingPreset:
     """The preset called `name`; an unknown name is an error listing the valid ones."""
     if name not in PRESETS:
         raise ValueError(f"unknown sampling preset {name!r}; valid: {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def resolve_preset(name: str, steps: int, eta: Optional[float] = None) -> tuple[str, Optional[float]]:
+    """(preset, eta) that preset `name` samples with at `steps`: itself and `eta` (else its own eta) for a one-sampler
+    preset; for a by-step-count preset (`lcm-auto`) the first rule that covers `steps`. An explicit `eta` replaces the
+    rule's eta where the rule's sampler takes one (TCD's gamma), and is dropped where it does not (LCMScheduler)."""
+    preset = get_preset(name)
+    if not preset.by_steps:
+        return name, preset.eta if eta is None else eta
+    if steps < 1:
+        raise ValueError(f"preset {name!r}: steps must be ≥ 1, got {steps}")
+    for max_steps, rule, rule_eta in preset.by_steps:
+        if max_steps is None or steps <= max_steps:
+            return rule, (None if rule_eta is None else (rule_eta if eta is None else eta))
+    raise ValueError(f"preset {name!r} has no sampler for {steps} steps")  # a table that ends with a bound
 
 
 def split_preset_spec(spec: str) -> tuple[str, Optional[float]]:
@@ -82,8 +112,11 @@ def split_preset_spec(spec: str) -> tuple[str, Optional[float]]:
 
 
 def build_scheduler(name: str, base_config):
-    """The preset's scheduler on the base model's betas: `base_config` keys the class accepts, then the settings."""
+    """The preset's scheduler on the base model's betas: `base_config` keys the class accepts, then the settings. A
+    by-step-count preset has no one scheduler: `resolve_preset` it at the step count first."""
     preset = get_preset(name)
+    if preset.by_steps:
+        raise ValueError(f"preset {name!r} picks its scheduler by step count: resolve_preset({name!r}, steps) first")
     # Keep only what the class understands: a teacher's Euler-only keys (or an LCM config's `original_inference_steps`
     # given to Euler) would otherwise be stored as unused config and warned about.
     accepted = set(inspect.signature(preset.scheduler.__init__).parameters) - {"self"}

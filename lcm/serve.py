@@ -29,6 +29,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from PIL import Image
 
+from .presets import build_scheduler, get_preset, resolve_preset
 from .sampling import generate
 
 logger = logging.getLogger("lcm.serve")
@@ -68,8 +69,11 @@ class LiveSampler:
     """
 
     def __init__(self, pipe, teacher_scheduler, lora_weights: Sequence[float] = (), eta: Optional[float] = None,
-                 height: Optional[int] = None, width: Optional[int] = None, strength: float = 1.0):
+                 height: Optional[int] = None, width: Optional[int] = None, strength: float = 1.0,
+                 preset: Optional[str] = None):
         self.pipe, self.teacher_scheduler, self.eta = pipe, teacher_scheduler, eta
+        # a by-step-count preset (lcm-auto) swaps the pipeline's scheduler when the steps slider crosses a rule
+        self.preset = preset if preset is not None and get_preset(preset).by_steps else None
         self.height, self.width = height, width
         self.lora_names = list(pipe.get_active_adapters()) if lora_weights else []
         if len(self.lora_names) != len(lora_weights):
@@ -105,7 +109,12 @@ class LiveSampler:
     def distilled(self, prompt: str, seed: int, steps: int, guidance: float) -> Timed:
         """The few-step image with the fused LoRA (or the base alone when there is none)."""
         with self.lock:
-            return self._timed(prompt, seed, steps, guidance, self.eta)
+            eta = self.eta
+            if self.preset is not None:
+                name, eta = resolve_preset(self.preset, steps, self.eta)
+                if type(self.pipe.scheduler) is not get_preset(name).scheduler:  # the grid N rides in its config
+                    self.pipe.scheduler = build_scheduler(name, self.pipe.scheduler.config)
+            return self._timed(prompt, seed, steps, guidance, eta)
 
     @contextlib.contextmanager
     def _as_teacher(self) -> Iterator[None]:
@@ -228,10 +237,10 @@ def serve(base: str, loras: Sequence[tuple[str, float]], preset: str, steps: int
     """Load the pipeline once, warm it up, and serve the page until interrupted."""
     from .sampling import load_pipeline_for_sampling
 
-    pipe = load_pipeline_for_sampling(base, loras, fuse=False, device=device, dtype=dtype, preset=preset,
-                                      config_dir=config_dir)
+    pipe = load_pipeline_for_sampling(base, loras, fuse=False, device=device, dtype=dtype,
+                                      preset=resolve_preset(preset, steps, eta)[0], config_dir=config_dir)
     sampler = LiveSampler(pipe, teacher_scheduler_of(base, config_dir), [w for _, w in loras], eta=eta,
-                          height=height, width=width)
+                          height=height, width=width, preset=preset)
     sampler.distilled("", 0, steps, guidance)  # warm-up: first-call allocations happen before the first keystroke
     label = f"distilled ({preset} preset)" if loras else f"base model ({preset} preset, no LoRA)"
     title = " + ".join(f"`{_shown(path)}`" for path in [base, *(path for path, _ in loras)])

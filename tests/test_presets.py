@@ -50,7 +50,7 @@ def test_each_preset_builds_its_scheduler_on_the_teacher_betas(name):
 def test_preset_defaults():
     assert {n: (p.steps, p.guidance) for n, p in PRESETS.items()} == {
         "lcm": (4, 1.0), "tcd": (4, 1.0), "lightning": (4, 0.0), "lightning-1step": (1, 0.0), "turbo": (1, 0.0),
-        "hyper": (4, 0.0), "pcm": (4, 1.0)}
+        "hyper": (4, 0.0), "pcm": (4, 1.0), "lcm-auto": (4, 1.0)}
     assert PRESETS["tcd"].eta == 0.3 and PRESETS["turbo"].size == 512
     # guidance ≤ 1 means diffusers runs no unconditional branch: the distilled families must not get CFG.
     assert all(p.guidance <= 1.0 for p in PRESETS.values())
@@ -67,7 +67,7 @@ def test_lcm_preset_matches_the_training_export_and_keeps_a_saved_grid():
 
 def test_unknown_preset_lists_the_valid_ones():
     assert set(cli.PRESET_NAMES) == set(PRESETS)  # the CLI's choices are the registry's keys
-    with pytest.raises(ValueError, match="valid: \\['hyper', 'lcm', 'lightning', 'lightning-1step', 'pcm', 'tcd', 'turbo'\\]"):
+    with pytest.raises(ValueError, match="valid: \\['hyper', 'lcm', 'lcm-auto', 'lightning', 'lightning-1step', 'pcm', 'tcd', 'turbo'\\]"):
         get_preset("dpm")
 
 
@@ -170,7 +170,9 @@ def test_cli_infers_the_preset_and_eta_from_the_runs_config_and_an_explicit_pres
         assert cli._with_preset_defaults(argparse.Namespace(**unset), [str(path)]).preset == "tcd"
     got = cli._with_preset_defaults(argparse.Namespace(**unset), [str(lightning)])
     assert (got.preset, got.guidance) == ("lightning", get_preset("lightning").guidance)
-    assert cli._with_preset_defaults(argparse.Namespace(**unset), [str(lcm_run)]).preset == "lcm"
+    # an LCM-LoRA run is sampled by step count (lcm-auto); `--preset lcm` still means LCMScheduler throughout
+    assert cli._with_preset_defaults(argparse.Namespace(**unset), [str(lcm_run)]).preset == "lcm-auto"
+    assert cli._with_preset_defaults(argparse.Namespace(**{**unset, "preset": "lcm"}), [str(lcm_run)]).preset == "lcm"
     # explicit values win over the run's: --preset, and --eta under the inferred preset
     assert cli._with_preset_defaults(argparse.Namespace(**{**unset, "preset": "lcm"}), [str(tcd)]).preset == "lcm"
     assert cli._with_preset_defaults(argparse.Namespace(**{**unset, "eta": 0.1}), [str(tcd)]).eta == 0.1
@@ -205,3 +207,49 @@ def test_lcm_sample_loads_a_tcd_run_with_tcd_and_its_gamma(tiny_sdxl_dir, tmp_pa
                      "--height", "32", "--width", "32", "--out", str(tmp_path / "grid.png")]) == 0
     assert seen == {"scheduler": TCDScheduler, "eta": 0.45, "steps": 2}
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_lcm_auto_picks_the_sampler_by_step_count():
+    """lcm-auto: LCMScheduler at 1–3 steps, TCD above (eta 0.8 to 6 steps, 0.7 beyond; the sampler_steps_mini
+    measurements). An explicit eta replaces TCD's and is dropped for LCMScheduler; it cannot be built unresolved."""
+    from lcm.presets import resolve_preset
+
+    got = {k: resolve_preset("lcm-auto", k) for k in (1, 2, 3, 4, 5, 6, 7, 8, 50)}
+    assert got == {1: ("lcm", None), 2: ("lcm", None), 3: ("lcm", None), 4: ("tcd", 0.8), 5: ("tcd", 0.8),
+                   6: ("tcd", 0.8), 7: ("tcd", 0.7), 8: ("tcd", 0.7), 50: ("tcd", 0.7)}
+    assert resolve_preset("lcm-auto", 8, 0.5) == ("tcd", 0.5)
+    assert resolve_preset("lcm-auto", 2, 0.5) == ("lcm", None)
+    # one-sampler presets resolve to themselves, with their own eta unless one is given
+    assert resolve_preset("tcd", 8) == ("tcd", 0.3) and resolve_preset("tcd", 8, 0.6) == ("tcd", 0.6)
+    assert resolve_preset("lcm", 8) == ("lcm", None)
+    with pytest.raises(ValueError, match="resolve_preset"):
+        build_scheduler("lcm-auto", _teacher_config())
+    with pytest.raises(ValueError, match="steps must be"):
+        resolve_preset("lcm-auto", 0)
+    with pytest.raises(ValueError, match="unknown sampling preset"):
+        resolve_preset("nope", 4)
+
+
+def test_lcm_sample_samples_an_lcm_lora_run_by_step_count(tiny_sdxl_dir, tmp_path, monkeypatch, capsys):
+    """End to end through `lcm sample` with no --preset: an LCM-LoRA run gets LCMScheduler at 2 steps and TCD at eta
+    0.7 on the run's own grid at 8; `--preset lcm` keeps LCMScheduler at 8, and `--eta` replaces TCD's gamma."""
+    import lcm.sampling
+    from tests._helpers import write_lora_run
+
+    run = write_lora_run(tiny_sdxl_dir, tmp_path / "run", rank=4, alpha=4)
+    seen = []
+
+    def spy(pipe, prompts, seeds, steps, guidance, height, width, negative, **kw):
+        seen.append((type(pipe.scheduler), pipe.scheduler.config.original_inference_steps, kw["eta"], steps))
+        return generate(pipe, prompts, seeds, steps, guidance, height, width, negative, **kw)
+
+    monkeypatch.setattr(lcm.sampling, "generate", spy)
+    base = ["sample", "--base", str(tiny_sdxl_dir), "--lora", str(run), "--prompt", "a", "--height", "32",
+            "--width", "32", "--out", str(tmp_path / "grid.png")]
+    saved_n = lcm.sampling.saved_scheduler(lcm.sampling.resolve_lora_dir(str(run))).config.original_inference_steps
+    for extra in (["--steps", "2"], ["--steps", "8"], ["--steps", "8", "--preset", "lcm"],
+                  ["--steps", "8", "--eta", "0.4"]):
+        assert lcm_main(base + extra) == 0
+    assert seen == [(LCMScheduler, saved_n, None, 2), (TCDScheduler, saved_n, 0.7, 8), (LCMScheduler, saved_n, None, 8),
+                    (TCDScheduler, saved_n, 0.4, 8)]
+    assert "lcm-auto at 8 step(s) samples with tcd (eta 0.7)" in capsys.readouterr().err

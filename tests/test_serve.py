@@ -73,6 +73,30 @@ def test_teacher_mode_is_the_base_on_its_own_scheduler_and_restores_the_student(
     assert np.abs(_pixels(sampler.distilled(PROMPT, 3, 2, 1.0).image) - before).max() <= 1
 
 
+def test_lcm_auto_swaps_the_scheduler_with_the_steps_slider(tiny_sdxl_dir, random_lora_dir, monkeypatch):
+    """With the lcm-auto preset the page samples 2 steps with LCMScheduler and 8 with TCD at eta 0.7, keeping the
+    scheduler's grid, and goes back; a one-sampler preset never swaps."""
+    import lcm.serve
+    from diffusers import LCMScheduler, TCDScheduler
+
+    seen = []
+
+    def spy(pipe, prompts, seeds, steps, guidance, height, width, **kw):
+        seen.append((type(pipe.scheduler), pipe.scheduler.config.original_inference_steps, kw.get("eta"), steps))
+        return generate(pipe, prompts, seeds, steps, guidance, height, width, **kw)
+
+    monkeypatch.setattr(lcm.serve, "generate", spy)
+    pipe = load_pipeline_for_sampling(str(tiny_sdxl_dir), [(str(random_lora_dir), 1.0)], device="cpu", preset="lcm")
+    grid = pipe.scheduler.config.original_inference_steps
+    sampler = LiveSampler(pipe, teacher_scheduler_of(str(tiny_sdxl_dir)), [1.0], preset="lcm-auto")
+    for steps in (2, 8, 2):
+        sampler.distilled(PROMPT, 0, steps, 1.0)
+    assert seen == [(LCMScheduler, grid, None, 2), (TCDScheduler, grid, 0.7, 8), (LCMScheduler, grid, None, 2)]
+    fixed = LiveSampler(pipe, teacher_scheduler_of(str(tiny_sdxl_dir)), [1.0], preset="lcm")
+    fixed.distilled(PROMPT, 0, 8, 1.0)
+    assert seen[-1][0] is LCMScheduler
+
+
 def test_failing_request_shows_an_error_and_the_next_one_is_served(tiny_sdxl_dir, monkeypatch):
     sampler = _sampler(tiny_sdxl_dir)
     handle = make_handler(sampler, "distilled")

@@ -254,6 +254,25 @@ def test_lcm_eval_named_students_with_and_without_a_preset(trained_run, tiny_sdx
         evaluate(str(tiny_sdxl_dir), None, out, n=2, steps=[1], students=[("A", str(tmp_path / "nothing"), None)])
 
 
+def test_lcm_eval_lcm_auto_row_is_lcm_then_tcd_by_step_count(trained_run, tiny_sdxl_dir, tmp_path):
+    """`--student NAME=RUN:lcm-auto`: at 2 steps the row is the `:lcm` row, at 4 steps the `:tcd@0.8` row (the rule's
+    sampler and eta on the run's grid), cell for cell; and an eta after @ replaces the rule's."""
+    from lcm.evaluate import evaluate
+
+    common = dict(n=10, steps=[2, 4], teacher_extra_steps=[], methods=["auto", "lcm", "tcd"])
+    rows = evaluate(str(tiny_sdxl_dir), None, tmp_path / "a", **common,
+                    students=[("auto", str(trained_run), "lcm-auto"), ("lcm", str(trained_run), "lcm"),
+                              ("tcd", str(trained_run), "tcd@0.8")])
+    fd = {(r.method, r.steps): r.frechet for r in rows}
+    assert fd[("auto", 2)] == pytest.approx(fd[("lcm", 2)], rel=1e-6)
+    assert fd[("auto", 4)] == pytest.approx(fd[("tcd", 4)], rel=1e-6)
+    assert abs(fd[("lcm", 4)] / fd[("tcd", 4)] - 1) > 1e-4  # the two samplers differ at 4 steps
+    again = evaluate(str(tiny_sdxl_dir), None, tmp_path / "b", n=10, steps=[4], teacher_extra_steps=[],
+                     methods=["auto", "tcd"], students=[("auto", str(trained_run), "lcm-auto@0.5"),
+                                                        ("tcd", str(trained_run), "tcd@0.5")])
+    assert again[0].frechet == pytest.approx(again[1].frechet, rel=1e-6)
+
+
 def test_student_argument_parses_name_run_and_preset():
     import argparse
 
