@@ -3,7 +3,7 @@ step) against TCDScheduler at gammas γ < 1 on the same LoRA and the same grid (
 jump along the trajectory to s = (1 − γ)·t_next, then re-noise only to t_next). Issue #13's 8-step question: does the
 8-step collapse come from the student or from how it is sampled?
 
-    python -m benchmarks.sampler_mini [--seeds 0-2] [--gammas 0.3,0.5,0.7] [--steps 1,2,4,8] [--threads 1] [--n 500] [--out PATH]
+    python -m benchmarks.sampler_mini [--seeds 0-2] [--gammas 0.3,0.5,0.7] [--steps 1,2,4,8] [--threads 1] [--n 500] [--auto] [--out PATH]
 
 Each seed's run is `<runs>/lcm-lora-s<seed>` (trained from `configs/mini_lcm_lora.yaml` with `train.seed=S` when the
 folder holds no LoRA yet, by benchmarks/quality_mini.py's `train`), scored by `lcm eval`'s `evaluate` with one
@@ -24,15 +24,17 @@ from pathlib import Path
 from benchmarks.quality_mini import RESULTS, ROOT, TEACHER, append_log, commit, read_log, train
 from lcm.sampling import parse_seeds
 
-def samplers(gammas: list[float]) -> list[tuple[str, str | None]]:
-    """(row name, preset spec) per sampler: the run's saved LCMScheduler, then TCD at each gamma."""
-    return [("LCM", None)] + [(f"TCD γ={g:g}", f"tcd@{g:g}") for g in gammas]
+def samplers(gammas: list[float], auto: bool = False) -> list[tuple[str, str | None]]:
+    """(row name, preset spec) per sampler: the run's saved LCMScheduler, then TCD at each gamma, then (`auto`) the
+    `lcm-auto` preset, which picks one of those by step count (what `lcm sample` gives an LCM-LoRA run)."""
+    return ([("LCM", None)] + [(f"TCD γ={g:g}", f"tcd@{g:g}") for g in gammas]
+            + ([("lcm-auto", "lcm-auto")] if auto else []))
 
 
-def score_seed(run_dir: Path, out: Path, gammas: list[float], steps: list[int], n: int) -> dict:
+def score_seed(run_dir: Path, out: Path, gammas: list[float], steps: list[int], n: int, auto: bool = False) -> dict:
     from lcm.evaluate import evaluate
 
-    students = [(name, str(run_dir), spec) for name, spec in samplers(gammas)]
+    students = [(name, str(run_dir), spec) for name, spec in samplers(gammas, auto)]
     rows = evaluate(str(TEACHER), None, out, n=n, steps=steps, teacher_extra_steps=(), teacher_w=0.5,
                     methods=[s[0] for s in students], students=students)
     scores: dict = {}
@@ -70,13 +72,14 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each training (when one must run)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "mini"), help="folder of the lcm-lora-s<seed> runs")
+    p.add_argument("--auto", action="store_true", help="add an lcm-auto row (the step-count rule of lcm/presets.py)")
     p.add_argument("--out", type=Path, default=RESULTS / "sampler_mini", help="writes OUT.jsonl, OUT.json, OUT.md")
     args = p.parse_args(argv)
     log = args.out.with_suffix(".jsonl")
     seeds, gammas = parse_seeds(args.seeds), [float(g) for g in args.gammas.split(",")]
     steps = [int(k) for k in args.steps.split(",")]
-    names = [name for name, _ in samplers(gammas)]
-    key = {"gammas": gammas, "steps": steps, "n": args.n}
+    names = [name for name, _ in samplers(gammas, args.auto)]
+    key = {"gammas": gammas, "steps": steps, "n": args.n} | ({"auto": True} if args.auto else {})
     done = {r["seed"]: r for r in read_log(log) if r.get("key") == key}
     for seed in seeds:
         if seed in done:
@@ -86,14 +89,14 @@ def main(argv=None) -> None:
         if not (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file():
             secs = train("mini_lcm_lora", [], seed, run_dir, args.threads)
         row = {"seed": seed, "key": key, "run": str(run_dir), "train_s": secs, "commit": commit(),
-               "scores": score_seed(run_dir, run_dir / "eval-samplers", gammas, steps, args.n)}
+               "scores": score_seed(run_dir, run_dir / "eval-samplers", gammas, steps, args.n, args.auto)}
         append_log(log, row)
         done[seed] = row
         print(f"seed {seed}: " + "; ".join(f"{n}: " + " ".join(f"{row['scores'][n][str(k)]['fd']:.1f}" for k in steps)
                                           for n in names), flush=True)
     rows = [done[s] for s in seeds]
     md = (f"## One LCM-LoRA, several samplers (issue #13: 8 steps)\n\n`python -m benchmarks.sampler_mini --seeds "
-          f"{args.seeds} --gammas {args.gammas} --steps {args.steps} --n {args.n}`\n\n{os.cpu_count()} CPUs, {platform.machine()}; "
+          f"{args.seeds} --gammas {args.gammas} --steps {args.steps} --n {args.n}{' --auto' * args.auto}`\n\n{os.cpu_count()} CPUs, {platform.machine()}; "
           f"{args.n} eval samples per cell; commits {sorted({r['commit'] for r in rows})}. FD / accuracy by "
           "`lcm eval`'s evaluate; every row samples the same LoRA of that seed (`configs/mini_lcm_lora.yaml`).\n\n"
           + table(rows, steps, names))

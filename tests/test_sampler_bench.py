@@ -1,0 +1,49 @@
+"""benchmarks/sampler_mini.py's bookkeeping, with training and scoring faked: one row per sampler (the lcm-auto row
+with --auto), a rerun skips the seeds its log holds, and the 8 / 4 ratio column is each seed's own."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import sampler_mini as sm  # noqa: E402
+
+
+def test_sampler_rows_log_and_ratio(tmp_path, monkeypatch):
+    trained, scored = [], []
+
+    def train(config, overrides, seed, run_dir, threads):
+        trained.append((config, seed, threads))
+        (run_dir / "final").mkdir(parents=True)
+        (run_dir / "final" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+        return 5.0
+
+    def score_seed(run_dir, out, gammas, steps, n, auto=False):
+        seed = int(run_dir.name.rsplit("-s", 1)[1])
+        scored.append((seed, auto))
+        # every sampler: FD 30 + seed at 4 steps; LCM collapses at 8 (×1.4), the others do not (×1.05)
+        names = [name for name, _ in sm.samplers(gammas, auto)]
+        return {name: {str(k): {"fd": (30.0 + seed) * (1.4 if name == "LCM" and k == 8 else 1.05 if k == 8 else 1.0),
+                                "acc": 0.9} for k in steps} for name in names}
+
+    monkeypatch.setattr(sm, "train", train)
+    monkeypatch.setattr(sm, "score_seed", score_seed)
+    monkeypatch.setattr(sm, "commit", lambda: "abc1234")
+    out = tmp_path / "res" / "s"
+    args = ["--seeds", "0-1", "--gammas", "0.7", "--steps", "4,8", "--runs", str(tmp_path / "runs"), "--out", str(out),
+            "--threads", "2", "--auto"]
+    assert [spec for _, spec in sm.samplers([0.7], auto=True)] == [None, "tcd@0.7", "lcm-auto"]
+    sm.main(args)
+    assert trained == [("mini_lcm_lora", 0, 2), ("mini_lcm_lora", 1, 2)] and scored == [(0, True), (1, True)]
+    sm.main(args)  # both seeds are logged: nothing is trained or scored again
+    assert len(scored) == 2
+    md = out.with_suffix(".md").read_text()
+    assert "| LCM | 1 | 31.0 / 90.0% | 43.4 / 90.0% | 1.40 |" in md
+    assert "| **lcm-auto, median of 2** (min–max) | | **30.5** (30.0–31.0) | **32.0** (31.5–32.6) | worst 1.05 |" in md
+    assert "--auto" in md and "abc1234" in md
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["seed"] for r in rows] == [0, 1] and rows[0]["key"]["auto"] is True
+    # the same seeds without --auto are another key: scored again, into the same log
+    sm.main([a for a in args if a != "--auto"])
+    assert scored[2:] == [(0, False), (1, False)]
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 4
