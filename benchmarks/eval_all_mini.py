@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.quality_mini import DIVERSITY_REF_STEPS, RESULTS, ROOT, TEACHER, _stats, commit, ensure_digits, train
-from lcm.evaluate import TEACHER_SOLVERS
+from lcm.evaluate import DEFAULT_TEACHER_ROWS
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ ROWS = (
     TableRow("TCD-LoRA+adv 2×", "tcdadv-800-lr3-top05", "train_lcm_lora.py", "mini_tcd_adv_lora",
              ("train.max_train_steps=800", "optim.lr=3e-3", "distill.top_index_share=0.5"), kind="adversarial"),
 )
-TEACHER_ROWS = tuple(TEACHER_SOLVERS)  # the rows `lcm eval` gives the teacher
+TEACHER_ROWS = DEFAULT_TEACHER_ROWS  # the rows `lcm eval` gives the teacher
 # keys that name where a run lives or reports, not what it trains
 _PLACE_KEYS = {("train", "output_dir"), ("train", "report_to"), ("train", "resume"), ("data", "path"),
                ("data", "cache_dir"), ("model", "pretrained")}

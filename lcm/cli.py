@@ -429,8 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt text: train (the training caption templates, default), heldout (templates no "
                    "training caption uses) or both (a table section each)")
     _add_config_dir_arg(e)
-    e.add_argument("--methods", default=None, help="comma list of DDIM,DPM-Solver++,Euler,LCM-LoRA,LCD or student "
-                   "names; LCM-LoRA means every --lora (default: the teacher solvers and every student given)")
+    e.add_argument("--methods", default=None, help="comma list of DDIM,DPM-Solver++,Euler,Euler ancestral,LCM-LoRA,LCD "
+                   "or student names; LCM-LoRA means every --lora (default: DDIM, DPM-Solver++, Euler and every student "
+                   "given; Euler ancestral, the teacher's stochastic sampler, only by name)")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the main job: digits → LCM-LoRA and full LCD from the mini teacher → grid → "

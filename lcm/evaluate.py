@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
-from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
-                       UNet2DConditionModel)
+from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, LCMScheduler, UNet2DConditionModel)
 
 from .constants import NUM_DDIM_TIMESTEPS
 from .guidance import guidance_scale_from_w
@@ -42,7 +42,11 @@ TEACHER_SOLVERS = {
     "DPM-Solver++": lambda c: DPMSolverMultistepScheduler.from_config(c, timestep_spacing="trailing",
                                                                       algorithm_type="dpmsolver++", solver_order=2),
     "Euler": lambda c: EulerDiscreteScheduler.from_config(c, timestep_spacing="trailing"),
+    # Stochastic (SDE) sampling: fresh noise at every step. Not a default row; asked for by name, it measures how far
+    # the teacher's SDE samples lie from its PF-ODE's (the floor a deterministic distillation aims at).
+    "Euler ancestral": lambda c: EulerAncestralDiscreteScheduler.from_config(c, timestep_spacing="trailing"),
 }
+DEFAULT_TEACHER_ROWS = ("DDIM", "DPM-Solver++", "Euler")  # the teacher rows `lcm eval` gives with no --methods
 STUDENTS = ("LCM-LoRA", "LCD")
 LoraSpec = Union[None, str, Path, Sequence[Union[str, Path, tuple]], Mapping[str, Union[str, Path]]]
 
@@ -162,7 +166,8 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
     real_feats = digit_features(real)
     loras = lora_students(lora)
     named = named_students(students, reserved=[*loras, *(["LCD"] if lcd else [])])
-    methods = _expand_methods(methods or [*TEACHER_SOLVERS, *loras, *(["LCD"] if lcd else []), *named], loras, named)
+    methods = _expand_methods(methods or [*DEFAULT_TEACHER_ROWS, *loras, *(["LCD"] if lcd else []), *named], loras,
+                              named)
     plan = _row_plan(methods, loras, lcd, named)
     setup = RowSetup(pipe, pipe.scheduler.config, list(steps), list(teacher_extra_steps),
                      guidance_scale_from_w(teacher_w), student_guidance, original_inference_steps)

@@ -97,3 +97,18 @@ def test_class_diversity_is_the_mean_within_class_pairwise_distance():
     assert abs(class_diversity(3 * feats, labels) - 3 * class_diversity(feats, labels)) < 1e-6
     # a class with a single sample has no pairs and is left out
     assert abs(class_diversity(feats[:4], labels[:4]) - float(brute[0])) < 1e-6
+
+
+def test_euler_ancestral_teacher_row_only_when_asked_and_seeded(tmp_path):
+    """The stochastic teacher row is planned only by name (the default rows stay DDIM, DPM-Solver++, Euler); it draws
+    fresh noise per step from each image's own generator, so it differs from Euler and repeats exactly."""
+    from lcm.evaluate import DEFAULT_TEACHER_ROWS, _row_plan, evaluate
+
+    assert "Euler ancestral" not in DEFAULT_TEACHER_ROWS
+    assert _row_plan(["Euler ancestral"], {}, None) == [("Euler ancestral", "teacher", None)]
+    common = dict(n=10, steps=[2], teacher_extra_steps=[], teacher_w=0.5)
+    rows = evaluate(str(MINI_TEACHER), None, tmp_path / "a", methods=["Euler", "Euler ancestral"], **common)
+    again = evaluate(str(MINI_TEACHER), None, tmp_path / "b", methods=["Euler ancestral"], **common)
+    assert [r.method for r in rows] == ["Euler", "Euler ancestral"]
+    assert rows[0].frechet != rows[1].frechet and again[0].frechet == rows[1].frechet
+    assert rows[1].guidance_scale == 1.5
