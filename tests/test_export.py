@@ -201,7 +201,8 @@ def test_cli_passes_stacked_loras_with_weights(monkeypatch, tiny_sdxl_dir, lora_
     with pytest.raises(RuntimeError, match="stop"):
         lcm_main(["sample", "--base", str(tiny_sdxl_dir), "--lora", str(lora_run), "--lora", f"{style_lora}:0.8",
                   "--prompt", "a"])
-    assert seen == {"loras": [(str(lora_run), 1.0), (str(style_lora), 0.8)], "preset": "lcm"}
+    # the first LoRA is an LCM run: lcm-auto, which at the default 4 steps samples with TCD
+    assert seen == {"loras": [(str(lora_run), 1.0), (str(style_lora), 0.8)], "preset": "tcd"}
 
 
 _SAVE_SCRIPT = """
