@@ -5,8 +5,10 @@ jump along the trajectory to s = (1 − γ)·t_next, then re-noise only to t_nex
 
     python -m benchmarks.sampler_mini [--seeds 0-2] [--gammas 0.3,0.5,0.7] [--steps 1,2,4,8] [--threads 1] [--n 500] [--auto] [--out PATH]
 
-Each seed's run is `<runs>/lcm-lora-s<seed>` (trained from `configs/mini_lcm_lora.yaml` with `train.seed=S` when the
-folder holds no LoRA yet, by benchmarks/quality_mini.py's `train`), scored by `lcm eval`'s `evaluate` with one
+Each seed's run is `<runs>/<name>-s<seed>` (default `lcm-lora`; trained from `--config`, default
+`configs/mini_lcm_lora.yaml`, with `train.seed=S` by `--script` when the folder holds no student yet, by
+benchmarks/quality_mini.py's `train`; `--config mini_lcd --script train_lcd.py --name lcd` scores the whole-UNet LCD
+runs quality_mini made), scored by `lcm eval`'s `evaluate` with one
 `--student NAME=RUN[:tcd@γ]` row per sampler. Every scored seed is appended to `OUT.jsonl` (default
 `results/sampler_mini`) at once, so a stopped benchmark loses nothing; `OUT.{json,md}` hold per-seed rows, the median and min–max per
 cell, and the 8-step / 4-step ratio of every seed (the target: ≤ 1.1 on every seed).
@@ -71,7 +73,11 @@ def main(argv=None) -> None:
     p.add_argument("--steps", default="1,2,4,8")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each training (when one must run)")
-    p.add_argument("--runs", default=str(ROOT / "runs" / "mini"), help="folder of the lcm-lora-s<seed> runs")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "mini"), help="folder of the NAME-s<seed> runs")
+    p.add_argument("--config", default="mini_lcm_lora", help="what a missing run trains (a consistency preset)")
+    p.add_argument("--script", default="train_lcm_lora.py", choices=("train_lcm_lora.py", "train_lcd.py"),
+                   help="train_lcd.py: a whole-UNet student, sampled at the teacher's w through its embedding")
+    p.add_argument("--name", default="lcm-lora", help="run-name prefix under --runs (quality_mini's --name)")
     p.add_argument("--auto", action="store_true", help="add an lcm-auto row (the step-count rule of lcm/presets.py)")
     p.add_argument("--out", type=Path, default=RESULTS / "sampler_mini", help="writes OUT.jsonl, OUT.json, OUT.md")
     args = p.parse_args(argv)
@@ -79,15 +85,17 @@ def main(argv=None) -> None:
     seeds, gammas = parse_seeds(args.seeds), [float(g) for g in args.gammas.split(",")]
     steps = [int(k) for k in args.steps.split(",")]
     names = [name for name, _ in samplers(gammas, args.auto)]
-    key = {"gammas": gammas, "steps": steps, "n": args.n} | ({"auto": True} if args.auto else {})
+    key = ({"gammas": gammas, "steps": steps, "n": args.n} | ({"auto": True} if args.auto else {})
+           | ({"config": args.config} if args.config != "mini_lcm_lora" else {}))
     done = {r["seed"]: r for r in read_log(log) if r.get("key") == key}
     for seed in seeds:
         if seed in done:
             continue
-        run_dir = Path(args.runs) / f"lcm-lora-s{seed}"
+        run_dir = Path(args.runs) / f"{args.name}-s{seed}"
         secs = None
-        if not (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file():
-            secs = train("mini_lcm_lora", [], seed, run_dir, args.threads)
+        final = run_dir / "final"
+        if not ((final / "pytorch_lora_weights.safetensors").is_file() or (final / "unet" / "config.json").is_file()):
+            secs = train(args.config, [], seed, run_dir, args.threads, args.script)
         row = {"seed": seed, "key": key, "run": str(run_dir), "train_s": secs, "commit": commit(),
                "scores": score_seed(run_dir, run_dir / "eval-samplers", gammas, steps, args.n, args.auto)}
         append_log(log, row)
@@ -95,11 +103,13 @@ def main(argv=None) -> None:
         print(f"seed {seed}: " + "; ".join(f"{n}: " + " ".join(f"{row['scores'][n][str(k)]['fd']:.1f}" for k in steps)
                                           for n in names), flush=True)
     rows = [done[s] for s in seeds]
-    md = (f"## One LCM-LoRA, several samplers (issue #13: 8 steps)\n\n`python -m benchmarks.sampler_mini --seeds "
-          f"{args.seeds} --gammas {args.gammas} --steps {args.steps} --n {args.n}{' --auto' * args.auto}`\n\n{os.cpu_count()} CPUs, {platform.machine()}; "
-          f"{args.n} eval samples per cell; commits {sorted({r['commit'] for r in rows})}. FD / accuracy by "
-          "`lcm eval`'s evaluate; every row samples the same LoRA of that seed (`configs/mini_lcm_lora.yaml`).\n\n"
-          + table(rows, steps, names))
+    student = ("" if args.config == "mini_lcm_lora" else f" --config {args.config} --script {args.script} --name "
+               f"{args.name}")
+    md = (f"## One consistency student, several samplers (issue #13: 8 steps)\n\n`python -m benchmarks.sampler_mini "
+          f"--seeds {args.seeds} --gammas {args.gammas} --steps {args.steps} --n {args.n}{' --auto' * args.auto}"
+          f"{student}`\n\n{os.cpu_count()} CPUs, {platform.machine()}; {args.n} eval samples per cell; commits "
+          f"{sorted({r['commit'] for r in rows})}. FD / accuracy by `lcm eval`'s evaluate; every row samples the same "
+          f"student of that seed (`configs/{args.config}.yaml`).\n\n" + table(rows, steps, names))
     args.out.with_suffix(".md").write_text(md)
     args.out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2))
     print(md)

@@ -235,7 +235,8 @@ class RowSetup:
     student_guidance: float
     original_inference_steps: int  # the students' N (LCMScheduler grid)
     preset: Optional[str] = None  # the current student row's --student …:PRESET, if any
-    saved: object = None  # the current student row's saved scheduler (what a by-step-count preset rebuilds from)
+    saved: object = None  # the current student row's saved scheduler, set by its row kind (a by-step-count preset
+    # rebuilds its scheduler from it at each step count)
 
 
 @contextlib.contextmanager
@@ -252,7 +253,8 @@ def _lora_row(setup: RowSetup, name: str, source: str) -> Iterator[tuple[float, 
     LoRA: Euler ancestral, trailing)."""
     lora = resolve_lora_dir(source)
     with _fused_student(setup.pipe, lora):
-        setup.pipe.scheduler = _student_scheduler(setup, saved_scheduler(lora), setup.preset)
+        setup.saved = saved_scheduler(lora)
+        setup.pipe.scheduler = _student_scheduler(setup, setup.saved, setup.preset)
         yield setup.student_guidance, setup.steps
 
 
@@ -266,7 +268,8 @@ def _lcd_row(setup: RowSetup, name: str, source: str) -> Iterator[tuple[float, l
     try:
         if pipe.unet.config.time_cond_proj_dim is None:
             raise ValueError(f"{source}: this UNet has no guidance embedding (time_cond_proj_dim); not a full-LCD student")
-        pipe.scheduler = _student_scheduler(setup, saved_scheduler(folder.parent), setup.preset)
+        setup.saved = saved_scheduler(folder.parent)
+        pipe.scheduler = _student_scheduler(setup, setup.saved, setup.preset)
         yield setup.teacher_guidance, setup.steps
     finally:
         pipe.unet = teacher_unet
@@ -279,8 +282,7 @@ def _student_scheduler(setup: RowSetup, saved, preset: Optional[str] = None):
     A `preset` replaces that choice with the preset's scheduler on the teacher's betas; the grid presets (lcm, tcd)
     keep the run's N and timestep scaling, so a consistency LoRA sampled with `tcd` walks the grid it trained on. A
     by-step-count preset (lcm-auto) starts on its rule for the table's first step count; `evaluate` re-resolves it at
-    each step count from `setup.saved`."""
-    setup.saved = saved
+    each step count from the row's `setup.saved`."""
     if preset is not None and get_preset(preset).by_steps:
         preset = resolve_preset(preset, setup.steps[0])[0]
     grid = (saved.config.original_inference_steps, saved.config.timestep_scaling) if hasattr(

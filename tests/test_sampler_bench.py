@@ -12,8 +12,8 @@ from benchmarks import sampler_mini as sm  # noqa: E402
 def test_sampler_rows_log_and_ratio(tmp_path, monkeypatch):
     trained, scored = [], []
 
-    def train(config, overrides, seed, run_dir, threads):
-        trained.append((config, seed, threads))
+    def train(config, overrides, seed, run_dir, threads, script="train_lcm_lora.py"):
+        trained.append((config, seed, threads, script))
         (run_dir / "final").mkdir(parents=True)
         (run_dir / "final" / "pytorch_lora_weights.safetensors").write_bytes(b"")
         return 5.0
@@ -34,7 +34,8 @@ def test_sampler_rows_log_and_ratio(tmp_path, monkeypatch):
             "--threads", "2", "--auto"]
     assert [spec for _, spec in sm.samplers([0.7], auto=True)] == [None, "tcd@0.7", "lcm-auto"]
     sm.main(args)
-    assert trained == [("mini_lcm_lora", 0, 2), ("mini_lcm_lora", 1, 2)] and scored == [(0, True), (1, True)]
+    assert trained == [("mini_lcm_lora", s, 2, "train_lcm_lora.py") for s in (0, 1)]
+    assert scored == [(0, True), (1, True)]
     sm.main(args)  # both seeds are logged: nothing is trained or scored again
     assert len(scored) == 2
     md = out.with_suffix(".md").read_text()
@@ -47,3 +48,25 @@ def test_sampler_rows_log_and_ratio(tmp_path, monkeypatch):
     sm.main([a for a in args if a != "--auto"])
     assert scored[2:] == [(0, False), (1, False)]
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 4
+
+
+def test_whole_unet_runs_are_adopted_by_their_unet_and_trained_with_train_lcd(tmp_path, monkeypatch):
+    """`--config mini_lcd --script train_lcd.py --name lcd`: a run folder holding final/unet is scored as it is; a
+    missing one is trained by train_lcd.py under that name; the cell is its own key, apart from the LoRA's."""
+    trained, scored = [], []
+    monkeypatch.setattr(sm, "train", lambda config, overrides, seed, run_dir, threads, script: trained.append(
+        (config, seed, script, run_dir.name)) or 1.0)
+    monkeypatch.setattr(sm, "score_seed", lambda run_dir, out, gammas, steps, n, auto=False: scored.append(
+        run_dir.name) or {name: {str(k): {"fd": 30.0, "acc": 0.9} for k in steps}
+                          for name, _ in sm.samplers(gammas, auto)})
+    monkeypatch.setattr(sm, "commit", lambda: "abc1234")
+    runs = tmp_path / "runs"
+    (runs / "lcd-s0" / "final" / "unet").mkdir(parents=True)
+    (runs / "lcd-s0" / "final" / "unet" / "config.json").write_text("{}")
+    out = tmp_path / "s"
+    sm.main(["--seeds", "0-1", "--gammas", "0.7", "--steps", "4,8", "--runs", str(runs), "--out", str(out),
+             "--config", "mini_lcd", "--script", "train_lcd.py", "--name", "lcd", "--auto"])
+    assert trained == [("mini_lcd", 1, "train_lcd.py", "lcd-s1")] and scored == ["lcd-s0", "lcd-s1"]
+    md = out.with_suffix(".md").read_text()
+    assert "--config mini_lcd --script train_lcd.py --name lcd" in md and "`configs/mini_lcd.yaml`" in md
+    assert sm.json.loads(out.with_suffix(".json").read_text())["rows"][0]["key"]["config"] == "mini_lcd"
