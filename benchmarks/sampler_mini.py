@@ -3,14 +3,16 @@ step) against TCDScheduler at gammas γ < 1 on the same LoRA and the same grid (
 jump along the trajectory to s = (1 − γ)·t_next, then re-noise only to t_next). Issue #13's 8-step question: does the
 8-step collapse come from the student or from how it is sampled?
 
-    python -m benchmarks.sampler_mini [--seeds 0-2] [--gammas 0.3,0.5,0.7] [--steps 1,2,4,8] [--threads 1] [--n 500] [--auto] [--out PATH]
+    python -m benchmarks.sampler_mini [--seeds 0-2] [--gammas 0.3,0.5,0.7] [--steps 1,2,4,8] [--threads 1]
+        [--n 500] [--auto] [--out PATH] [--config mini_lcm_lora --script train_lcm_lora.py --name lcm-lora]
 
 Each seed's run is `<runs>/<name>-s<seed>` (default `lcm-lora`; trained from `--config`, default
 `configs/mini_lcm_lora.yaml`, with `train.seed=S` by `--script` when the folder holds no student yet, by
 benchmarks/quality_mini.py's `train`; `--config mini_lcd --script train_lcd.py --name lcd` scores the whole-UNet LCD
 runs quality_mini made), scored by `lcm eval`'s `evaluate` with one
 `--student NAME=RUN[:tcd@γ]` row per sampler. Every scored seed is appended to `OUT.jsonl` (default
-`results/sampler_mini`) at once, so a stopped benchmark loses nothing; `OUT.{json,md}` hold per-seed rows, the median and min–max per
+`results/sampler_mini`) at once, so a stopped benchmark loses nothing; `OUT.{json,md}` hold per-seed rows, the median
+and min–max per
 cell, and the 8-step / 4-step ratio of every seed (the target: ≤ 1.1 on every seed).
 """
 

@@ -330,8 +330,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    " repeat to stack")
     p.add_argument("--preset", default=None, choices=sorted(PRESET_NAMES),
                    help="scheduler + default steps/guidance/eta for the weights' family (default: the one the first "
-                   "LoRA's / student's run trained for, read from its config.yaml, with lcm-auto for an LCM-LoRA: LCMScheduler at "
-                   "1-3 steps, TCDScheduler above; lcm when there is no run config)")
+                   "LoRA's / student's run trained for, read from its config.yaml, with lcm-auto for an LCM-LoRA: "
+                   "LCMScheduler at 1-3 steps, TCDScheduler above; lcm when there is no run config)")
     p.add_argument("--steps", type=int, default=None, help="default: the preset's (lcm: 4)")
     p.add_argument("--guidance", type=float, default=None,
                    help="diffusers guidance_scale (= LCM w + 1); default: the preset's (lcm: 1.0; 1.0–2.0 suits "
@@ -418,8 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "guidance_scale = teacher w + 1 through its guidance embedding")
     e.add_argument("--student", action="append", default=None, type=_named_student_arg, metavar="NAME=RUN[:PRESET[@ETA]]",
                    help="any distilled student, repeatable: a LoRA or whole-network run folder (the kind is read from "
-                   "its files), its row named NAME; :PRESET (lcm, lcm-auto, tcd, turbo, lightning, …) samples it with that "
-                   "preset's scheduler instead of the one its run saved; @ETA sets the sampler's eta (tcd@0.5: TCD's gamma 0.5)")
+                   "its files), its row named NAME; :PRESET (lcm, lcm-auto, tcd, turbo, lightning, …) samples it "
+                   "with that preset's scheduler instead of the one its run saved; @ETA sets the sampler's eta "
+                   "(tcd@0.5: TCD's gamma 0.5)")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--n", type=int, default=500, help="samples per cell")
     e.add_argument("--steps", default="1,2,4,8")
@@ -429,9 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt text: train (the training caption templates, default), heldout (templates no "
                    "training caption uses) or both (a table section each)")
     _add_config_dir_arg(e)
-    e.add_argument("--methods", default=None, help="comma list of DDIM,DPM-Solver++,Euler,Euler ancestral,LCM-LoRA,LCD "
-                   "or student names; LCM-LoRA means every --lora (default: DDIM, DPM-Solver++, Euler and every student "
-                   "given; Euler ancestral, the teacher's stochastic sampler, only by name)")
+    e.add_argument("--methods", default=None,
+                   help="comma list of DDIM,DPM-Solver++,Euler,Euler ancestral,LCM-LoRA,LCD or student names; "
+                   "LCM-LoRA means every --lora (default: DDIM, DPM-Solver++, Euler and every student given; Euler "
+                   "ancestral, the teacher's stochastic sampler, only by name)")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the main job: digits → LCM-LoRA and full LCD from the mini teacher → grid → "

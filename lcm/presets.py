@@ -44,13 +44,15 @@ PRESETS: dict[str, SamplingPreset] = {
     # (default 0.0) to step(), which silently overrides the scheduler's default 0.3: so it is passed explicitly.
     "tcd": SamplingPreset(TCDScheduler, {"clip_sample": False}, steps=4, guidance=1.0, eta=0.3,
                           note="Trajectory Consistency Distillation (arXiv:2402.19159); eta = gamma"),
-    # An LCM-LoRA sampled by step count (issue #13, benchmarks/results/sampler_steps_mini.md): LCMScheduler re-noises
-    # its x̂₀ fully at every step, which is best at 1–3 steps but pays the student's small-t error again at every
-    # extra step, so 8 steps score worse than 4. From 4 steps on, TCDScheduler on the same grid keeps part of the
-    # sample (gamma < 1) and the curve stops falling apart. Measured on the mini teacher's LCM-LoRA over 3 seeds.
+    # An LCM-LoRA sampled by step count (issue #13): LCMScheduler re-noises its x̂₀ fully at every step. That is best
+    # at 1–3 steps, but each extra step passes the sample through the student's bias once more, so 8 steps score worse
+    # than 4 (benchmarks/schedule_mini.py: the count of passes, not the low timesteps). From 4 steps on, TCDScheduler on
+    # the same grid keeps part of the sample (gamma < 1). Rule chosen on 3 LoRA seeds, checked on 2 fresh ones and on
+    # LCD (benchmarks/results/sampler_{steps,auto,lcd}_mini.md).
     "lcm-auto": SamplingPreset(LCMScheduler, {"clip_sample": False}, steps=4, guidance=1.0,
                                by_steps=((3, "lcm", None), (6, "tcd", 0.8), (None, "tcd", 0.7)),
-                               note="LCM-LoRA: LCMScheduler at 1-3 steps, TCDScheduler (eta 0.8, 0.7 from 7 steps) above"),
+                               note="LCM-LoRA / LCD: LCMScheduler at 1-3 steps, TCDScheduler above "
+                                    "(eta 0.8; 0.7 from 7)"),
     # PCM's deterministic phase-by-phase sampler: DDIM trailing at M steps walks the phase edges (lcm/trajectory.py).
     "pcm": SamplingPreset(DDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False,
                                           "set_alpha_to_one": True}, steps=4, guidance=1.0,

@@ -67,7 +67,8 @@ def test_lcm_preset_matches_the_training_export_and_keeps_a_saved_grid():
 
 def test_unknown_preset_lists_the_valid_ones():
     assert set(cli.PRESET_NAMES) == set(PRESETS)  # the CLI's choices are the registry's keys
-    with pytest.raises(ValueError, match="valid: \\['hyper', 'lcm', 'lcm-auto', 'lightning', 'lightning-1step', 'pcm', 'tcd', 'turbo'\\]"):
+    valid = "valid: \\['hyper', 'lcm', 'lcm-auto', 'lightning', 'lightning-1step', 'pcm', 'tcd', 'turbo'\\]"
+    with pytest.raises(ValueError, match=valid):
         get_preset("dpm")
 
 
