@@ -167,6 +167,10 @@ class DistillConfig:
     # extra share of the grid's top pair (t_{n+k} = T − 1, the prediction a 1-step sampler uses) in the index draws:
     # P(top) = share + (1 − share)/N; 0 = uniform (LCM); the grid objectives only (not add / lightning)
     top_index_share: float = bounded(0.0, ge=0, lt=1)
+    # share of rows whose clean latent is replaced by the EMA target's own x̂₀ from a noisier grid timestep (the
+    # inputs a multistep sampler feeds the student; consistency.with_self_generated_z0); 0 = data only (LCM);
+    # lcd / pcm / tcd only
+    self_input_share: float = bounded(0.0, ge=0, lt=1)
     # lcd (consistency) | lcd_adv (LCD + adversarial term on the student's x̂₀) | add (SDXL-Turbo's ADD) | pcm (phased
     # consistency) | tcd (trajectory consistency) | pcm_adv, tcd_adv (pcm / tcd + the same adversarial term) |
     # lightning; the *_adv objectives and add train a discriminator as well (`adversarial`)
@@ -405,6 +409,9 @@ def _check_cross_fields(cfg) -> None:
     if d.top_index_share > 0 and d.objective in ("add", "lightning"):  # they draw their own student timesteps
         raise ConfigError(f"distill.top_index_share={d.top_index_share} reweights the consistency grid's pairs; "
                           f"distill.objective={d.objective!r} draws its own student timesteps (drop the key)")
+    if d.self_input_share > 0 and d.objective not in ("lcd", "pcm", "tcd"):
+        raise ConfigError(f"distill.self_input_share={d.self_input_share} applies to the plain consistency objectives "
+                          f"(lcd, pcm, tcd); distill.objective={d.objective!r} does not take it")
     if cfg.adversarial.student_t_max < 999 and d.objective not in ADVERSARIAL_VARIANTS:
         # add / lightning draw their own timesteps; lcd / pcm / tcd have no term to restrict (the key would do nothing)
         raise ConfigError(f"adversarial.student_t_max={cfg.adversarial.student_t_max} restricts the term of "

@@ -10,7 +10,7 @@ Predictions are in the model's `prediction_type` and are converted to x̂₀ / �
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -212,6 +212,36 @@ def terminal_as_pure_noise(z_t: torch.Tensor, noise: torch.Tensor, t: torch.Tens
     """
     top = (t == T - 1).view(-1, *([1] * (z_t.ndim - 1)))
     return torch.where(top, noise.to(z_t.dtype), z_t)
+
+
+def with_self_generated_z0(target, batch: LCDBatch, spec: LCDSpec, share: float, generators) -> LCDBatch:
+    """The batch with a `share` of its clean latents replaced by the target's own estimate, so the loss also sees the
+    inputs a multistep sampler feeds the student: z₀' = f_θ⁻(α_s z₀ + σ_s ε', s), re-noised to t_{n+k} by the loss.
+    s is a grid timestep above t_{n+k}, drawn uniformly (the step before, in some sampler's schedule); rows at the top
+    pair have none above and keep z₀. Per sample, after the batch's own draws: u (chosen when u < share), v (which
+    timestep above), ε'. share = 0 draws nothing and returns the batch itself. The teacher's ODE step and the target
+    are then taken from the new z_{t_{n+k}} as for any other row."""
+    if share <= 0:
+        return batch
+    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
+    v = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
+    noise = per_sample_randn(batch.z0.shape, generators, batch.z0.device, batch.z0.dtype)
+    index = batch.index.cpu()
+    above = spec.grid.N - 1 - index  # how many grid timesteps lie above t_{n+k}
+    chosen = (u < share) & (above > 0)
+    if not bool(chosen.any()):
+        return batch
+    j = (index + 1 + torch.floor(v * above.double()).long()).clamp(max=spec.grid.N - 1)  # v < 1: j ≤ N − 1 anyway
+    s = spec.grid.pair(j)[0]
+    rows = chosen.nonzero().squeeze(1).to(batch.z0.device)
+    s_rows = s[chosen].to(batch.z0.device)
+    z_s = spec.schedule.add_noise(batch.z0[rows], noise[rows], s_rows)
+    cond = {k: v_[rows] for k, v_ in batch.cond.items()}
+    with torch.no_grad():
+        z0_self = predict_consistency(target, z_s, s_rows, cond, batch.w[rows], spec)
+    z0 = batch.z0.clone()
+    z0[rows] = z0_self.to(z0.dtype)
+    return replace(batch, z0=z0)
 
 
 def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .adversarial import frozen, warmed_up_weight
-from .consistency import LCDSpec, lcd_terms
+from .consistency import LCDSpec, lcd_terms, with_self_generated_z0
 from .discriminator import (EncoderDiscriminator, EncoderPairDiscriminator, build_heads, build_pair_heads, encoder_copy,
                             make_discriminator, make_pair_discriminator, teacher_features)
 from .encode import lcd_batch_from_data
@@ -70,6 +70,8 @@ def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, targ
         if objective == base:
             def consistency_loss(model, batch, gens):
                 lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)
+                # the sampler's own inputs for a share of the rows (drawn after the batch; 0 draws nothing)
+                lcd_batch = with_self_generated_z0(target, lcd_batch, spec, cfg.distill.self_input_share, gens)
                 loss, diagnostics, _ = terms(student_of(model), lcd_batch, gens)
                 return loss, diagnostics
             return ObjectiveParts(consistency_loss)

@@ -35,6 +35,18 @@ def test_top_index_share_is_refused_where_there_is_no_grid(objective):
 
 
 @pytest.mark.parametrize("objective", ["lcd", "pcm", "tcd", "add", "lightning", "lcd_adv", "pcm_adv", "tcd_adv"])
+def test_self_input_share_is_taken_only_by_the_plain_consistency_objectives(objective):
+    overrides = REQ + [f"distill.objective={objective}", "distill.self_input_share=0.5"]
+    if objective in ("lcd", "pcm", "tcd"):
+        assert load_config(None, overrides).distill.self_input_share == 0.5
+    else:
+        with pytest.raises(ConfigError, match=r"distill\.self_input_share=0\.5.*" + objective):
+            load_config(None, overrides)
+    with pytest.raises(ConfigError, match=r"distill\.self_input_share"):
+        load_config(None, REQ + ["distill.self_input_share=1.0"])
+
+
+@pytest.mark.parametrize("objective", ["lcd", "pcm", "tcd", "add", "lightning", "lcd_adv", "pcm_adv", "tcd_adv"])
 def test_student_t_max_is_taken_only_by_the_objectives_with_a_term(objective):
     """adversarial.student_t_max restricts the *_adv term: every other objective refuses it, naming the key (a plain
     lcd / pcm / tcd run once accepted it silently and it did nothing)."""

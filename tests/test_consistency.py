@@ -236,3 +236,45 @@ def test_terminal_pure_noise_off_by_default_and_in_the_config():
 
     assert LCDSpec.__dataclass_fields__["terminal_pure_noise"].default is False
     assert DistillConfig().terminal_pure_noise is False
+
+
+def test_self_generated_z0_share_zero_is_the_batch_and_draws_nothing():
+    from lcm.consistency import with_self_generated_z0
+
+    batch, gens = _batch(), [torch.Generator().manual_seed(i) for i in range(8)]
+    states = [g.get_state() for g in gens]
+    assert with_self_generated_z0(TinyEps(1), batch, _spec(), 0.0, gens) is batch
+    assert all(g.get_state().equal(s) for g, s in zip(gens, states))
+
+
+def test_self_generated_z0_replaces_the_chosen_rows_by_the_targets_estimate_from_above():
+    """Chosen rows (u < share, not at the top pair) get z₀' = f_θ⁻(α_s z₀ + σ_s ε', s) with s a grid timestep above
+    t_{n+k}, from the draws u, v, ε' in that order per sample; other rows keep z₀ exactly."""
+    from lcm.consistency import per_sample_randn, with_self_generated_z0
+
+    spec, target = _spec(), TinyEps(1)
+    batch = _batch(B=64)
+    batch.index[:4] = spec.grid.N - 1  # top pairs: nothing above them
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(64)]
+    twins = [torch.Generator().manual_seed(100 + i) for i in range(64)]
+    out = with_self_generated_z0(target, batch, spec, 0.5, gens)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in twins])
+    v = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in twins])
+    eps = per_sample_randn(batch.z0.shape, twins)
+    chosen = (u < 0.5) & (batch.index < spec.grid.N - 1)
+    assert 10 < int(chosen.sum()) < 54 and not chosen[:4].any()
+    for i in range(64):
+        if not chosen[i]:
+            assert out.z0[i].equal(batch.z0[i])
+            continue
+        above = spec.grid.N - 1 - int(batch.index[i])
+        j = int(batch.index[i]) + 1 + int(v[i] * above)
+        s = spec.grid.pair(torch.tensor([j]))[0]
+        assert s.item() > spec.grid.pair(batch.index[i:i + 1])[0].item()
+        z_s = spec.schedule.add_noise(batch.z0[i:i + 1], eps[i:i + 1], s)
+        expected = predict_consistency(target, z_s, s, {"y": batch.cond["y"][i:i + 1]}, batch.w[i:i + 1], spec)
+        torch.testing.assert_close(out.z0[i:i + 1], expected)
+        assert not out.z0[i].equal(batch.z0[i])
+    # the rest of the batch is untouched, and the input batch is not modified in place
+    assert out.noise.equal(batch.noise) and out.index.equal(batch.index) and out.w.equal(batch.w)
+    assert not out.z0.equal(batch.z0) and batch.z0.equal(_batch(B=64).z0)

@@ -350,3 +350,18 @@ def test_every_distill_option_of_the_loss_reaches_the_run_spec(tiny_sdxl_dir, tm
     for name in shared:
         assert getattr(run.spec, name) == getattr(run.cfg.distill, name) != getattr(DistillConfig(), name), name
     assert run.spec.grid.top_share == 0.25 and run.spec.grid.N == run.cfg.distill.num_ddim_timesteps
+
+
+def test_self_input_share_reaches_the_training_step(tiny_sdxl_dir, tmp_path):
+    """distill.self_input_share > 0 changes what the step trains on (another loss and LoRA from the same seed); 0 is
+    the plain run, repeated exactly."""
+    data = make_captioned_image_folder(tmp_path / "data", n=6, size=24)
+    train = _script("train_lcm_lora")
+    lora = {}
+    for name, extra in (("plain", ()), ("again", ()), ("self", ("distill.self_input_share=0.9",))):
+        out = tmp_path / name
+        assert train.main(_args(tiny_sdxl_dir, data, out, "train.max_train_steps=2", "train.log_every=1",
+                                "train.seed=3", *extra)) == 0
+        lora[name] = load_file(out / "final" / "pytorch_lora_weights.safetensors")
+    assert all(lora["plain"][k].equal(lora["again"][k]) for k in lora["plain"])
+    assert any(not lora["plain"][k].equal(lora["self"][k]) for k in lora["plain"])
