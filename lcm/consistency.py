@@ -223,8 +223,9 @@ def with_self_generated_z0(target, batch: LCDBatch, spec: LCDSpec, share: float,
     are then taken from the new z_{t_{n+k}} as for any other row."""
     if share <= 0:
         return batch
-    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
-    v = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
+    # the row bookkeeping is on the CPU, whatever device the generators and the batch live on
+    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators]).cpu()
+    v = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators]).cpu()
     noise = per_sample_randn(batch.z0.shape, generators, batch.z0.device, batch.z0.dtype)
     index = batch.index.cpu()
     above = spec.grid.N - 1 - index  # how many grid timesteps lie above t_{n+k}
@@ -236,7 +237,7 @@ def with_self_generated_z0(target, batch: LCDBatch, spec: LCDSpec, share: float,
     rows = chosen.nonzero().squeeze(1).to(batch.z0.device)
     s_rows = s[chosen].to(batch.z0.device)
     z_s = spec.schedule.add_noise(batch.z0[rows], noise[rows], s_rows)
-    cond = {k: v_[rows] for k, v_ in batch.cond.items()}
+    cond = {k: v_[rows] if torch.is_tensor(v_) else v_ for k, v_ in batch.cond.items()}
     with torch.no_grad():
         z0_self = predict_consistency(target, z_s, s_rows, cond, batch.w[rows], spec)
     z0 = batch.z0.clone()
