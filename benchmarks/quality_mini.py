@@ -111,13 +111,18 @@ def scores_by_steps(rows) -> dict:
     return {str(r.steps): {"fd": r.frechet, "acc": r.accuracy, "div": r.diversity} for r in rows}
 
 
+def final_weights(script: str) -> Path:
+    """The file inside a run folder that says the run finished: a LoRA run's weights, or a whole-network run's UNet."""
+    return Path("final") / ("unet/config.json" if script == "train_lcd.py" else "pytorch_lora_weights.safetensors")
+
+
 def run_cell(name: str, config: str, overrides: list[str], seeds: list[int], log: Path, runs: Path, n: int,
              steps: list[int], threads: int, script: str = "train_lcm_lora.py") -> list[dict]:
     """Train + score every seed of one cell that the log does not already hold; returns all of the cell's rows.
     `script` train_lcd.py makes it a whole-network cell (the run's UNet scored as `lcm eval --lcd` does)."""
     key = cell_key(config, overrides)
     whole = script == "train_lcd.py"
-    weights = Path("final") / ("unet/config.json" if whole else "pytorch_lora_weights.safetensors")
+    weights = final_weights(script)
     done = {r["seed"]: r for r in read_log(log) if r.get("key") == key and r["n"] == n and "heldout" in r["scores"]}
     for seed in seeds:
         if seed in done:

@@ -25,7 +25,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from benchmarks.quality_mini import RESULTS, ROOT, TEACHER, append_log, commit, read_log, train
+from benchmarks.quality_mini import RESULTS, ROOT, TEACHER, append_log, commit, final_weights, read_log, train
 from lcm.sampling import parse_seeds
 
 def samplers(gammas: list[float], auto: bool = False) -> list[tuple[str, str | None]]:
@@ -87,16 +87,17 @@ def main(argv=None) -> None:
     seeds, gammas = parse_seeds(args.seeds), [float(g) for g in args.gammas.split(",")]
     steps = [int(k) for k in args.steps.split(",")]
     names = [name for name, _ in samplers(gammas, args.auto)]
+    # the runs scored are part of the key: another --name (or --config) is another set of students, not these seeds
     key = ({"gammas": gammas, "steps": steps, "n": args.n} | ({"auto": True} if args.auto else {})
-           | ({"config": args.config} if args.config != "mini_lcm_lora" else {}))
+           | ({"config": args.config} if args.config != "mini_lcm_lora" else {})
+           | ({"name": args.name} if args.name != "lcm-lora" else {}))
     done = {r["seed"]: r for r in read_log(log) if r.get("key") == key}
     for seed in seeds:
         if seed in done:
             continue
         run_dir = Path(args.runs) / f"{args.name}-s{seed}"
         secs = None
-        final = run_dir / "final"
-        if not ((final / "pytorch_lora_weights.safetensors").is_file() or (final / "unet" / "config.json").is_file()):
+        if not (run_dir / final_weights(args.script)).is_file():
             secs = train(args.config, [], seed, run_dir, args.threads, args.script)
         row = {"seed": seed, "key": key, "run": str(run_dir), "train_s": secs, "commit": commit(),
                "scores": score_seed(run_dir, run_dir / "eval-samplers", gammas, steps, args.n, args.auto)}

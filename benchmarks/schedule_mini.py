@@ -24,7 +24,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from benchmarks.quality_mini import RESULTS, ROOT, TEACHER, append_log, commit, read_log, train
+from benchmarks.quality_mini import RESULTS, ROOT, TEACHER, append_log, commit, final_weights, read_log, train
 from lcm.sampling import parse_seeds
 
 OUT = RESULTS / "schedule_mini"
@@ -49,6 +49,7 @@ def score_seed(run_dir: Path, n: int) -> dict:
     from lcm.sampling import load_pipeline_for_sampling
 
     prompts, labels = eval_prompts(n, "train")
+    real_feats = None  # the held-out digits' features, at the images' size: computed once per seed
     pipes = {}
     scores = {}
     for name, preset, eta, timesteps in SCHEDULES:
@@ -60,8 +61,9 @@ def score_seed(run_dir: Path, n: int) -> dict:
         kwargs = {"timesteps": timesteps} | ({"eta": eta} if eta is not None else {})
         images, _ = sample_tensors(pipe, prompts, list(range(n)), len(timesteps), 1.0, **kwargs)
         assert pipe.scheduler.timesteps.tolist() == timesteps, (name, pipe.scheduler.timesteps.tolist())
-        real, _ = load_digits_tensors("held_out", size=images.shape[-1])
-        scores[name] = {"fd": frechet_distance(digit_features(images), digit_features(real)),
+        if real_feats is None:
+            real_feats = digit_features(load_digits_tensors("held_out", size=images.shape[-1])[0])
+        scores[name] = {"fd": frechet_distance(digit_features(images), real_feats),
                         "acc": (classify(images) == torch.tensor(labels)).float().mean().item()}
         print(f"{run_dir.name}: {name}: FD {scores[name]['fd']:.2f}", flush=True)
     return scores
@@ -96,7 +98,7 @@ def main(argv=None) -> list[dict]:
         if seed in done:
             continue
         run_dir = Path(args.runs) / f"lcm-lora-s{seed}"
-        if not (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file():
+        if not (run_dir / final_weights("train_lcm_lora.py")).is_file():
             train("mini_lcm_lora", [], seed, run_dir, args.threads)
         done[seed] = {"seed": seed, "key": key, "run": str(run_dir), "commit": commit(),
                       "scores": score_seed(run_dir, args.n)}

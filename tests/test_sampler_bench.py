@@ -70,4 +70,11 @@ def test_whole_unet_runs_are_adopted_by_their_unet_and_trained_with_train_lcd(tm
     assert trained == [("mini_lcd", 1, "train_lcd.py", "lcd-s1")] and scored == ["lcd-s0", "lcd-s1"]
     md = out.with_suffix(".md").read_text()
     assert "--config mini_lcd --script train_lcd.py --name lcd" in md and "`configs/mini_lcd.yaml`" in md
-    assert sm.json.loads(out.with_suffix(".json").read_text())["rows"][0]["key"]["config"] == "mini_lcd"
+    key = sm.json.loads(out.with_suffix(".json").read_text())["rows"][0]["key"]
+    assert key["config"] == "mini_lcd" and key["name"] == "lcd"
+    # another --name is other runs: its seeds are scored, not taken from the first name's rows in the same log
+    (runs / "lcd2-s0" / "final" / "unet").mkdir(parents=True)
+    (runs / "lcd2-s0" / "final" / "unet" / "config.json").write_text("{}")
+    sm.main(["--seeds", "0", "--gammas", "0.7", "--steps", "4,8", "--runs", str(runs), "--out", str(out),
+             "--config", "mini_lcd", "--script", "train_lcd.py", "--name", "lcd2", "--auto"])
+    assert scored[-1] == "lcd2-s0"
