@@ -90,6 +90,27 @@ def sample_t_hat(n: int, generators, T: int = 1000, loc: float = 1.0, scale: flo
     return (u * (T - 1)).round().long().to(device)
 
 
+def sample_t_hat_above(start: torch.Tensor, generators, T: int = 1000, loc: float = 1.0, scale: float = 1.0,
+                       shift: float = 1.0, device=None):
+    """Re-noising timesteps t̂ ≥ start per row: t̂ = round(start + U'·(T − 1 − start)), the same U' draw as
+    `sample_t_hat`, which this is exactly where start = 0 (a phase-edge sample at s is judged at a t̂ it can reach)."""
+    u = sample_unit_time(len(start), generators, loc, scale, shift)
+    start = start.to(u.device, u.dtype)
+    return (start + u * (T - 1 - start)).round().long().to(device)
+
+
+def forward_from(x, noise, s, t, schedule):
+    """z_t from a sample x at timestep s ≤ t, per row, through the forward process's transition q(z_t | z_s) =
+    N((α_t/α_s)·z_s, (1 − ᾱ_t/ᾱ_s)·I) (DDPM, Ho et al. 2020, eq. 2 composed): a z_s on the marginal at s lands on the
+    marginal at t. Rows with s = −1 (the clean end) are `schedule.add_noise` exactly; s = t returns x."""
+    alpha_t, sigma_t = schedule.alpha_sigma(t, x.ndim)
+    alpha_s, _ = schedule.alpha_sigma(s.clamp(min=0), x.ndim)
+    clean = (s < 0).view(-1, *([1] * (x.ndim - 1))).to(alpha_t.device)
+    ratio = torch.where(clean, alpha_t, alpha_t / alpha_s)
+    std = torch.where(clean, sigma_t, (1.0 - ratio.pow(2)).clamp(min=0).sqrt())
+    return ratio.to(x.dtype) * x + std.to(x.dtype) * noise
+
+
 def time_features(t, T: int = 1000, freqs: int = 16) -> torch.Tensor:
     """sin/cos of t/T at octave frequencies 2^i·π, i < freqs: (B, 2·freqs), the discriminators' t̂ input."""
     u = t.float()[:, None] / T

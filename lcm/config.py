@@ -232,6 +232,10 @@ class AdversarialConfig:
     d_steps_per_g: int = bounded(1, ge=1)
     # lcd_adv / pcm_adv / tcd_adv: the generator term only on rows with t_{n+k} ≤ this (999 = every row)
     student_t_max: int = bounded(999, ge=0, le=999)
+    # lcd_adv / pcm_adv / tcd_adv: what the term judges. clean: the student's clean estimate f_θ(z → clean end), at a
+    # t̂ on [0, T − 1]; end: its consistency output at each row's end point s (PCM's phase edge, TCD's drawn s), the
+    # sample its sampler takes, at a t̂ ≥ s against real latents noised to that t̂ (for lcd_adv the two are the same)
+    judge: str = "clean"
     optim: OptimConfig = field(default_factory=_discriminator_optim)
     # ADD only: the student's fixed timesteps, λ and c(t) of the distillation term
     student_timesteps: list[int] = bounded(default_factory=lambda: [999, 749, 499, 249], ge=0, le=999)
@@ -310,6 +314,7 @@ CHOICES = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.report_to": ("tensorboard", "none"),
     "adversarial.backbone": ("frozen", "trainable"),  # trainable: D's own copy of the encoder (SDXL-Lightning)
+    "adversarial.judge": ("clean", "end"),  # what the *_adv term judges (lcm/objectives.py with_adversarial_term)
 }
 
 
@@ -416,6 +421,9 @@ def _check_cross_fields(cfg) -> None:
         # add / lightning draw their own timesteps; lcd / pcm / tcd have no term to restrict (the key would do nothing)
         raise ConfigError(f"adversarial.student_t_max={cfg.adversarial.student_t_max} restricts the term of "
                           f"{' / '.join(ADVERSARIAL_VARIANTS)}; distill.objective={d.objective!r} does not take it")
+    if cfg.adversarial.judge != "clean" and d.objective not in ADVERSARIAL_VARIANTS:
+        raise ConfigError(f"adversarial.judge={cfg.adversarial.judge!r} chooses what the term of "
+                          f"{' / '.join(ADVERSARIAL_VARIANTS)} judges; distill.objective={d.objective!r} does not take it")
     if d.stage_lr_restart and d.objective != "lightning":
         raise ConfigError(f"distill.stage_lr_restart=true restarts the LR at Lightning's stages; distill.objective="
                           f"{d.objective!r} has none (set distill.objective=lightning or drop the key)")

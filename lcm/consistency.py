@@ -174,6 +174,17 @@ def predict_consistency(model, z, t, cond, w, spec: LCDSpec):
 CLEAN_END = -1  # the end point s that means "the clean latent": LCD's boundary-scaled x̂₀, not a DDIM jump
 
 
+@dataclass
+class StudentOutputs:
+    """What an adversarial term can judge from the student's one call at t_{n+k} (`lcd_terms`' third output):
+    `clean` = f_θ(z, t_{n+k} → clean end), `at_end` = f_θ(z, t_{n+k} → s), the consistency output itself, and `end` = s
+    per row (None: every row's end is the clean one, and `at_end` is `clean`)."""
+
+    clean: torch.Tensor
+    at_end: torch.Tensor
+    end: torch.Tensor | None = None
+
+
 def trajectory_fn(z, x0_hat, eps_hat, t, s, c_skip, c_out, alpha_s, sigma_s):
     """f(z, t → s), the consistency function toward an end point s ≤ t on the trajectory, per sample:
     s = CLEAN_END: c_skip(t)·z + c_out(t)·x̂₀ (LCM eq. 5, what LCD learns); s = t: z itself (the boundary condition);
@@ -252,9 +263,10 @@ def lcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec):
 
 
 def lcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec, end=None):
-    """`lcd_loss` plus the student's clean-latent estimate f_θ(z_{t_{n+k}}, t_{n+k} → clean end) with its graph (the
-    objectives that add a term on it use it; for LCD it is the consistency output itself, for an end s > 0 it comes
-    from the same network call). `end(t_nk, t_n) -> s` gives each sample's end point s ≤ t_n (PCM's phase edge, TCD's
+    """`lcd_loss` plus the student's outputs with their graph (`StudentOutputs`): its clean-latent estimate
+    f_θ(z_{t_{n+k}}, t_{n+k} → clean end) and its consistency output toward each row's end s (the objectives that add
+    a term judge one of them; for LCD both are the consistency output itself, for an end s > 0 they come from the same
+    network call). `end(t_nk, t_n) -> s` gives each sample's end point s ≤ t_n (PCM's phase edge, TCD's
     drawn s; lcm/trajectory.py); None is LCD's clean end, evaluated as before."""
     t_nk, t_n = spec.grid.pair(batch.index)
     s = None if end is None else end(t_nk, t_n)
@@ -286,4 +298,4 @@ def lcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec, end=None
         "w_mean": batch.w.float().mean().detach(),
         "target_norm": f_target.float().flatten(1).norm(dim=1).mean().detach(),
     }
-    return loss, diagnostics, clean_student
+    return loss, diagnostics, StudentOutputs(clean_student, f_student, s)

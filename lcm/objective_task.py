@@ -3,7 +3,8 @@ objectives, the discriminator critic (DESIGN.md §2). Entry scripts build the ro
 
     lcd      loss_fn = LCD; no critic                                  (bit-identical to before the objectives)
     lcd_adv  loss_fn = LCD + w·L_G(D(f_θ)); critic "d" = the heads on the frozen teacher encoder
-    pcm_adv, tcd_adv  loss_fn = pcm / tcd + w·L_G(D(f_θ → clean)) on the student's clean estimate; the same critic
+    pcm_adv, tcd_adv  loss_fn = pcm / tcd + w·L_G(D(f_θ → clean)) on the student's clean estimate, or with
+             adversarial.judge=end on f_θ → s, its output at the row's end point; the same critic
     add      loss_fn = ADD's L_G + λ·distillation; the same critic
     pcm      loss_fn = LCD toward each sample's phase edge (distill.phases); no critic
     tcd      loss_fn = LCD toward a drawn s ∈ [0, t_n] on the trajectory; no critic
@@ -47,7 +48,7 @@ class ObjectiveParts:
 def adversarial_spec(adv_cfg) -> AdversarialSpec:
     return AdversarialSpec(loss=adv_cfg.loss, r1_gamma=adv_cfg.r1_gamma, t_hat_loc=adv_cfg.t_hat_loc,
                            t_hat_scale=adv_cfg.t_hat_scale, t_hat_shift=adv_cfg.t_hat_shift,
-                           student_t_max=adv_cfg.student_t_max)
+                           student_t_max=adv_cfg.student_t_max, judge=adv_cfg.judge)
 
 
 def add_spec(adv_cfg) -> ADDSpec:

@@ -23,9 +23,12 @@ from typing import Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .adversarial import D_LOSSES, G_LOSSES, r1_penalty, sample_t_hat
+from .adversarial import D_LOSSES, G_LOSSES, forward_from, r1_penalty, sample_t_hat, sample_t_hat_above
 from .consistency import (LCDBatch, LCDSpec, guided_denoiser, lcd_terms, per_sample_randn, predict_x0,
                           terminal_as_pure_noise)
+
+
+JUDGED = ("clean", "end")  # what the *_adv term judges (`with_adversarial_term`)
 
 
 @dataclass
@@ -40,38 +43,56 @@ class AdversarialSpec:
     # *_adv only: the generator term applies to the rows whose student timestep t_{n+k} is at most this (999 = all);
     # the discriminator still judges every row's clean estimate
     student_t_max: int = 999
+    # *_adv only: "clean" judges the student's clean estimate; "end" its output at the row's end point s
+    judge: str = "clean"
 
     def __post_init__(self):
         if self.loss not in D_LOSSES:
             raise ValueError(f"unknown adversarial loss {self.loss!r}; valid: {sorted(D_LOSSES)}")
+        if self.judge not in JUDGED:
+            raise ValueError(f"unknown adversarial.judge {self.judge!r}; valid: {list(JUDGED)}")
 
 
-def _judge(discriminator, x0, cond, generators, schedule, adv: AdversarialSpec, requires_grad: bool = False):
-    """D's logits on x̂₀ re-noised to a per-sample t̂ (one t̂ and one ε per sample's generator); returns (logits, z_t̂)."""
-    t_hat = sample_t_hat(len(x0), generators, schedule.T, adv.t_hat_loc, adv.t_hat_scale, adv.t_hat_shift, x0.device)
-    noise = per_sample_randn(x0.shape, generators, x0.device, x0.dtype)
-    z = schedule.add_noise(x0, noise, t_hat)
+def _judge(discriminator, x, cond, generators, schedule, adv: AdversarialSpec, requires_grad: bool = False,
+           end=None, x_at_end: bool = False):
+    """D's logits on x re-noised to a per-sample t̂ (one t̂ and one ε per sample's generator); returns (logits, z_t̂).
+    x is a clean latent, judged at t̂ on [0, T − 1]; with `end` (each row's end point s, −1 = clean) t̂ is drawn on
+    [s, T − 1] instead, and with `x_at_end` x is a sample at s, carried to t̂ by the forward transition."""
+    if end is None:
+        t_hat = sample_t_hat(len(x), generators, schedule.T, adv.t_hat_loc, adv.t_hat_scale, adv.t_hat_shift, x.device)
+    else:
+        t_hat = sample_t_hat_above(end.clamp(min=0), generators, schedule.T, adv.t_hat_loc, adv.t_hat_scale,
+                                   adv.t_hat_shift, x.device)
+    noise = per_sample_randn(x.shape, generators, x.device, x.dtype)
+    if end is not None and x_at_end:
+        z = forward_from(x, noise, end.to(x.device), t_hat, schedule)
+    else:
+        z = schedule.add_noise(x, noise, t_hat)
     if requires_grad:
         z = z.detach().requires_grad_(True)
     return discriminator(z, t_hat, cond), z
 
 
-def generator_adversarial_term(discriminator, x0_fake, cond, generators, schedule, adv: AdversarialSpec):
-    """Per-sample L_G on the generated x̂₀ (gradients flow through D, whose own parameters the caller freezes)."""
-    logits, _ = _judge(discriminator, x0_fake, cond, generators, schedule, adv)
+def generator_adversarial_term(discriminator, x_fake, cond, generators, schedule, adv: AdversarialSpec, end=None):
+    """Per-sample L_G on the generated sample (gradients flow through D, whose own parameters the caller freezes):
+    a clean estimate, or with `end` a sample at each row's end point s (`_judge`)."""
+    logits, _ = _judge(discriminator, x_fake, cond, generators, schedule, adv, end=end, x_at_end=True)
     return G_LOSSES[adv.loss](logits), logits
 
 
 def discriminator_loss(discriminator, handoff: dict, generators, schedule, adv: AdversarialSpec):
     """Per-sample L_D on real vs generated x̂₀ (+ γ/2·R1 on the real inputs) and D's diagnostics.
-    Real and fake are judged at independent t̂ and ε draws; both are detached from the generator."""
+    Real and fake are judged at independent t̂ and ε draws; both are detached from the generator. With the handoff's
+    "end" (adversarial.judge=end) the fake is each row's sample at its end point s, and both are judged at t̂ ≥ s:
+    the real clean latent noised there directly, the fake carried from s by the forward transition."""
     real, fake, cond = handoff["real"].detach(), handoff["fake"].detach(), handoff["cond"]
+    end = handoff.get("end")
     r1 = adv.r1_gamma > 0
     # R1 differentiates ∇_x D again in the backward pass; fused attention kernels (flash / memory-efficient) have no
     # double backward, the math one does, so the real inputs are judged with it when R1 is on.
     with sdpa_kernel([SDPBackend.MATH]) if r1 else contextlib.nullcontext():
-        real_logits, z_real = _judge(discriminator, real, cond, generators, schedule, adv, requires_grad=r1)
-    fake_logits, _ = _judge(discriminator, fake, cond, generators, schedule, adv)
+        real_logits, z_real = _judge(discriminator, real, cond, generators, schedule, adv, requires_grad=r1, end=end)
+    fake_logits, _ = _judge(discriminator, fake, cond, generators, schedule, adv, end=end, x_at_end=True)
     loss = D_LOSSES[adv.loss](real_logits, fake_logits)
     diagnostics = {"d_loss": loss.mean().detach(),
                    "d_acc_real": (real_logits > 0).float().mean().detach(),
@@ -85,21 +106,28 @@ def discriminator_loss(discriminator, handoff: dict, generators, schedule, adv: 
 
 def with_adversarial_term(terms, discriminator, batch: LCDBatch, spec: LCDSpec, adv: AdversarialSpec, weight: float,
                           generators):
-    """A consistency objective's `(loss, diagnostics, clean estimate)` (`lcd_terms`, `trajectory.pcm_terms`,
-    `trajectory.tcd_terms`) plus `weight` × the generator's adversarial term on the clean estimate f_θ(z_{t_{n+k}} →
-    clean end), and the discriminator's handoff. The term's draws (t̂, ε) come after the objective's own, so weight = 0
-    leaves its loss and gradients exactly as the plain objective's. With `adv.student_t_max` below T − 1 the term is
-    zero on the rows whose t_{n+k} lies above it (the 1-step sampler's t = 999 prediction stays the plain one's)."""
-    loss, diagnostics, x0_student = terms
-    g_adv, logits = generator_adversarial_term(discriminator, x0_student.float(), batch.cond, generators,
-                                               spec.schedule, adv)
+    """A consistency objective's `(loss, diagnostics, StudentOutputs)` (`lcd_terms`, `trajectory.pcm_terms`,
+    `trajectory.tcd_terms`) plus `weight` × the generator's adversarial term, and the discriminator's handoff.
+    adv.judge = "clean" judges the clean estimate f_θ(z_{t_{n+k}} → clean end); "end" judges the consistency output at
+    each row's end point s (PCM's phase edge, TCD's drawn s) at a t̂ ≥ s, the sample the sampler actually takes (for
+    LCD the two are the same). The term's draws (t̂, ε) come after the objective's own, so weight = 0 leaves its loss
+    and gradients exactly as the plain objective's. With `adv.student_t_max` below T − 1 the term is zero on the rows
+    whose t_{n+k} lies above it (the 1-step sampler's t = 999 prediction stays the plain one's)."""
+    loss, diagnostics, outputs = terms
+    end = outputs.end if adv.judge == "end" else None
+    fake = outputs.clean if end is None else outputs.at_end
+    g_adv, logits = generator_adversarial_term(discriminator, fake.float(), batch.cond, generators, spec.schedule, adv,
+                                               end)
     if adv.student_t_max < spec.schedule.T - 1:  # the draws above stay those of every row
         t_nk, _ = spec.grid.pair(batch.index)
         g_adv = g_adv * (t_nk.to(g_adv.device) <= adv.student_t_max).to(g_adv.dtype)
     if weight != 0:  # skipped at 0: x + 0·y is x, but 0·inf is not
         loss = loss + weight * g_adv
     diagnostics.update(g_adv=g_adv.mean().detach(), adv_weight=torch.tensor(float(weight)))
-    return loss, diagnostics, {"real": batch.z0, "fake": x0_student.detach().float(), "cond": batch.cond}
+    handoff = {"real": batch.z0, "fake": fake.detach().float(), "cond": batch.cond}
+    if end is not None:
+        handoff["end"] = end
+    return loss, diagnostics, handoff
 
 
 def lcd_adv_loss(student, target, teacher, discriminator, batch: LCDBatch, spec: LCDSpec, adv: AdversarialSpec,

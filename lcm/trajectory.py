@@ -56,7 +56,7 @@ def pcm_end(grid: SolverGrid, phases: int):
 
 
 def pcm_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec, phases: int):
-    """`pcm_loss` plus the student's clean-latent estimate (`lcd_terms`' third output), which `pcm_adv` judges."""
+    """`pcm_loss` plus the student's outputs (`lcd_terms`' third), which `pcm_adv` judges."""
     end = None if phases == 1 else pcm_end(spec.grid, phases)
     return lcd_terms(student, target, teacher, batch, spec, end)
 
@@ -75,16 +75,16 @@ def draw_tcd_end(t_n: torch.Tensor, generators: list[torch.Generator]) -> torch.
 
 
 def tcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec, generators):
-    """`tcd_loss` plus the student's clean-latent estimate (`lcd_terms`' third output), which `tcd_adv` judges."""
+    """`tcd_loss` plus the student's outputs (`lcd_terms`' third), which `tcd_adv` judges."""
     drawn = {}
 
     def end(t_nk, t_n):
         drawn["s"] = draw_tcd_end(t_n, generators)
         return drawn["s"]
 
-    loss, diagnostics, clean = lcd_terms(student, target, teacher, batch, spec, end)
+    loss, diagnostics, outputs = lcd_terms(student, target, teacher, batch, spec, end)
     diagnostics["s_mean"] = drawn["s"].float().mean()
-    return loss, diagnostics, clean
+    return loss, diagnostics, outputs
 
 
 def tcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec, generators):
