@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lcm import adversarial as adv
+from lcm.schedule import NoiseSchedule, scaled_linear_alphas_cumprod
 
 
 def test_hinge_losses_closed_form():
@@ -83,3 +84,53 @@ def test_warmed_up_weight():
     assert adv.warmed_up_weight(0.5, 100, 0) == 0.0
     assert math.isclose(adv.warmed_up_weight(0.5, 100, 25), 0.125)
     assert adv.warmed_up_weight(0.5, 100, 400) == 0.5
+
+
+def _linear_map(fn, n_inputs, shape):
+    """The coefficients of a map that is linear in its inputs, read off by feeding unit inputs one at a time."""
+    coeffs = []
+    for i in range(n_inputs):
+        args = [torch.zeros(shape) for _ in range(n_inputs)]
+        args[i] = torch.ones(shape)
+        coeffs.append(fn(*args))
+    return coeffs
+
+
+def test_forward_from_composes_to_the_marginal():
+    """z_s = α_s x₀ + σ_s ε₁ carried to t by `forward_from` with ε₂ is α_t x₀ + c₁ε₁ + c₂ε₂ with c₁² + c₂² = σ_t²:
+    the marginal at t, for every s ≤ t (DDPM's q(z_t | z_s) composed with q(z_s | x₀))."""
+    schedule = NoiseSchedule(scaled_linear_alphas_cumprod())
+    s = torch.tensor([0, 100, 499, 749, 998])
+    t = torch.tensor([5, 700, 499, 999, 999])
+
+    def composed(x0, e1, e2):
+        return adv.forward_from(schedule.add_noise(x0, e1, s), e2, s, t, schedule)
+
+    a, c1, c2 = _linear_map(composed, 3, (5, 2))
+    alpha_t, sigma_t = schedule.alpha_sigma(t, 2)
+    torch.testing.assert_close(a, alpha_t.expand(5, 2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c1.pow(2) + c2.pow(2), sigma_t.pow(2).expand(5, 2), rtol=1e-5, atol=1e-6)
+    assert torch.all(c2[2] == 0)  # s = t: nothing added
+
+
+def test_forward_from_clean_end_is_add_noise_and_s_equal_t_is_identity():
+    schedule = NoiseSchedule(scaled_linear_alphas_cumprod())
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    clean = torch.full_like(t, -1)
+    assert torch.equal(adv.forward_from(x, noise, clean, t, schedule), schedule.add_noise(x, noise, t))
+    assert torch.equal(adv.forward_from(x, noise, t, t, schedule), x)
+    mixed = torch.tensor([-1, 10, -1, 999])  # rows are independent
+    out = adv.forward_from(x, noise, mixed, t, schedule)
+    assert torch.equal(out[[0, 2]], schedule.add_noise(x, noise, t)[[0, 2]]) and torch.equal(out[[1, 3]], x[[1, 3]])
+
+
+def test_t_hat_above_start_zero_is_sample_t_hat_and_stays_in_range():
+    gens = lambda: [torch.Generator().manual_seed(20 + i) for i in range(64)]  # noqa: E731
+    assert torch.equal(adv.sample_t_hat_above(torch.zeros(64, dtype=torch.long), gens(), 1000, 0.5, 1.2, 2.0),
+                       adv.sample_t_hat(64, gens(), 1000, 0.5, 1.2, 2.0))
+    start = torch.arange(64) * 15
+    t_hat = adv.sample_t_hat_above(start, gens(), 1000)
+    assert torch.all(t_hat >= start) and torch.all(t_hat <= 999)
+    assert torch.equal(adv.sample_t_hat_above(torch.full((64,), 999), gens(), 1000), torch.full((64,), 999))

@@ -134,6 +134,90 @@ def test_pcm_and_tcd_adv_at_weight_zero_are_the_plain_loss_and_judge_the_clean_e
     assert not torch.equal(plain, weighted)
 
 
+def test_judge_end_is_judge_clean_for_lcd(setup):
+    """For LCD every row's end is the clean one: adversarial.judge=end gives the same loss and handoff as clean."""
+    unet, heads, batch, spec = setup
+    student, teacher = denoiser_role(unet), base_role(unet)
+    d = make_discriminator(teacher_features(unet), heads)
+    with torch.no_grad(), frozen(heads):
+        clean = lcd_adv_loss(student, student, teacher, d, batch, spec, AdversarialSpec(), 0.5, _gens())
+        end = lcd_adv_loss(student, student, teacher, d, batch, spec, AdversarialSpec(judge="end"), 0.5, _gens())
+    assert torch.equal(clean[0], end[0]) and torch.equal(clean[2]["fake"], end[2]["fake"])
+    assert "end" not in end[2]
+
+
+def test_pcm_judge_end_judges_the_phase_edge_output(setup):
+    """pcm_adv with adversarial.judge=end judges f_θ(z_{t_{n+k}} → s_m), the phase-edge sample the sampler takes: the
+    handoff carries it and its edge; at weight 0 the loss is plain PCM's; the lowest-phase row (t_{n+k} = 79, clean
+    end) gets exactly the clean judge's term, the upper one (819 → edge 499) another; D judges both at t̂ ≥ s."""
+    from lcm.consistency import predict_trajectory
+    from lcm.trajectory import pcm_end, pcm_loss, pcm_terms
+
+    unet, heads, batch, spec = setup
+    student, teacher = denoiser_role(unet), base_role(unet)
+    d = make_discriminator(teacher_features(unet), heads)
+    t_nk, t_n = spec.grid.pair(batch.index)
+    edges = pcm_end(spec.grid, 2)(t_nk, t_n)
+    assert edges.tolist() == [-1, 499]
+    with torch.no_grad(), frozen(heads):
+        plain, _ = pcm_loss(student, student, teacher, batch, spec, 2)
+        gens = _gens()
+        zero, _, handoff = with_adversarial_term(pcm_terms(student, student, teacher, batch, spec, 2), d, batch, spec,
+                                                 AdversarialSpec(judge="end"), 0.0, gens)
+        gens = _gens()
+        end_loss, _, _ = with_adversarial_term(pcm_terms(student, student, teacher, batch, spec, 2), d, batch, spec,
+                                               AdversarialSpec(judge="end"), 1.0, gens)
+        gens = _gens()
+        clean_loss, _, _ = with_adversarial_term(pcm_terms(student, student, teacher, batch, spec, 2), d, batch, spec,
+                                                 AdversarialSpec(), 1.0, gens)
+        at_edge = predict_trajectory(student, spec.schedule.add_noise(batch.z0, batch.noise, t_nk), t_nk, edges,
+                                     batch.cond, batch.w, spec)
+    assert torch.equal(zero, plain)
+    torch.testing.assert_close(handoff["fake"], at_edge.float(), rtol=0, atol=1e-6)
+    assert torch.equal(handoff["end"], edges) and torch.equal(handoff["real"], batch.z0)
+    assert end_loss[0] == clean_loss[0] and end_loss[1] != clean_loss[1]
+    seen = []
+
+    def recording(z, t_hat, cond):
+        seen.append(t_hat.clone())
+        return d(z, t_hat, cond)
+
+    discriminator_loss(recording, handoff, [torch.Generator().manual_seed(s) for s in range(2)], spec.schedule,
+                       AdversarialSpec(judge="end"))
+    assert len(seen) == 2 and all(bool((t >= edges.clamp(min=0)).all()) for t in seen)
+    # many rows at a high edge: every t̂ D sees, real or fake, lies at or above it
+    seen.clear()
+    many = {"real": torch.randn(32, 4, 2, 2), "fake": torch.randn(32, 4, 2, 2), "cond": {},
+            "end": torch.full((32,), 900)}
+    discriminator_loss(lambda z, t_hat, cond: seen.append(t_hat) or z.flatten(1).mean(1, keepdim=True), many,
+                       [torch.Generator().manual_seed(s) for s in range(32)], spec.schedule,
+                       AdversarialSpec(judge="end"))
+    assert len(seen) == 2 and all(bool((t >= 900).all()) for t in seen)
+
+
+@pytest.mark.parametrize("objective,ok", [("pcm_adv", True), ("tcd_adv", True), ("pcm", False), ("add", False)])
+def test_judge_end_is_taken_by_the_adv_variants_only(objective, ok):
+    from lcm.config import ConfigError, load_config
+
+    overrides = [f"distill.objective={objective}", "adversarial.judge=end", "distill.num_ddim_timesteps=20",
+                 "distill.phases=2"]
+    if ok:
+        assert load_config("mini_pcm_lora", overrides).adversarial.judge == "end"
+    else:
+        with pytest.raises(ConfigError, match="adversarial.judge"):
+            load_config("mini_pcm_lora", overrides)
+    with pytest.raises(ConfigError, match="adversarial.judge"):
+        load_config("mini_pcm_lora", ["distill.objective=pcm_adv", "adversarial.judge=edge"])
+
+
+def test_pcm_adv_judge_end_trains(tiny_sdxl_dir, data, tmp_path):
+    out = tmp_path / "run"
+    load_entry_script("train_lcm_lora").main(_args(tiny_sdxl_dir, data, out, "lora.rank=4", "lora.alpha=4",
+                                                   "distill.objective=pcm_adv", "distill.phases=2",
+                                                   "adversarial.judge=end"))
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
 @pytest.mark.parametrize("objective", ["lcd_adv", "add"])
 def test_generator_step_moves_only_the_student_and_d_step_only_the_heads(setup, objective):
     unet, heads, batch, spec = setup
