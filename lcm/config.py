@@ -179,6 +179,9 @@ class DistillConfig:
     phases: int = bounded(2, ge=1, le=1000)
     # tcd: the sampler's gamma (TCDScheduler's eta) that validation uses and the model card records
     tcd_gamma: float = bounded(0.3, ge=0, le=1)
+    # tcd / tcd_adv: share of rows whose end point is the clean end (LCD's target) instead of a drawn s ∈ [0, t_n]:
+    # a student trained for both LCMScheduler's full re-noising and TCD's partial one; 0 = TCD, 1 = LCD
+    tcd_clean_share: float = bounded(0.0, ge=0, le=1)
     # lightning (lcm/lightning.py): the progressive stages' student step counts, strictly decreasing, each stage
     # continuing from the previous one's weights; sample with the last stage's count
     stages: list[int] = bounded(default_factory=lambda: [8, 4, 2, 1], ge=1, le=1000)
@@ -421,6 +424,9 @@ def _check_cross_fields(cfg) -> None:
         # add / lightning draw their own timesteps; lcd / pcm / tcd have no term to restrict (the key would do nothing)
         raise ConfigError(f"adversarial.student_t_max={cfg.adversarial.student_t_max} restricts the term of "
                           f"{' / '.join(ADVERSARIAL_VARIANTS)}; distill.objective={d.objective!r} does not take it")
+    if d.tcd_clean_share > 0 and base_objective(d.objective) != "tcd":
+        raise ConfigError(f"distill.tcd_clean_share={d.tcd_clean_share} mixes the clean end into TCD's drawn end "
+                          f"points; distill.objective={d.objective!r} is not tcd / tcd_adv (drop the key)")
     if cfg.adversarial.judge != "clean" and d.objective not in ADVERSARIAL_VARIANTS:
         raise ConfigError(f"adversarial.judge={cfg.adversarial.judge!r} chooses what the term of "
                           f"{' / '.join(ADVERSARIAL_VARIANTS)} judges; distill.objective={d.objective!r} does not take it")

@@ -67,7 +67,8 @@ def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, targ
         # each returns (per-sample loss, diagnostics, the student's clean estimate for an adversarial term)
         terms = {"lcd": lambda student, b, gens: lcd_terms(student, target, teacher, b, spec),
                  "pcm": lambda student, b, gens: pcm_terms(student, target, teacher, b, spec, cfg.distill.phases),
-                 "tcd": lambda student, b, gens: tcd_terms(student, target, teacher, b, spec, gens)}[base]
+                 "tcd": lambda student, b, gens: tcd_terms(student, target, teacher, b, spec, gens,
+                                                           cfg.distill.tcd_clean_share)}[base]
         if objective == base:
             def consistency_loss(model, batch, gens):
                 lcd_batch = lcd_batch_from_data(pipe, batch, gens, cfg.distill, spec.grid, device)

@@ -68,29 +68,38 @@ def pcm_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec, phases: i
     return loss, diagnostics
 
 
-def draw_tcd_end(t_n: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """s ~ U{0, …, t_n} per sample, from that sample's generator (drawn after the batch's own draws)."""
+def draw_tcd_end(t_n: torch.Tensor, generators: list[torch.Generator], clean_share: float = 0.0) -> torch.Tensor:
+    """s ~ U{0, …, t_n} per sample, from that sample's generator (drawn after the batch's own draws). With
+    `clean_share` > 0 a second draw per sample then sends that share of the rows to the clean end (LCD's target);
+    0 draws nothing more, and 1 is LCD on every row."""
     u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
-    return torch.floor(u.to(t_n.device) * (t_n.double() + 1)).long().clamp(max=t_n)
+    s = torch.floor(u.to(t_n.device) * (t_n.double() + 1)).long().clamp(max=t_n)
+    if clean_share > 0:
+        c = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
+        s = torch.where(c.to(t_n.device) < clean_share, torch.full_like(s, CLEAN_END), s)
+    return s
 
 
-def tcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec, generators):
+def tcd_terms(student, target, teacher, batch: LCDBatch, spec: LCDSpec, generators, clean_share: float = 0.0):
     """`tcd_loss` plus the student's outputs (`lcd_terms`' third), which `tcd_adv` judges."""
     drawn = {}
 
     def end(t_nk, t_n):
-        drawn["s"] = draw_tcd_end(t_n, generators)
+        drawn["s"] = draw_tcd_end(t_n, generators, clean_share)
         return drawn["s"]
 
     loss, diagnostics, outputs = lcd_terms(student, target, teacher, batch, spec, end)
-    diagnostics["s_mean"] = drawn["s"].float().mean()
+    on_trajectory = drawn["s"] != CLEAN_END
+    # the mean drawn s over the rows on the trajectory (CLEAN_END when every row went to the clean end)
+    diagnostics["s_mean"] = (drawn["s"][on_trajectory].float().mean() if bool(on_trajectory.any())
+                             else torch.tensor(float(CLEAN_END)))
     return loss, diagnostics, outputs
 
 
-def tcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec, generators):
+def tcd_loss(student, target, teacher, batch: LCDBatch, spec: LCDSpec, generators, clean_share: float = 0.0):
     """Per-sample d(f_θ(z_{t_{n+k}}, t_{n+k} → s), sg[f_θ⁻(ẑ_{t_n}, t_n → s)]) with s drawn on [0, t_n]
-    (TCD arXiv:2402.19159 Alg. 3)."""
-    loss, diagnostics, _ = tcd_terms(student, target, teacher, batch, spec, generators)
+    (TCD arXiv:2402.19159 Alg. 3), or the clean end on a `clean_share` of the rows."""
+    loss, diagnostics, _ = tcd_terms(student, target, teacher, batch, spec, generators, clean_share)
     return loss, diagnostics
 
 

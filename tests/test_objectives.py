@@ -411,3 +411,15 @@ def test_add_with_terminal_pure_noise_feeds_the_turbo_start_at_999_only(setup):
     assert not torch.allclose(seen[0][0], leaked[0])
     torch.testing.assert_close(seen[0][1], leaked[1], rtol=0, atol=0)
     assert torch.equal(pure[1], plain[1]) and not torch.equal(pure[0], plain[0])
+
+
+@pytest.mark.parametrize("objective,ok", [("tcd", True), ("tcd_adv", True), ("lcd", False), ("pcm", False)])
+def test_tcd_clean_share_is_taken_by_tcd_only(objective, ok):
+    from lcm.config import ConfigError, load_config
+
+    overrides = [f"distill.objective={objective}", "distill.tcd_clean_share=0.5", "distill.phases=5"]
+    if ok:
+        assert load_config("mini_tcd_lora", overrides).distill.tcd_clean_share == 0.5
+    else:
+        with pytest.raises(ConfigError, match="distill.tcd_clean_share"):
+            load_config("mini_tcd_lora", overrides)

@@ -124,6 +124,33 @@ def test_tcd_end_points_are_uniform_on_zero_to_t_n_and_per_sample():
     assert torch.equal(alone, s[:3])
 
 
+def test_tcd_clean_share_sends_that_share_to_the_clean_end_and_keeps_the_other_draws():
+    t_n = torch.full((4000,), 500)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(t_n))]  # noqa: E731
+    plain = draw_tcd_end(t_n, gens())
+    assert torch.equal(draw_tcd_end(t_n, gens(), 0.0), plain)
+    assert bool((draw_tcd_end(t_n, gens(), 1.0) == CLEAN_END).all())
+    mixed = draw_tcd_end(t_n, gens(), 0.3)
+    clean = mixed == CLEAN_END
+    assert abs(clean.float().mean().item() - 0.3) < 0.025
+    assert torch.equal(mixed[~clean], plain[~clean])  # the s draw comes first, so the other rows keep theirs
+
+
+def test_tcd_with_clean_share_one_is_lcd_bit_for_bit():
+    mix, spec = make_mixture(), _spec()
+    teacher = OracleTeacher(mix, SCHEDULE)
+    torch.manual_seed(0)
+    student = MLPStudent(mix, SCHEDULE)
+    batch = _oracle_batch(mix, spec)
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(64)]
+    loss, diag = tcd_loss(student, student, teacher, batch, spec, gens, clean_share=1.0)
+    lcd, _ = lcd_loss(student, student, teacher, batch, spec)
+    assert torch.equal(loss, lcd) and float(diag["s_mean"]) == CLEAN_END
+    half, _ = tcd_loss(student, student, teacher, batch, spec,
+                       [torch.Generator().manual_seed(100 + i) for i in range(64)], clean_share=0.5)
+    assert not torch.equal(half, lcd)
+
+
 def test_tcd_loss_aims_at_the_drawn_point():
     """With s ≡ t_n drawn (t_n = 0 rows) the target is the teacher's ODE point itself; elsewhere the loss differs
     from LCD's. TCD diagnostics carry the mean s."""
