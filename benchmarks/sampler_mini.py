@@ -5,9 +5,10 @@ jump along the trajectory to s = (1 − γ)·t_next, then re-noise only to t_nex
 
     python -m benchmarks.sampler_mini [--seeds 0-2] [--gammas 0.3,0.5,0.7] [--steps 1,2,4,8] [--threads 1]
         [--n 500] [--auto] [--out PATH] [--config mini_lcm_lora --script train_lcm_lora.py --name lcm-lora]
+        [key=value …]
 
 Each seed's run is `<runs>/<name>-s<seed>` (default `lcm-lora`; trained from `--config`, default
-`configs/mini_lcm_lora.yaml`, with `train.seed=S` by `--script` when the folder holds no student yet, by
+`configs/mini_lcm_lora.yaml`, with the overrides and `train.seed=S` by `--script` when the folder holds no student yet, by
 benchmarks/quality_mini.py's `train`; `--config mini_lcd --script train_lcd.py --name lcd` scores the whole-UNet LCD
 runs quality_mini made), scored by `lcm eval`'s `evaluate` with one
 `--student NAME=RUN[:tcd@γ]` row per sampler. Every scored seed is appended to `OUT.jsonl` (default
@@ -29,9 +30,10 @@ from benchmarks.quality_mini import RESULTS, ROOT, TEACHER, append_log, commit, 
 from lcm.sampling import parse_seeds
 
 def samplers(gammas: list[float], auto: bool = False) -> list[tuple[str, str | None]]:
-    """(row name, preset spec) per sampler: the run's saved LCMScheduler, then TCD at each gamma, then (`auto`) the
-    `lcm-auto` preset, which picks one of those by step count (what `lcm sample` gives an LCM-LoRA run)."""
-    return ([("LCM", None)] + [(f"TCD γ={g:g}", f"tcd@{g:g}") for g in gammas]
+    """(row name, preset spec) per sampler: LCMScheduler on the run's grid (the `lcm` preset: for an LCM run the same
+    scheduler it saved, for a TCD run not its own), then TCD at each gamma, then (`auto`) the `lcm-auto` preset, which
+    picks one of those by step count (what `lcm sample` gives an LCM-LoRA run)."""
+    return ([("LCM", "lcm")] + [(f"TCD γ={g:g}", f"tcd@{g:g}") for g in gammas]
             + ([("lcm-auto", "lcm-auto")] if auto else []))
 
 
@@ -82,6 +84,7 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="lcm-lora", help="run-name prefix under --runs (quality_mini's --name)")
     p.add_argument("--auto", action="store_true", help="add an lcm-auto row (the step-count rule of lcm/presets.py)")
     p.add_argument("--out", type=Path, default=RESULTS / "sampler_mini", help="writes OUT.jsonl, OUT.json, OUT.md")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of --config for the runs trained here")
     args = p.parse_args(argv)
     log = args.out.with_suffix(".jsonl")
     seeds, gammas = parse_seeds(args.seeds), [float(g) for g in args.gammas.split(",")]
@@ -90,7 +93,8 @@ def main(argv=None) -> None:
     # the runs scored are part of the key: another --name (or --config) is another set of students, not these seeds
     key = ({"gammas": gammas, "steps": steps, "n": args.n} | ({"auto": True} if args.auto else {})
            | ({"config": args.config} if args.config != "mini_lcm_lora" else {})
-           | ({"name": args.name} if args.name != "lcm-lora" else {}))
+           | ({"name": args.name} if args.name != "lcm-lora" else {})
+           | ({"overrides": args.overrides} if args.overrides else {}))
     done = {r["seed"]: r for r in read_log(log) if r.get("key") == key}
     for seed in seeds:
         if seed in done:
@@ -98,7 +102,7 @@ def main(argv=None) -> None:
         run_dir = Path(args.runs) / f"{args.name}-s{seed}"
         secs = None
         if not (run_dir / final_weights(args.script)).is_file():
-            secs = train(args.config, [], seed, run_dir, args.threads, args.script)
+            secs = train(args.config, args.overrides, seed, run_dir, args.threads, args.script)
         row = {"seed": seed, "key": key, "run": str(run_dir), "train_s": secs, "commit": commit(),
                "scores": score_seed(run_dir, run_dir / "eval-samplers", gammas, steps, args.n, args.auto)}
         append_log(log, row)
@@ -107,7 +111,7 @@ def main(argv=None) -> None:
                                           for n in names), flush=True)
     rows = [done[s] for s in seeds]
     student = ("" if args.config == "mini_lcm_lora" else f" --config {args.config} --script {args.script} --name "
-               f"{args.name}")
+               f"{args.name}") + "".join(f" {o}" for o in args.overrides)
     md = (f"## One consistency student, several samplers (issue #13: 8 steps)\n\n`python -m benchmarks.sampler_mini "
           f"--seeds {args.seeds} --gammas {args.gammas} --steps {args.steps} --n {args.n}{' --auto' * args.auto}"
           f"{student}`\n\n{os.cpu_count()} CPUs, {platform.machine()}; {args.n} eval samples per cell; commits "

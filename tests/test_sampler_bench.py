@@ -32,7 +32,8 @@ def test_sampler_rows_log_and_ratio(tmp_path, monkeypatch):
     out = tmp_path / "res" / "s"
     args = ["--seeds", "0-1", "--gammas", "0.7", "--steps", "4,8", "--runs", str(tmp_path / "runs"), "--out", str(out),
             "--threads", "2", "--auto"]
-    assert [spec for _, spec in sm.samplers([0.7], auto=True)] == [None, "tcd@0.7", "lcm-auto"]
+    # the LCM row names its scheduler: a TCD run's own saved scheduler is TCD, not LCMScheduler
+    assert [spec for _, spec in sm.samplers([0.7], auto=True)] == ["lcm", "tcd@0.7", "lcm-auto"]
     sm.main(args)
     assert trained == [("mini_lcm_lora", s, 2, "train_lcm_lora.py") for s in (0, 1)]
     assert scored == [(0, True), (1, True)]
@@ -78,3 +79,24 @@ def test_whole_unet_runs_are_adopted_by_their_unet_and_trained_with_train_lcd(tm
     sm.main(["--seeds", "0", "--gammas", "0.7", "--steps", "4,8", "--runs", str(runs), "--out", str(out),
              "--config", "mini_lcd", "--script", "train_lcd.py", "--name", "lcd2", "--auto"])
     assert scored[-1] == "lcd2-s0"
+
+
+def test_overrides_train_the_missing_runs_and_key_the_cell(tmp_path, monkeypatch):
+    """Trailing key=value overrides go to the training of a missing run, into the log's key (the same seeds without
+    them are other students) and into the command shown in the table."""
+    trained = []
+    monkeypatch.setattr(sm, "train", lambda config, overrides, seed, run_dir, threads, script: trained.append(
+        (config, list(overrides), seed)) or 1.0)
+    monkeypatch.setattr(sm, "score_seed", lambda run_dir, out, gammas, steps, n, auto=False: {
+        name: {str(k): {"fd": 30.0, "acc": 0.9} for k in steps} for name, _ in sm.samplers(gammas, auto)})
+    monkeypatch.setattr(sm, "commit", lambda: "abc1234")
+    out = tmp_path / "s"
+    base = ["--seeds", "0", "--gammas", "0.5", "--steps", "4,8", "--runs", str(tmp_path / "runs"), "--out", str(out),
+            "--config", "mini_tcd_lora", "--name", "mix"]
+    sm.main(base + ["distill.tcd_clean_share=0.5"])
+    assert trained == [("mini_tcd_lora", ["distill.tcd_clean_share=0.5"], 0)]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert rows[0]["key"]["overrides"] == ["distill.tcd_clean_share=0.5"]
+    assert "--name mix distill.tcd_clean_share=0.5`" in out.with_suffix(".md").read_text()
+    sm.main(base)  # without the override: another key, so the seed is scored (and, faked here, trained) again
+    assert len(trained) == 2 and trained[1][1] == []
