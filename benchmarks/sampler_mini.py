@@ -49,6 +49,31 @@ def score_seed(run_dir: Path, out: Path, gammas: list[float], steps: list[int], 
     return scores
 
 
+def with_rules(rows: list[dict], rules: list[str], gammas: list[float], steps: list[int]) -> list[dict]:
+    """Each seed's scores plus one row per by-step-count preset in `rules` (`tcd-mix-auto`, …), composed cell by cell
+    from the rows its rule picks (LCMScheduler → "LCM", TCD at eta g → "TCD γ=g"). Sampling is seeded per image, so a
+    cell is the same whichever row samples it: the lcm-auto rows, sampled directly, equal the cells they pick."""
+    from lcm.presets import get_preset, resolve_preset
+
+    out = []
+    for r in rows:
+        scores = dict(r["scores"])
+        for rule in rules:
+            if not get_preset(rule).by_steps:
+                raise SystemExit(f"--rule {rule}: not a by-step-count preset")
+            cells = {}
+            for k in steps:
+                preset, eta = resolve_preset(rule, k)
+                name = "LCM" if preset == "lcm" else f"TCD γ={eta:g}" if preset == "tcd" else None
+                if name not in scores or (preset == "tcd" and eta not in gammas):
+                    raise SystemExit(f"--rule {rule} samples {k} steps with {preset}"
+                                     + (f"@{eta:g}" if eta is not None else "") + ": add it to --gammas")
+                cells[str(k)] = scores[name][str(k)]
+            scores[rule] = cells
+        out.append({**r, "scores": scores})
+    return out
+
+
 def table(rows: list[dict], steps: list[int], names: list[str]) -> str:
     head = ("| sampler | seed | " + " | ".join(f"{k} steps FD / acc" for k in steps) + " | 8 / 4 |\n|"
             + "---|" * (len(steps) + 3) + "\n")
@@ -84,6 +109,8 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="lcm-lora", help="run-name prefix under --runs (quality_mini's --name)")
     p.add_argument("--auto", action="store_true", help="add an lcm-auto row (the step-count rule of lcm/presets.py)")
     p.add_argument("--out", type=Path, default=RESULTS / "sampler_mini", help="writes OUT.jsonl, OUT.json, OUT.md")
+    p.add_argument("--rule", action="append", default=[],
+                   help="a by-step-count preset (tcd-mix-auto, …) shown as a row composed from the scored cells")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of --config for the runs trained here")
     args = p.parse_args(argv)
     log = args.out.with_suffix(".jsonl")
@@ -109,14 +136,15 @@ def main(argv=None) -> None:
         done[seed] = row
         print(f"seed {seed}: " + "; ".join(f"{n}: " + " ".join(f"{row['scores'][n][str(k)]['fd']:.1f}" for k in steps)
                                           for n in names), flush=True)
-    rows = [done[s] for s in seeds]
+    rows = with_rules([done[s] for s in seeds], args.rule, gammas, steps)
     student = ("" if args.config == "mini_lcm_lora" else f" --config {args.config} --script {args.script} --name "
                f"{args.name}") + "".join(f" {o}" for o in args.overrides)
     md = (f"## One consistency student, several samplers (issue #13: 8 steps)\n\n`python -m benchmarks.sampler_mini "
           f"--seeds {args.seeds} --gammas {args.gammas} --steps {args.steps} --n {args.n}{' --auto' * args.auto}"
+          f"{''.join(f' --rule {r}' for r in args.rule)}"
           f"{student}`\n\n{os.cpu_count()} CPUs, {platform.machine()}; {args.n} eval samples per cell; commits "
           f"{sorted({r['commit'] for r in rows})}. FD / accuracy by `lcm eval`'s evaluate; every row samples the same "
-          f"student of that seed (`configs/{args.config}.yaml`).\n\n" + table(rows, steps, names))
+          f"student of that seed (`configs/{args.config}.yaml`).\n\n" + table(rows, steps, names + args.rule))
     args.out.with_suffix(".md").write_text(md)
     args.out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2))
     print(md)

@@ -14,7 +14,7 @@ MINI_TEACHER = Path(__file__).resolve().parent / "assets" / "mini_teacher"
 MINI_RUN_ROOT = Path("runs/mini")  # where `lcm demo` (the README's main job) writes, relative to the current folder
 MINI_LORA_RUN = MINI_RUN_ROOT / "lcm-lora"
 # Choice lists spelled out here so `lcm --help` does not import torch/diffusers; tests check they match the registries.
-PRESET_NAMES = ("hyper", "lcm", "lcm-auto", "lightning", "lightning-1step", "pcm", "tcd", "turbo")
+PRESET_NAMES = ("hyper", "lcm", "lcm-auto", "lightning", "lightning-1step", "pcm", "tcd", "tcd-mix-auto", "turbo")
 EXPORT_FORMAT_NAMES = ("diffusers", "fused", "kohya")
 EVAL_PROMPT_CHOICES = {"train": ("train",), "heldout": ("heldout",), "both": ("train", "heldout")}  # digits.PROMPT_SETS
 
@@ -60,7 +60,8 @@ def _named_student_arg(value: str) -> tuple[str, str, str | None]:
 def _with_preset_defaults(args, model_paths=()):
     """Fill --steps/--guidance/--eta/--height/--width left unset from the --preset table. With no --preset, the preset
     is the one the run behind the first LoRA / student in `model_paths` trained for (its config.yaml: a TCD-LoRA
-    samples with tcd at its gamma, a Lightning LoRA with lightning, an LCM-LoRA with lcm-auto), else lcm; an explicit
+    samples with tcd at its gamma, or tcd-mix-auto when it trained with a clean-end share, a Lightning LoRA with
+    lightning, an LCM-LoRA with lcm-auto), else lcm; an explicit
     --preset always wins. A by-step-count preset (lcm-auto) stays unresolved here: see `_resolved`."""
     from .presets import RUN_SAMPLING, get_preset
     from .sampling import resolve_lora_dir, resolve_student_dir, saved_preset

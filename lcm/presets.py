@@ -53,6 +53,13 @@ PRESETS: dict[str, SamplingPreset] = {
                                by_steps=((3, "lcm", None), (6, "tcd", 0.8), (None, "tcd", 0.7)),
                                note="LCM-LoRA / LCD: LCMScheduler at 1-3 steps, TCDScheduler above "
                                     "(eta 0.8; 0.7 from 7)"),
+    # A TCD-LoRA trained with distill.tcd_clean_share > 0 (a share of LCD's clean-end rows): LCMScheduler is its best
+    # sampler at 1–2 steps (its clean-end rows train exactly that prediction), TCD with less stochasticity as the
+    # steps grow; rule chosen on seed 0, scored on seeds 1–2 (benchmarks/results/sampler_tcdmix_mini.md).
+    "tcd-mix-auto": SamplingPreset(LCMScheduler, {"clip_sample": False}, steps=4, guidance=1.0,
+                                   by_steps=((2, "lcm", None), (4, "tcd", 0.7), (None, "tcd", 0.5)),
+                                   note="TCD-LoRA with a clean-end share: LCMScheduler at 1-2 steps, TCDScheduler "
+                                        "above (eta 0.7; 0.5 from 5)"),
     # PCM's deterministic phase-by-phase sampler: DDIM trailing at M steps walks the phase edges (lcm/trajectory.py).
     "pcm": SamplingPreset(DDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False,
                                           "set_alpha_to_one": True}, steps=4, guidance=1.0,

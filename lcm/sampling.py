@@ -220,12 +220,15 @@ def saved_eta(student: Path) -> Optional[float]:
 
 def saved_preset(path: Path) -> Optional[tuple[str, Optional[float], Path]]:
     """(preset, eta, config file) the run that made the LoRA or student at `path` validated with: a TCD-LoRA's run →
-    ("tcd", its gamma), a Lightning run → "lightning" (or "lightning-1step"), an LCM run → "lcm"; None when no run
-    config is found (a LoRA file from elsewhere)."""
+    ("tcd", its gamma), or ("tcd-mix-auto", None) when it trained with `distill.tcd_clean_share` > 0 (that preset's
+    rule sets gamma by step count), a Lightning run → "lightning" (or "lightning-1step"), an LCM run → "lcm"; None
+    when no run config is found (a LoRA file from elsewhere)."""
     found = _run_distill_config(path)
     if found is None:
         return None
     config, distill = found
+    if objective_preset(distill) == "tcd" and distill.get("tcd_clean_share", 0) > 0:
+        return "tcd-mix-auto", None, config
     return objective_preset(distill), student_eta(distill), config
 
 

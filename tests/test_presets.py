@@ -50,7 +50,7 @@ def test_each_preset_builds_its_scheduler_on_the_teacher_betas(name):
 def test_preset_defaults():
     assert {n: (p.steps, p.guidance) for n, p in PRESETS.items()} == {
         "lcm": (4, 1.0), "tcd": (4, 1.0), "lightning": (4, 0.0), "lightning-1step": (1, 0.0), "turbo": (1, 0.0),
-        "hyper": (4, 0.0), "pcm": (4, 1.0), "lcm-auto": (4, 1.0)}
+        "hyper": (4, 0.0), "pcm": (4, 1.0), "lcm-auto": (4, 1.0), "tcd-mix-auto": (4, 1.0)}
     assert PRESETS["tcd"].eta == 0.3 and PRESETS["turbo"].size == 512
     # guidance ≤ 1 means diffusers runs no unconditional branch: the distilled families must not get CFG.
     assert all(p.guidance <= 1.0 for p in PRESETS.values())
@@ -67,7 +67,8 @@ def test_lcm_preset_matches_the_training_export_and_keeps_a_saved_grid():
 
 def test_unknown_preset_lists_the_valid_ones():
     assert set(cli.PRESET_NAMES) == set(PRESETS)  # the CLI's choices are the registry's keys
-    valid = "valid: \\['hyper', 'lcm', 'lcm-auto', 'lightning', 'lightning-1step', 'pcm', 'tcd', 'turbo'\\]"
+    valid = ("valid: \\['hyper', 'lcm', 'lcm-auto', 'lightning', 'lightning-1step', 'pcm', 'tcd', 'tcd-mix-auto', "
+             "'turbo'\\]")
     with pytest.raises(ValueError, match=valid):
         get_preset("dpm")
 
@@ -177,6 +178,11 @@ def test_cli_infers_the_preset_and_eta_from_the_runs_config_and_an_explicit_pres
     # explicit values win over the run's: --preset, and --eta under the inferred preset
     assert cli._with_preset_defaults(argparse.Namespace(**{**unset, "preset": "lcm"}), [str(tcd)]).preset == "lcm"
     assert cli._with_preset_defaults(argparse.Namespace(**{**unset, "eta": 0.1}), [str(tcd)]).eta == 0.1
+    # a TCD-LoRA with a clean-end share is sampled by step count, its gamma left to the rule (no eta from the run)
+    mixed = _fake_run(tmp_path / "mixed", "mini_tcd_lora", "distill.tcd_clean_share=0.5")
+    got = cli._with_preset_defaults(argparse.Namespace(**unset), [str(mixed)])
+    assert (got.preset, got.eta) == ("tcd-mix-auto", None)
+    assert cli._resolved(argparse.Namespace(**{**vars(got), "steps": 8}), "sample") == ("tcd", 0.5)
     # a LoRA file with no run config beside it (a hub download), or no LoRA at all: lcm
     loose = tmp_path / "elsewhere" / "deep" / "lora.safetensors"
     loose.parent.mkdir(parents=True)
@@ -208,6 +214,15 @@ def test_lcm_sample_loads_a_tcd_run_with_tcd_and_its_gamma(tiny_sdxl_dir, tmp_pa
                      "--height", "32", "--width", "32", "--out", str(tmp_path / "grid.png")]) == 0
     assert seen == {"scheduler": TCDScheduler, "eta": 0.45, "steps": 2}
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_tcd_mix_auto_picks_the_sampler_by_step_count():
+    """tcd-mix-auto: LCMScheduler at 1–2 steps, TCD at eta 0.7 for 3–4 and 0.5 beyond (sampler_tcdmix_mini)."""
+    from lcm.presets import resolve_preset
+
+    got = {k: resolve_preset("tcd-mix-auto", k) for k in (1, 2, 3, 4, 5, 8, 50)}
+    assert got == {1: ("lcm", None), 2: ("lcm", None), 3: ("tcd", 0.7), 4: ("tcd", 0.7), 5: ("tcd", 0.5),
+                   8: ("tcd", 0.5), 50: ("tcd", 0.5)}
 
 
 def test_lcm_auto_picks_the_sampler_by_step_count():

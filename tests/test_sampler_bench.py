@@ -100,3 +100,19 @@ def test_overrides_train_the_missing_runs_and_key_the_cell(tmp_path, monkeypatch
     assert "--name mix distill.tcd_clean_share=0.5`" in out.with_suffix(".md").read_text()
     sm.main(base)  # without the override: another key, so the seed is scored (and, faked here, trained) again
     assert len(trained) == 2 and trained[1][1] == []
+
+
+def test_rule_rows_are_composed_from_the_cells_their_rule_picks(tmp_path, monkeypatch):
+    """--rule tcd-mix-auto adds a row that takes, at each step count, the cell of the sampler its rule picks (LCM at
+    1–2, TCD γ 0.7 at 3–4, γ 0.5 above); a rule whose sampler was not scored is refused, naming the missing gamma."""
+    import pytest
+
+    rows = [{"seed": 0, "scores": {name: {str(k): {"fd": fd + k, "acc": 0.9} for k in (1, 2, 4, 8)}
+                                   for name, fd in (("LCM", 100.0), ("TCD γ=0.5", 200.0), ("TCD γ=0.7", 300.0))}}]
+    got = sm.with_rules(rows, ["tcd-mix-auto"], [0.5, 0.7], [1, 2, 4, 8])[0]["scores"]["tcd-mix-auto"]
+    assert {k: v["fd"] for k, v in got.items()} == {"1": 101.0, "2": 102.0, "4": 304.0, "8": 208.0}
+    assert "tcd-mix-auto" not in rows[0]["scores"]  # the logged rows are left as they were
+    with pytest.raises(SystemExit, match="tcd@0.5: add it to --gammas"):
+        sm.with_rules(rows, ["tcd-mix-auto"], [0.7], [1, 2, 4, 8])
+    with pytest.raises(SystemExit, match="not a by-step-count preset"):
+        sm.with_rules(rows, ["lcm"], [0.7], [1, 2, 4, 8])
