@@ -269,3 +269,11 @@ def test_lcm_sample_samples_an_lcm_lora_run_by_step_count(tiny_sdxl_dir, tmp_pat
     assert seen == [(LCMScheduler, saved_n, None, 2), (TCDScheduler, saved_n, 0.7, 8), (LCMScheduler, saved_n, None, 8),
                     (TCDScheduler, saved_n, 0.4, 8)]
     assert "lcm-auto at 8 step(s) samples with tcd (eta 0.7)" in capsys.readouterr().err
+
+
+def test_the_model_card_of_a_clean_share_tcd_run_names_tcd_mix_auto():
+    from lcm.config import load_config
+    from lcm.export import _objective_summary
+
+    assert "tcd-mix-auto" in _objective_summary(load_config("mini_tcdmix_lora"))
+    assert "tcd-mix-auto" not in _objective_summary(load_config("mini_tcd_lora"))
