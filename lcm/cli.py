@@ -61,8 +61,8 @@ def _with_preset_defaults(args, model_paths=()):
     """Fill --steps/--guidance/--eta/--height/--width left unset from the --preset table. With no --preset, the preset
     is the one the run behind the first LoRA / student in `model_paths` trained for (its config.yaml: a TCD-LoRA
     samples with tcd at its gamma, or tcd-mix-auto when it trained with a clean-end share, a Lightning LoRA with
-    lightning, an LCM-LoRA with lcm-auto), else lcm; an explicit
-    --preset always wins. A by-step-count preset (lcm-auto) stays unresolved here: see `_resolved`."""
+    lightning, an LCM-LoRA with lcm-auto), else lcm; an explicit --preset always wins. A by-step-count preset
+    (lcm-auto, tcd-mix-auto) stays unresolved here: see `_resolved`."""
     from .presets import RUN_SAMPLING, get_preset
     from .sampling import resolve_lora_dir, resolve_student_dir, saved_preset
 

@@ -64,7 +64,7 @@ def build_objective(cfg, pipe, spec: LCDSpec, device, student_of: Callable, targ
     if base in CONSISTENCY_OBJECTIVES:  # the same batch and roles; only the end point s differs
         if base == "pcm":
             check_phases(spec.grid, cfg.distill.phases)
-        # each returns (per-sample loss, diagnostics, the student's clean estimate for an adversarial term)
+        # each returns (per-sample loss, diagnostics, the student's outputs an adversarial term judges)
         terms = {"lcd": lambda student, b, gens: lcd_terms(student, target, teacher, b, spec),
                  "pcm": lambda student, b, gens: pcm_terms(student, target, teacher, b, spec, cfg.distill.phases),
                  "tcd": lambda student, b, gens: tcd_terms(student, target, teacher, b, spec, gens,

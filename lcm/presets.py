@@ -55,7 +55,7 @@ PRESETS: dict[str, SamplingPreset] = {
                                     "(eta 0.8; 0.7 from 7)"),
     # A TCD-LoRA trained with distill.tcd_clean_share > 0 (a share of LCD's clean-end rows): LCMScheduler is its best
     # sampler at 1–2 steps (its clean-end rows train exactly that prediction), TCD with less stochasticity as the
-    # steps grow; rule chosen on seed 0, scored on seeds 1–2 (benchmarks/results/sampler_tcdmix_mini.md).
+    # steps grow; rule read off seed 0, scored unchanged on seeds 1–4 (benchmarks/results/sampler_tcdmix_mini.md).
     "tcd-mix-auto": SamplingPreset(LCMScheduler, {"clip_sample": False}, steps=4, guidance=1.0,
                                    by_steps=((2, "lcm", None), (4, "tcd", 0.7), (None, "tcd", 0.5)),
                                    note="TCD-LoRA with a clean-end share: LCMScheduler at 1-2 steps, TCDScheduler "
