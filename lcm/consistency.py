@@ -111,6 +111,12 @@ def per_sample_randn(shape, generators: list[torch.Generator], device=None, dtyp
     return torch.cat(rows).to(device)
 
 
+def per_sample_rand(generators: list[torch.Generator]) -> torch.Tensor:
+    """One U[0, 1) draw per sample in float64, row i from `generators[i]` (on its device): the per-sample coin and
+    position draws of the objectives, independent of the batch like `per_sample_randn`."""
+    return torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
+
+
 def draw_lcd_batch(mu: torch.Tensor, sigma: torch.Tensor, cond: dict, uncond: dict,
                    generators: list[torch.Generator], grid: SolverGrid, w_min: float, w_max: float, device) -> LCDBatch:
     """Every random draw of one training step, each sample's from its own generator, so a sample gets the same draws
@@ -235,8 +241,8 @@ def with_self_generated_z0(target, batch: LCDBatch, spec: LCDSpec, share: float,
     if share <= 0:
         return batch
     # the row bookkeeping is on the CPU, whatever device the generators and the batch live on
-    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators]).cpu()
-    v = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators]).cpu()
+    u = per_sample_rand(generators).cpu()
+    v = per_sample_rand(generators).cpu()
     noise = per_sample_randn(batch.z0.shape, generators, batch.z0.device, batch.z0.dtype)
     index = batch.index.cpu()
     above = spec.grid.N - 1 - index  # how many grid timesteps lie above t_{n+k}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .consistency import CLEAN_END, LCDBatch, LCDSpec, lcd_terms, predict_trajectory
+from .consistency import CLEAN_END, LCDBatch, LCDSpec, lcd_terms, per_sample_rand, predict_trajectory
 from .schedule import SolverGrid
 
 
@@ -72,10 +72,10 @@ def draw_tcd_end(t_n: torch.Tensor, generators: list[torch.Generator], clean_sha
     """s ~ U{0, …, t_n} per sample, from that sample's generator (drawn after the batch's own draws). With
     `clean_share` > 0 a second draw per sample then sends that share of the rows to the clean end (LCD's target);
     0 draws nothing more, and 1 is LCD on every row."""
-    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
+    u = per_sample_rand(generators)
     s = torch.floor(u.to(t_n.device) * (t_n.double() + 1)).long().clamp(max=t_n)
     if clean_share > 0:
-        c = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
+        c = per_sample_rand(generators)
         s = torch.where(c.to(t_n.device) < clean_share, torch.full_like(s, CLEAN_END), s)
     return s
 
