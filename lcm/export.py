@@ -19,6 +19,7 @@ from .guidance import guidance_scale_from_w
 from .lora import check_lora_landed, save_lora
 from .models import PIPELINES
 from .objectives import base_objective
+from .presets import rule_spans, stock_eta, stock_eta_text
 from .sampling import student_scheduler_for
 
 
@@ -163,8 +164,16 @@ def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
     elif objective == "tcd":
         title, method, sched_cls = (("TCD-LoRA" if lora else "TCD (full distillation)"),
                                     "trajectory consistency distillation", "TCDScheduler")
-        guidance = guidance.replace("`LCMScheduler`", f"`TCDScheduler` and `eta` (gamma) = {d.tcd_gamma}, the "
-                                                       "value validation used (`lcm sample --preset tcd`)")
+        if d.get("tcd_clean_share", 0) > 0:  # sampled by step count (tcd-mix-auto), which `eta` alone expresses
+            eta = stock_eta("tcd-mix-auto", steps)
+            guidance = (guidance.replace("`LCMScheduler`", f"`TCDScheduler` and `eta` (gamma) by step count "
+                                                            f"({stock_eta_text('tcd-mix-auto')})")
+                        + ". `lcm sample` follows the same rule (preset tcd-mix-auto), but samples the eta-1.0 steps "
+                          "with `LCMScheduler`, which scores the same at 2 steps and slightly better at 1")
+        else:
+            eta = d.tcd_gamma
+            guidance = guidance.replace("`LCMScheduler`", f"`TCDScheduler` and `eta` (gamma) = {d.tcd_gamma}, the "
+                                                           "value validation used (`lcm sample --preset tcd`)")
     if objective == "add" and (lora or pixart):
         g_student, guidance = 0.0, ("`guidance_scale` 0 with `EulerAncestralDiscreteScheduler` on trailing timesteps "
                                     "(`lcm sample --preset turbo`); the teacher's guidance was distilled in")
@@ -201,18 +210,22 @@ from diffusers import DiffusionPipeline, {sched_cls}
 {_base_load_line(cfg)}
 {load}
 pipe.scheduler = {sched_cls}.from_pretrained("path/to/this/folder", subfolder="scheduler")
-image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={g_student}{f", eta={d.tcd_gamma}" if objective == "tcd" else ""}).images[0]
+image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={g_student}{f", eta={eta}" if objective == "tcd" else ""}).images[0]
 ```
 {_lcd_tcd_tip() if objective in ("lcd", "lcd_adv") else ""}"""
 
 
 def _lcd_tcd_tip() -> str:
-    """A consistency student's card: at 4–8 steps `TCDScheduler` with eta 0.7 samples it better than LCMScheduler
-    (README, issue #13: 8-step FD 33.6 against 43.2 on the mini teacher, median of 3 seeds)."""
-    return ("\nAt 4–8 steps, `TCDScheduler` with `eta=0.7` samples the same weights better than `LCMScheduler` (which "
-            "re-noises fully at every step): `pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)`, then "
-            "`pipe(..., num_inference_steps=8, eta=0.7)` (`lcm sample --preset tcd --eta 0.7`). At 1–2 steps keep "
-            "`LCMScheduler`.\n")
+    """A consistency student's card: from 4 steps `TCDScheduler` samples it better than LCMScheduler, at the etas of
+    lcm-auto, the rule `lcm sample` uses for it (README, issue #13: 8-step FD 33.1 against 43.1 on the mini teacher,
+    median of 5 seeds)."""
+    spans = rule_spans("lcm-auto")
+    tcd = ", ".join(f"`eta={eta}` {span}" for _, span, rule, eta in spans if rule == "tcd")
+    keep = " and ".join(span for _, span, rule, _ in spans if rule == "lcm")
+    return (f"\nFrom {next(low for low, _, rule, _ in spans if rule == 'tcd')} steps, `TCDScheduler` samples the same "
+            "weights better than `LCMScheduler` (which re-noises fully at every step): `pipe.scheduler = "
+            f"TCDScheduler.from_config(pipe.scheduler.config)`, then `pipe(..., eta=…)` with {tcd}. {keep.capitalize()}"
+            " keep `LCMScheduler`. `lcm sample` follows this rule by itself (preset lcm-auto).\n")
 
 
 # ------------------------------------------------------------------------------------------------ `lcm export RUN …`

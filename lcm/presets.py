@@ -104,6 +104,33 @@ def resolve_preset(name: str, steps: int, eta: Optional[float] = None) -> tuple[
     raise ValueError(f"preset {name!r} has no sampler for {steps} steps")  # a table that ends with a bound
 
 
+def stock_eta(name: str, steps: int) -> Optional[float]:
+    """The `eta` a stock pipeline holding TCDScheduler (on the run's grid) is called with to follow preset `name` at
+    `steps`: the TCD rule's eta, or 1.0 where the rule is LCMScheduler. TCD at eta 1 jumps to s = 0 and re-noises fully,
+    as LCMScheduler does; they differ only in the last point (TCD's t = 0 against LCMScheduler's boundary scalings):
+    equal FD at 2 steps, 1.4 worse at 1 step on the clean-share TCD-LoRA (benchmarks/results/sampler_tcd_eta1_mini.md).
+    None where the rule's sampler is neither."""
+    rule, eta = resolve_preset(name, steps)
+    return {"lcm": 1.0, "tcd": eta}.get(rule)
+
+
+def rule_spans(name: str) -> list[tuple[str, str, Optional[float]]]:
+    """A by-step-count preset's table in words: (fewest steps, span, rule, eta) per rule, e.g. (3, "at 3–4 steps",
+    "tcd", 0.7)."""
+    spans, low = [], 1
+    for max_steps, rule, eta in get_preset(name).by_steps:
+        span = (f"from {low} steps" if max_steps is None else f"at {low} step{'s' * (low > 1)}" if max_steps == low
+                else f"at {low}–{max_steps} steps")
+        spans.append((low, span, rule, eta))
+        low = (max_steps or low) + 1
+    return spans
+
+
+def stock_eta_text(name: str) -> str:
+    """`stock_eta`'s rule in words: "1.0 at 1–2 steps, 0.7 at 3–4 steps, 0.5 from 5 steps" for tcd-mix-auto."""
+    return ", ".join(f"{stock_eta(name, low)} {span}" for low, span, _, _ in rule_spans(name))
+
+
 def split_preset_spec(spec: str) -> tuple[str, Optional[float]]:
     """`PRESET[@ETA]` → (preset name, eta or None): `tcd@0.5` samples with the tcd preset at eta (TCD's gamma) 0.5.
     An unknown preset, or an eta that is not a number in [0, 1], is an error naming the spec."""

@@ -277,3 +277,55 @@ def test_the_model_card_of_a_clean_share_tcd_run_names_tcd_mix_auto():
 
     assert "tcd-mix-auto" in _objective_summary(load_config("mini_tcdmix_lora"))
     assert "tcd-mix-auto" not in _objective_summary(load_config("mini_tcd_lora"))
+    from lcm.export import model_card
+
+    # a stock pipeline follows tcd-mix-auto with the exported TCDScheduler and `eta` alone; a plain TCD run keeps gamma
+    mixed, plain = model_card(load_config("mini_tcdmix_lora"), 1), model_card(load_config("mini_tcd_lora"), 1)
+    assert "by step count (1.0 at 1–2 steps, 0.7 at 3–4 steps, 0.5 from 5 steps)" in mixed
+    assert "num_inference_steps=4, guidance_scale=1.0, eta=0.7)" in mixed
+    assert "num_inference_steps=4, guidance_scale=1.0, eta=0.3)" in plain and "by step count" not in plain
+
+
+def test_stock_eta_follows_a_by_step_count_preset_with_tcd_alone():
+    """The eta a stock TCDScheduler pipeline takes to follow a preset: the TCD rule's eta, 1.0 (full re-noise) where the
+    rule is LCMScheduler, None where the preset is neither; and the words for it come from the same table."""
+    from lcm.presets import resolve_preset, rule_spans, stock_eta, stock_eta_text
+
+    for name in ("tcd-mix-auto", "lcm-auto"):
+        for k in range(1, 12):
+            rule, eta = resolve_preset(name, k)
+            assert stock_eta(name, k) == (1.0 if rule == "lcm" else eta)
+    assert stock_eta("tcd", 4) == 0.3 and stock_eta("lightning", 4) is None
+    assert stock_eta_text("lcm-auto") == "1.0 at 1–3 steps, 0.8 at 4–6 steps, 0.7 from 7 steps"
+    assert [span for _, span, _, _ in rule_spans("tcd-mix-auto")] == ["at 1–2 steps", "at 3–4 steps", "from 5 steps"]
+
+
+@pytest.mark.parametrize("steps", [2, 4, 8])
+def test_tcd_at_eta_1_is_lcm_schedulers_full_renoise_on_the_same_grid(steps):
+    """What `stock_eta` rests on: on the run's grid, the exported TCDScheduler walks LCMScheduler's timesteps, and at
+    eta 1 each step re-noises its x̂₀ fully as LCMScheduler's does. Only the end point differs (TCD's t = 0 against
+    LCMScheduler's boundary scalings), so the two land close; at eta 0.7 TCD keeps part of the sample and does not."""
+    from lcm.sampling import lcm_scheduler_for, student_scheduler_for
+    from lcm.config import load_config
+
+    base = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    distill = load_config("mini_tcdmix_lora").distill
+    lcm = lcm_scheduler_for(base, distill.num_ddim_timesteps, distill.timestep_scaling)
+    tcd = student_scheduler_for(distill, base)
+    assert type(tcd) is TCDScheduler and tcd.config.original_inference_steps == distill.num_ddim_timesteps
+    torch.manual_seed(0)
+    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    gaps = {}
+    for eta in (1.0, 0.7):
+        lcm.set_timesteps(steps)
+        tcd.set_timesteps(steps)
+        assert tcd.timesteps.tolist() == lcm.timesteps.tolist()
+        gap = 0.0
+        for t in lcm.timesteps:
+            a = lcm.step(eps, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+            b = tcd.step(eps, t, x, eta=eta, generator=torch.Generator().manual_seed(1)).prev_sample
+            gap = max(gap, (a - b).pow(2).mean().sqrt().item())
+        gaps[eta] = gap
+    # TCD's end point t = 0 keeps sqrt(1 − ᾱ₀) of the predicted noise (≈ 0.029): that is the whole gap at eta 1
+    offset = (1 - tcd.alphas_cumprod[0]).sqrt().item()
+    assert gaps[1.0] < 1.25 * offset and gaps[0.7] > 3 * offset

@@ -95,16 +95,16 @@ def test_exported_scheduler_and_card(trained_run):
     assert sched.config.clip_sample is False
     card = (trained_run / "final/README.md").read_text()
     assert "base model" in card and "N = 20" in card
-    assert "`TCDScheduler` with `eta=0.7`" in card  # the 4–8-step sampler README measured (issue #13)
+    assert "`eta=0.8` at 4–6 steps, `eta=0.7` from 7 steps" in card  # lcm-auto's TCD rule (issue #13)
 
 
 def test_only_consistency_cards_carry_the_tcd_tip():
     from lcm.config import load_config
     from lcm.export import model_card
 
-    assert "eta=0.7" in model_card(load_config("mini_lcm_lora"), 1)
+    assert "At 1–3 steps keep `LCMScheduler`" in model_card(load_config("mini_lcm_lora"), 1)
     for config in ("mini_tcd_lora", "mini_add_lora", "mini_lightning_lora", "mini_pcm_lora"):
-        assert "eta=0.7" not in model_card(load_config(config), 1), config
+        assert "keep `LCMScheduler`" not in model_card(load_config(config), 1), config
 
 
 def test_lcm_sample_writes_pngs_of_requested_size(trained_run, tiny_sdxl_dir, tmp_path):
