@@ -125,7 +125,8 @@ def validation_grid(run: Run, replace: dict, step: int, out_dir: Path) -> None:
     val.set_progress_bar_config(disable=True)
     v = cfg.validation
     images = generate(val, list(v.prompts), list(v.seeds), v.num_inference_steps, v.guidance_scale,
-                      cfg.data.resolution, cfg.data.resolution, eta=student_eta(cfg.distill))
+                      cfg.data.resolution, cfg.data.resolution,
+                      eta=student_eta(cfg.distill, v.num_inference_steps))
     image_grid(images, len(v.seeds)).save(out_dir / f"step-{step:06d}.png")
 
 

@@ -176,14 +176,16 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
         path, spec = source if isinstance(source, tuple) else (source, None)
         preset, given_eta = split_preset_spec(spec) if spec else (None, None)
         eta = given_eta
-        if eta is None:  # the preset's own eta, or, sampled as saved, the eta the run validated with (TCD's gamma)
-            eta = get_preset(preset).eta if preset else (saved_eta(path) if kind != "teacher" else None)
+        if eta is None and preset:  # the preset's own eta
+            eta = get_preset(preset).eta
         setup.preset = preset
         with ROW_KINDS[kind](setup, name, path) as (guidance_scale, row_steps):
             for k in row_steps:
                 if preset is not None and get_preset(preset).by_steps:  # lcm-auto: this step count's sampler
                     rule, eta = resolve_preset(preset, k, given_eta)
                     pipe.scheduler = _student_scheduler(setup, setup.saved, rule)
+                elif preset is None and given_eta is None and kind != "teacher":
+                    eta = saved_eta(path, k)  # sampled as saved: the eta its card gives at k steps (TCD's gamma)
                 call = {"eta": eta} if eta is not None else {}
                 rows += _run_cells(pipe, name, k, guidance_scale, prompt_table, real_feats, out, **call)
     real_vs_real = _real_vs_real(real_feats, size)

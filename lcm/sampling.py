@@ -18,7 +18,7 @@ from .lora import (PEFT_CONFIG_FILE, PEFT_KEY_PREFIX, PEFT_WEIGHTS_FILE, check_l
 
 from .models import DTYPES, denoiser_name, load_pretrained
 from .objectives import base_objective
-from .presets import build_scheduler, get_preset
+from .presets import build_scheduler, get_preset, stock_eta
 
 logger = logging.getLogger("lcm")
 
@@ -93,9 +93,13 @@ def student_scheduler_for(distill_cfg, base_config):
     return build_scheduler(preset, base_config)
 
 
-def student_eta(distill_cfg) -> Optional[float]:
-    """The `eta` the objective's sampler is called with (TCD's gamma), or None."""
+def student_eta(distill_cfg, steps: Optional[int] = None) -> Optional[float]:
+    """The `eta` the objective's exported sampler is called with at `steps` (TCD's gamma), or None: a TCD student with
+    a clean-end share takes its card's rule by step count (`stock_eta` of tcd-mix-auto), any other TCD student its
+    `tcd_gamma` (so does the clean-share one when no step count is given)."""
     tcd = base_objective(distill_cfg.get("objective", "lcd")) == "tcd"
+    if tcd and steps is not None and distill_cfg.get("tcd_clean_share", 0) > 0:
+        return stock_eta("tcd-mix-auto", steps)
     return distill_cfg.tcd_gamma if tcd else get_preset(objective_preset(distill_cfg)).eta
 
 
@@ -211,11 +215,12 @@ def _run_distill_config(path: Path):
     return None
 
 
-def saved_eta(student: Path) -> Optional[float]:
-    """The `eta` a run validated with (`student_eta`: TCD's gamma), read from the `config.yaml` beside its `final/`
-    folder (or in the folder given); None when there is no config or the objective's sampler takes none."""
+def saved_eta(student: Path, steps: Optional[int] = None) -> Optional[float]:
+    """The `eta` the run's exported sampler takes at `steps` (`student_eta`: TCD's gamma, or a clean-share run's rule by
+    step count), read from the `config.yaml` beside its `final/` folder (or in the folder given); None when there is
+    no config or the objective's sampler takes none."""
     found = _run_distill_config(student)
-    return None if found is None else student_eta(found[1])
+    return None if found is None else student_eta(found[1], steps)
 
 
 def saved_preset(path: Path) -> Optional[tuple[str, Optional[float], Path]]:
