@@ -73,13 +73,13 @@ def _objective_summary(cfg) -> str:
     base = base_objective(objective)
     if base in ("pcm", "tcd"):
         m = cfg.distill.phases
+        share = cfg.distill.get("tcd_clean_share", 0)
         summary = (f"pcm (phased consistency): {m} phases of {cfg.distill.num_ddim_timesteps // m} grid points; "
                    f"sample with {m} steps" if base == "pcm" else
-                   f"tcd (trajectory consistency): s ~ U[0, t_n]; validated with gamma = {cfg.distill.tcd_gamma}")
-        share = cfg.distill.get("tcd_clean_share", 0)
-        if base == "tcd" and share > 0:
-            summary += (f"; a share {share} of the rows aims at the clean end (LCD's target), so `lcm sample` picks "
-                        "tcd-mix-auto: LCMScheduler at 1-2 steps, TCDScheduler above (eta 0.7 to 4 steps, then 0.5)")
+                   "tcd (trajectory consistency): s ~ U[0, t_n]; " + (
+                       f"validated with gamma = {cfg.distill.tcd_gamma}" if share == 0 else
+                       f"a share {share} of the rows aims at the clean end (LCD's target), so `lcm sample` picks "
+                       "tcd-mix-auto: LCMScheduler at 1-2 steps, TCDScheduler above (eta 0.7 to 4 steps, then 0.5)"))
         return summary if objective == base else f"{summary}; plus {_adversarial_summary(cfg, objective)}"
     if objective == "lcd":
         return "lcd (consistency distillation)"

@@ -114,7 +114,7 @@ def stock_eta(name: str, steps: int) -> Optional[float]:
     return {"lcm": 1.0, "tcd": eta}.get(rule)
 
 
-def rule_spans(name: str) -> list[tuple[str, str, Optional[float]]]:
+def rule_spans(name: str) -> list[tuple[int, str, str, Optional[float]]]:
     """A by-step-count preset's table in words: (fewest steps, span, rule, eta) per rule, e.g. (3, "at 3–4 steps",
     "tcd", 0.7)."""
     spans, low = [], 1

@@ -277,6 +277,7 @@ def test_the_model_card_of_a_clean_share_tcd_run_names_tcd_mix_auto():
 
     assert "tcd-mix-auto" in _objective_summary(load_config("mini_tcdmix_lora"))
     assert "tcd-mix-auto" not in _objective_summary(load_config("mini_tcd_lora"))
+    assert "validated with gamma" not in _objective_summary(load_config("mini_tcdmix_lora"))  # its eta is the rule's
     from lcm.export import model_card
 
     # a stock pipeline follows tcd-mix-auto with the exported TCDScheduler and `eta` alone; a plain TCD run keeps gamma
