@@ -19,7 +19,7 @@ from .guidance import guidance_scale_from_w
 from .lora import check_lora_landed, save_lora
 from .models import PIPELINES
 from .objectives import base_objective
-from .presets import rule_spans, stock_eta, stock_eta_text
+from .presets import rule_spans, rule_text, stock_eta, stock_eta_text
 from .sampling import student_scheduler_for
 
 
@@ -79,7 +79,7 @@ def _objective_summary(cfg) -> str:
                    "tcd (trajectory consistency): s ~ U[0, t_n]; " + (
                        f"validated with gamma = {cfg.distill.tcd_gamma}" if share == 0 else
                        f"a share {share} of the rows aims at the clean end (LCD's target), so `lcm sample` picks "
-                       "tcd-mix-auto: LCMScheduler at 1-2 steps, TCDScheduler above (eta 0.7 to 4 steps, then 0.5)"))
+                       f"tcd-mix-auto: {rule_text('tcd-mix-auto')}"))
         return summary if objective == base else f"{summary}; plus {_adversarial_summary(cfg, objective)}"
     if objective == "lcd":
         return "lcd (consistency distillation)"

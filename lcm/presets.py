@@ -126,6 +126,13 @@ def rule_spans(name: str) -> list[tuple[int, str, str, Optional[float]]]:
     return spans
 
 
+def rule_text(name: str) -> str:
+    """The samplers a by-step-count preset picks, in words: "LCMScheduler at 1–2 steps, TCDScheduler eta 0.7 at 3–4
+    steps, TCDScheduler eta 0.5 from 5 steps" for tcd-mix-auto."""
+    return ", ".join(f"{get_preset(rule).scheduler.__name__}{'' if eta is None else f' eta {eta}'} {span}"
+                     for _, span, rule, eta in rule_spans(name))
+
+
 def stock_eta_text(name: str) -> str:
     """`stock_eta`'s rule in words: "1.0 at 1–2 steps, 0.7 at 3–4 steps, 0.5 from 5 steps" for tcd-mix-auto."""
     return ", ".join(f"{stock_eta(name, low)} {span}" for low, span, _, _ in rule_spans(name))

@@ -290,7 +290,7 @@ def test_the_model_card_of_a_clean_share_tcd_run_names_tcd_mix_auto():
 def test_stock_eta_follows_a_by_step_count_preset_with_tcd_alone():
     """The eta a stock TCDScheduler pipeline takes to follow a preset: the TCD rule's eta, 1.0 (full re-noise) where the
     rule is LCMScheduler, None where the preset is neither; and the words for it come from the same table."""
-    from lcm.presets import resolve_preset, rule_spans, stock_eta, stock_eta_text
+    from lcm.presets import resolve_preset, rule_spans, rule_text, stock_eta, stock_eta_text
 
     for name in ("tcd-mix-auto", "lcm-auto"):
         for k in range(1, 12):
@@ -298,6 +298,8 @@ def test_stock_eta_follows_a_by_step_count_preset_with_tcd_alone():
             assert stock_eta(name, k) == (1.0 if rule == "lcm" else eta)
     assert stock_eta("tcd", 4) == 0.3 and stock_eta("lightning", 4) is None
     assert stock_eta_text("lcm-auto") == "1.0 at 1–3 steps, 0.8 at 4–6 steps, 0.7 from 7 steps"
+    assert rule_text("tcd-mix-auto") == ("LCMScheduler at 1–2 steps, TCDScheduler eta 0.7 at 3–4 steps, TCDScheduler "
+                                         "eta 0.5 from 5 steps")
     assert [span for _, span, _, _ in rule_spans("tcd-mix-auto")] == ["at 1–2 steps", "at 3–4 steps", "from 5 steps"]
 
 
