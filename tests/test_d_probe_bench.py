@@ -31,3 +31,16 @@ def test_probe_is_near_chance_when_fake_is_real(setup):
     g = torch.Generator().manual_seed(5)
     out = probe(unet, cond, real, torch.randn(real.shape, generator=g), t_hat=20, iters=30, schedule=schedule)
     assert 0.2 <= out["acc"] <= 0.8, out
+
+
+@pytest.mark.parametrize("t_hat", [0, 20])
+def test_cnn_probe_separates_a_shifted_fake_set_and_not_real_from_real(setup, t_hat):
+    """benchmarks/d_probe_latent_mini.cnn_probe: the from-scratch CNN on latents (clean at t̂ = 0, re-noised above)
+    must tell an obviously different set apart, and stay near chance on two draws of one distribution."""
+    from benchmarks.d_probe_latent_mini import cnn_probe
+
+    _, _, real, schedule = setup
+    assert cnn_probe(real, real * 0.2 + 2.0, t_hat, iters=30, schedule=schedule)["acc"] > 0.9
+    g = torch.Generator().manual_seed(5)
+    same = cnn_probe(real, torch.randn(real.shape, generator=g), t_hat, iters=30, schedule=schedule)
+    assert 0.2 <= same["acc"] <= 0.8, same
