@@ -1,6 +1,6 @@
 """Is the adversarial term's discriminator the bottleneck? A small CNN trained from scratch on the latents themselves
 against the frozen-teacher-feature heads the adversarial objectives use (`benchmarks/d_probe_mini.py`'s probe), on
-the same real latents and the same student samples, at the same fixed t̂ values.
+the same real latents and the same student samples, at the same fixed t̂ values; and the CNN on the decoded pixels.
 
     python -m benchmarks.d_probe_latent_mini --lora runs/mini/pcm4-adv-endtr-s1/final --steps 4
 
@@ -39,6 +39,15 @@ def run_latents(pipe, lora: Path, n: int, steps: int, seed: int = 10_000) -> tor
     pipe.unload_lora_weights()
     pipe.scheduler = teacher_scheduler
     return torch.cat(out)
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents in the UNet's units → the VAE's pixels in [-1, 1] (what the digit classifier behind FD sees)."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return torch.cat([vae.decode(z / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
+                      for z in latents.split(128)])
 
 
 def cnn_probe(real: torch.Tensor, fake: torch.Tensor, t_hat: int, iters: int, schedule, seed: int = 1) -> dict:
@@ -102,6 +111,12 @@ def main(argv=None) -> dict:
             row["frozen_heads"] = probe(pipe.unet, cond, real, fake, t_hat, args.iters, schedule)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    # the same CNN on decoded pixels (real latents decoded too, so VAE artefacts are on both sides)
+    real_px, other_px, fake_px = decode(pipe, real), decode(pipe, other), decode(pipe, fake)
+    pixels = {"t_hat": "0, decoded pixels", "cnn": cnn_probe(real_px, fake_px, 0, args.iters, schedule),
+              "cnn_real_vs_real": cnn_probe(real_px, other_px, 0, args.iters, schedule)}
+    rows.append(pixels)
+    print(json.dumps(pixels), flush=True)
     result = {"lora": str(args.lora), "steps": args.steps, "iters": args.iters, "n": args.n, "commit": commit(),
               "threads": torch.get_num_threads(), "rows": rows}
     name = args.lora.relative_to(ROOT) if args.lora.is_relative_to(ROOT) else args.lora
