@@ -4,7 +4,7 @@ the same real latents and the same student samples, at the same fixed t̂ values
 
     python -m benchmarks.d_probe_latent_mini --lora runs/mini/pcm4-adv-endtr-s1/final --steps 4
 
-The fakes come from the run's own exported scheduler (`lcm.sampling.saved_scheduler`: DDIM trailing for a PCM run,
+The fakes come from the run's own exported scheduler (`d_probe_mini.student_latents`: DDIM trailing for a PCM run,
 LCMScheduler for an LCM one) at `--steps`, guidance 1. A control row trains the CNN on real against other real
 latents, which must stay at chance. Accuracy is on held-out pairs (the last quarter), 0.5 = chance. One process,
 `torch.get_num_threads()` threads (set OMP_NUM_THREADS). Issue #17: every `pcm_adv` run's D sat at hinge 2.0.
@@ -19,26 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.d_probe_mini import MINI_TEACHER, WORDS, probe, real_latents
+from benchmarks.d_probe_mini import MINI_TEACHER, probe, real_latents, student_latents, write_result
 from benchmarks.quality_mini import RESULTS, ROOT, commit
-
-
-def run_latents(pipe, lora: Path, n: int, steps: int, seed: int = 10_000) -> torch.Tensor:
-    """n latents of the LoRA at `steps` steps under the scheduler its run exported (one generator per image)."""
-    from lcm.sampling import saved_scheduler
-
-    teacher_scheduler = pipe.scheduler
-    pipe.load_lora_weights(str(lora))
-    pipe.scheduler = saved_scheduler(lora)
-    prompts = [f"a handwritten digit {WORDS[i % 10]}" for i in range(n)]
-    out = []
-    for i in range(0, n, 128):
-        gens = [torch.Generator().manual_seed(seed + j) for j in range(i, min(i + 128, n))]
-        out.append(pipe(prompts[i:i + len(gens)], num_inference_steps=steps, guidance_scale=1.0, height=16, width=16,
-                        generator=gens, output_type="latent").images)
-    pipe.unload_lora_weights()
-    pipe.scheduler = teacher_scheduler
-    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -99,7 +81,7 @@ def main(argv=None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     real = real_latents(pipe, 2 * args.n)
     real, other = real[:args.n], real[args.n:]
-    fake = run_latents(pipe, args.lora, args.n, args.steps)
+    fake = student_latents(pipe, args.lora, args.n, args.steps)
     schedule = NoiseSchedule(pipe.scheduler.alphas_cumprod)
     time_ids = torch.tensor([[16, 16, 0, 0, 16, 16]] * args.n, dtype=torch.float32)
     cond, _ = encode_text(pipe, ["a handwritten digit"] * args.n, time_ids, "cpu")
@@ -133,10 +115,7 @@ def main(argv=None) -> dict:
 
     lines += [f"| {r['t_hat']} | {cell(r['cnn'])} | {cell(r['cnn_real_vs_real'])} | {cell(r.get('frozen_heads'))} |"
               for r in rows]
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return result
+    return write_result(args.out, result, lines)
 
 
 if __name__ == "__main__":

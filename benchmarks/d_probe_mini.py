@@ -42,12 +42,13 @@ def real_latents(pipe, n: int) -> torch.Tensor:
 
 
 def student_latents(pipe, lora: Path, n: int, steps: int, seed: int = 10_000) -> torch.Tensor:
-    """n latents of the LoRA at `steps` steps (one generator per image, digits in turn), LoRA unloaded after."""
-    from diffusers import LCMScheduler
+    """n latents of the LoRA at `steps` steps under the scheduler its run exported (LCMScheduler for an LCM-LoRA, DDIM
+    trailing for a PCM one; one generator per image, digits in turn), LoRA unloaded after."""
+    from lcm.sampling import saved_scheduler
 
     teacher_scheduler = pipe.scheduler
     pipe.load_lora_weights(str(lora))
-    pipe.scheduler = LCMScheduler.from_pretrained(str(lora), subfolder="scheduler")
+    pipe.scheduler = saved_scheduler(lora)
     prompts = [f"a handwritten digit {WORDS[i % 10]}" for i in range(n)]
     out = []
     for i in range(0, n, 128):
@@ -86,6 +87,14 @@ def probe(unet, cond: dict, real: torch.Tensor, fake: torch.Tensor, t_hat: int, 
         acc_fake = (logits(fake[idx], idx) < 0).float().mean().item()
     return {"t_hat": t_hat, "train_hinge": loss.item(), "acc_real": acc_real, "acc_fake": acc_fake,
             "acc": (acc_real + acc_fake) / 2}
+
+
+def write_result(out: Path, result: dict, lines: list[str]) -> dict:
+    """OUT.json (the result) and OUT.md (the lines), printed too; returns the result."""
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
 
 
 def main(argv=None) -> dict:
@@ -127,10 +136,7 @@ def main(argv=None) -> dict:
              "| t̂ | hinge after training | held-out accuracy (real / fake) |", "|---|---|---|"]
     lines += [f"| {r['t_hat']} | {r['train_hinge']:.3f} | {r['acc']:.1%} ({r['acc_real']:.1%} / {r['acc_fake']:.1%}) |"
               for r in rows]
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return result
+    return write_result(args.out, result, lines)
 
 
 if __name__ == "__main__":
