@@ -33,8 +33,13 @@ def samplers(gammas: list[float], auto: bool = False) -> list[tuple[str, str | N
     """(row name, preset spec) per sampler: LCMScheduler on the run's grid (the `lcm` preset: for an LCM run the same
     scheduler it saved, for a TCD run not its own), then TCD at each gamma, then (`auto`) the `lcm-auto` preset, which
     picks one of those by step count (what `lcm sample` gives an LCM-LoRA run)."""
-    return ([("LCM", "lcm")] + [(f"TCD γ={g:g}", f"tcd@{g:g}") for g in gammas]
+    return ([(row_name("lcm"), "lcm")] + [(row_name("tcd", g), f"tcd@{g:g}") for g in gammas]
             + ([("lcm-auto", "lcm-auto")] if auto else []))
+
+
+def row_name(preset: str, eta: float | None = None) -> str | None:
+    """The table's row for one sampler: "LCM" (LCMScheduler) or "TCD γ=g"; None for any other preset."""
+    return "LCM" if preset == "lcm" else f"TCD γ={eta:g}" if preset == "tcd" else None
 
 
 def score_seed(run_dir: Path, out: Path, gammas: list[float], steps: list[int], n: int, auto: bool = False) -> dict:
@@ -64,7 +69,7 @@ def with_rules(rows: list[dict], rules: list[str], gammas: list[float], steps: l
             cells = {}
             for k in steps:
                 preset, eta = resolve_preset(rule, k)
-                name = "LCM" if preset == "lcm" else f"TCD γ={eta:g}" if preset == "tcd" else None
+                name = row_name(preset, eta)
                 if name not in scores or (preset == "tcd" and eta not in gammas):
                     raise SystemExit(f"--rule {rule} samples {k} steps with {preset}"
                                      + (f"@{eta:g}" if eta is not None else "") + ": add it to --gammas")

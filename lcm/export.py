@@ -20,7 +20,7 @@ from .lora import check_lora_landed, save_lora
 from .models import PIPELINES
 from .objectives import base_objective
 from .presets import rule_spans, rule_text, stock_eta, stock_eta_text
-from .sampling import student_scheduler_for
+from .sampling import mix_rule, student_scheduler_for
 
 
 def export_lora_run(model, pipeline_cls, teacher_scheduler_config, cfg, final_dir: Path, steps_trained: int,
@@ -73,13 +73,13 @@ def _objective_summary(cfg) -> str:
     base = base_objective(objective)
     if base in ("pcm", "tcd"):
         m = cfg.distill.phases
-        share = cfg.distill.get("tcd_clean_share", 0)
+        rule = mix_rule(cfg.distill)
         summary = (f"pcm (phased consistency): {m} phases of {cfg.distill.num_ddim_timesteps // m} grid points; "
                    f"sample with {m} steps" if base == "pcm" else
                    "tcd (trajectory consistency): s ~ U[0, t_n]; " + (
-                       f"validated with gamma = {cfg.distill.tcd_gamma}" if share == 0 else
-                       f"a share {share} of the rows aims at the clean end (LCD's target), so `lcm sample` picks "
-                       f"tcd-mix-auto: {rule_text('tcd-mix-auto')}"))
+                       f"validated with gamma = {cfg.distill.tcd_gamma}" if rule is None else
+                       f"a share {cfg.distill.tcd_clean_share} of the rows aims at the clean end (LCD's target), so "
+                       f"`lcm sample` picks {rule}: {rule_text(rule)}"))
         return summary if objective == base else f"{summary}; plus {_adversarial_summary(cfg, objective)}"
     if objective == "lcd":
         return "lcd (consistency distillation)"
@@ -164,11 +164,12 @@ def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
     elif objective == "tcd":
         title, method, sched_cls = (("TCD-LoRA" if lora else "TCD (full distillation)"),
                                     "trajectory consistency distillation", "TCDScheduler")
-        if d.get("tcd_clean_share", 0) > 0:  # sampled by step count (tcd-mix-auto), which `eta` alone expresses
-            eta = stock_eta("tcd-mix-auto", steps)
+        rule = mix_rule(d)
+        if rule is not None:  # sampled by step count, which `eta` alone expresses
+            eta = stock_eta(rule, steps)
             guidance = (guidance.replace("`LCMScheduler`", f"`TCDScheduler` and `eta` (gamma) by step count "
-                                                            f"({stock_eta_text('tcd-mix-auto')})")
-                        + ". `lcm sample` follows the same rule (preset tcd-mix-auto), but samples the eta-1.0 steps "
+                                                            f"({stock_eta_text(rule)})")
+                        + f". `lcm sample` follows the same rule (preset {rule}), but samples the eta-1.0 steps "
                           "with `LCMScheduler`, which scores the same at 2 steps and slightly better at 1")
         else:
             eta = d.tcd_gamma

@@ -93,13 +93,21 @@ def student_scheduler_for(distill_cfg, base_config):
     return build_scheduler(preset, base_config)
 
 
+def mix_rule(distill_cfg) -> Optional[str]:
+    """"tcd-mix-auto" for a TCD student trained with a clean-end share (`distill.tcd_clean_share` > 0): it samples by
+    that step-count rule, in `lcm sample` and (through `eta` alone) in a stock pipeline. None for any other student."""
+    tcd = base_objective(distill_cfg.get("objective", "lcd")) == "tcd"
+    return "tcd-mix-auto" if tcd and distill_cfg.get("tcd_clean_share", 0) > 0 else None
+
+
 def student_eta(distill_cfg, steps: Optional[int] = None) -> Optional[float]:
     """The `eta` the objective's exported sampler is called with at `steps` (TCD's gamma), or None: a TCD student with
-    a clean-end share takes its card's rule by step count (`stock_eta` of tcd-mix-auto), any other TCD student its
+    a clean-end share takes its card's rule by step count (`stock_eta` of its `mix_rule`), any other TCD student its
     `tcd_gamma` (so does the clean-share one when no step count is given)."""
+    rule = mix_rule(distill_cfg)
+    if rule is not None and steps is not None:
+        return stock_eta(rule, steps)
     tcd = base_objective(distill_cfg.get("objective", "lcd")) == "tcd"
-    if tcd and steps is not None and distill_cfg.get("tcd_clean_share", 0) > 0:
-        return stock_eta("tcd-mix-auto", steps)
     return distill_cfg.tcd_gamma if tcd else get_preset(objective_preset(distill_cfg)).eta
 
 
@@ -232,8 +240,8 @@ def saved_preset(path: Path) -> Optional[tuple[str, Optional[float], Path]]:
     if found is None:
         return None
     config, distill = found
-    if objective_preset(distill) == "tcd" and distill.get("tcd_clean_share", 0) > 0:
-        return "tcd-mix-auto", None, config
+    if mix_rule(distill) is not None:
+        return mix_rule(distill), None, config
     return objective_preset(distill), student_eta(distill), config
 
 
