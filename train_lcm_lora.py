@@ -39,7 +39,7 @@ def build_task(run) -> TrainingTask:
     net = denoiser_of(pipe)  # the UNet, or PixArt's transformer
     params = add_lora(net, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
     if cfg.lora.fused_forward:
-        fused_lora.install(net)  # before apply_speed_options: torch.compile then traces the fused layers
+        fused_lora.install(net, lowp=cfg.lora.fused_lowp)  # before apply_speed_options: torch.compile then traces the fused layers
     apply_speed_options(net, cfg.train)
     named = {n: p for n, p in net.named_parameters() if p.requires_grad}
     ema = EMATarget(named, cfg.distill.ema_decay) if cfg.distill.ema_decay > 0 else None

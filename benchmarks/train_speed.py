@@ -119,6 +119,7 @@ def build_preset_step(config: str = "mini_lcm_lora", batch_size: int = 64, overr
     return step
 
 
+BF16_TORCH, BF16, BF16_FUSED = "now, bf16, torch's CPU kernels", "now, bf16", "now, bf16, LoRA fused in bf16"
 BASELINE = "815721d"  # the code issue #13 measured (1.35 s/step on its machine); ratios are taken against it
 
 
@@ -150,7 +151,9 @@ def _latent_cache(overrides: list[str]) -> Path:
 
 def preset_cases(batch_size: int, baseline: str = BASELINE) -> tuple[list[Case], list[Ratio]]:
     """The mini preset at rank 32 (issue #13 item 4): the baseline commit, today with PEFT's LoRA forward, today
-    (fused LoRA forward), and today on `lcm cache` latents. Every case trains the same thing (EMA target 0.95)."""
+    (fused LoRA forward), today on `lcm cache` latents, and today in bf16 (with torch's CPU kernels, with
+    lcm/cpu_lowp.py's, and with the LoRA fused in bf16 too). Every case trains the same thing (EMA target 0.95); the
+    bf16 ones in another precision, whose quality README reports."""
     same = ["distill.ema_decay=0.95"]  # the baseline commit's preset had the online target; time one configuration
     build = dict(config="mini_lcm_lora", batch_size=batch_size)
     cases = [
@@ -162,11 +165,19 @@ def preset_cases(batch_size: int, baseline: str = BASELINE) -> tuple[list[Case],
         Case("now, latent cache", build_preset_step,
              dict(build, overrides=[*same, f"data.cache_dir={_latent_cache([])}"]), units=batch_size, unit="sample"),
     ]
+    bf16 = [*same, "train.mixed_precision=bf16"]
+    for name, extra in ((BF16_TORCH, ["train.cpu_lowp_kernels=false"]), (BF16, []), (BF16_FUSED, ["lora.fused_lowp=true"])):
+        cases.append(Case(name, build_preset_step, dict(build, overrides=[*bf16, *extra]), units=batch_size,
+                          unit="sample"))
     ratios = [
         Ratio(f"{baseline} / now, time", baseline, "now", target_min=1.55),
         Ratio(f"{baseline} / now with latent cache, time", baseline, "now, latent cache", target_min=1.55),
         Ratio("PEFT forward / fused forward, time", "now, PEFT LoRA forward", "now"),
         Ratio(f"now / {baseline}, peak RSS", "now", baseline, metric="peak_rss_mib", target_max=1.0),
+        Ratio(f"{baseline} / {BF16}, time", baseline, BF16, target_min=1.55),
+        Ratio(f"{baseline} / {BF16_FUSED}, time", baseline, BF16_FUSED, target_min=1.55),
+        Ratio(f"{BF16_TORCH} / {BF16}, time", BF16_TORCH, BF16),
+        Ratio(f"now / {BF16_FUSED}, time", "now", BF16_FUSED),
     ]
     return cases, ratios
 

@@ -140,6 +140,9 @@ class LoraConfig:
     # each LoRA layer as one kernel with W + s·B·A (lcm/fused_lora.py): the same function, faster; layers where that
     # would not be exact (dropout, DoRA, fp16 base weights) keep PEFT's forward on their own
     fused_forward: bool = True
+    # with train.mixed_precision=bf16|fp16, fuse those layers too: W + s·B·A rounded once to bf16 (faster on CPU, not
+    # PEFT's function: a delta under half a bf16 step of W is lost from the forward; measured in README)
+    fused_lowp: bool = False
 
 
 @dataclass
@@ -264,6 +267,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = bounded(1, ge=1)
     max_train_steps: int = bounded(1000, ge=1)  # optimiser steps
     mixed_precision: str = "no"  # no | fp16 | bf16
+    # bf16/fp16 on a CPU: attention on diffusers' AttnProcessor and group norm in fp32, whose low-precision CPU kernels
+    # are slow (lcm/cpu_lowp.py); false keeps torch's (benchmarks). No effect on GPUs or in fp32.
+    cpu_lowp_kernels: bool = True
     gradient_checkpointing: bool = False
     channels_last: bool = False  # the trained network's 4-D weights in NHWC (faster convolutions on GPUs / oneDNN)
     torch_compile: bool = False  # torch.compile the trained network in place (Module.compile)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from accelerate.utils import set_seed
 
+from . import cpu_lowp
 from .cache import CachedDataset
 from .config import check_config, load_config, mark_missing, resolve_config, to_yaml
 from .consistency import LCDSpec
@@ -105,6 +106,8 @@ def apply_speed_options(network, train_cfg) -> None:
     every role gets the faster network without re-wrapping. Attention needs nothing here: diffusers' default processor
     (`AttnProcessor2_0`) already calls torch's scaled_dot_product_attention (tests/test_speed_options.py checks it).
     """
+    if cpu_lowp.wanted(network, train_cfg):
+        cpu_lowp.install(network)  # bf16 attention and group norm are slow on CPUs; see lcm/cpu_lowp.py
     if train_cfg.gradient_checkpointing:
         network.enable_gradient_checkpointing()
     if train_cfg.channels_last:

@@ -10,6 +10,9 @@ The fused forward is installed on a layer only where it is the same function:
 - exactly one active adapter, a plain LoRA (no DoRA or other variant), no LoRA bias, no dropout;
 - an `nn.Linear` without `fan_in_fan_out`, or an `nn.Conv2d` with groups 1, dilation 1, zero padding;
 - adapter and base weights of one dtype (fp16 base weights with fp32 adapters would round the delta into fp16).
+  `install(model, lowp=True)` (`lora.fused_lowp`) fuses those too: W + s·B·A is formed in fp32 and rounded once to the
+  base dtype, so a delta below half a bf16 step of W (W's magnitude / 256) is not in the forward. That is not PEFT's
+  function; it is opt-in, and its quality was measured (README, issue #13 speed).
 Every other layer keeps PEFT's forward, and the counts are logged. The layer also falls back at call time when its
 adapters are disabled (the LCM-LoRA teacher), merged, or asked for mixed adapters. Outputs and gradients equal PEFT's
 to float rounding (tests/test_fused_lora.py).
@@ -31,8 +34,8 @@ logger = logging.getLogger(__name__)
 _ORIGINAL = "_lcm_peft_forward"  # the instance attribute holding PEFT's bound forward while fused
 
 
-def ineligible_reason(layer) -> str | None:
-    """Why `layer` cannot take the fused forward, or None when it can."""
+def ineligible_reason(layer, lowp: bool = False) -> str | None:
+    """Why `layer` cannot take the fused forward, or None when it can (`lowp`: low-precision base weights may)."""
     if type(layer) not in (lora_layer.Linear, lora_layer.Conv2d):
         return f"layer type {type(layer).__name__}"
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
@@ -44,7 +47,8 @@ def ineligible_reason(layer) -> str | None:
         "adapter variant (DoRA)": name in getattr(layer, "lora_variant", {}),
         "LoRA bias": layer.lora_bias.get(name, False),
         "dropout": not isinstance(layer.lora_dropout[name], torch.nn.Identity),
-        "dtype": layer.lora_A[name].weight.dtype != base.weight.dtype,
+        "dtype": layer.lora_A[name].weight.dtype != base.weight.dtype and not (
+            lowp and base.weight.dtype in (torch.bfloat16, torch.float16)),
     }
     if isinstance(base, torch.nn.Linear):
         checks["fan_in_fan_out"] = getattr(layer, "fan_in_fan_out", False)
@@ -59,12 +63,14 @@ def ineligible_reason(layer) -> str | None:
 
 
 def effective_weight(layer, name: str) -> torch.Tensor:
-    """W + s·B·A for adapter `name`, differentiable in A and B (a convolution's kernel composed as described above)."""
+    """W + s·B·A for adapter `name`, differentiable in A and B (a convolution's kernel composed as described above).
+    Formed in the adapters' dtype with autocast off, then rounded once to W's dtype (a no-op unless `lowp`)."""
     base = layer.get_base_layer()
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
     w = base.weight
-    delta = torch.addmm(w.flatten(1), b.flatten(1), a.flatten(1), alpha=layer.scaling[name])
-    return delta.view_as(w)
+    with torch.autocast(w.device.type, enabled=False):
+        fused = torch.addmm(w.flatten(1).to(a.dtype), b.flatten(1), a.flatten(1), alpha=layer.scaling[name])
+    return fused.view_as(w).to(w.dtype)
 
 
 def _fused_forward(layer, name: str, peft_forward):
@@ -81,9 +87,9 @@ def _fused_forward(layer, name: str, peft_forward):
     return forward
 
 
-def install(model) -> Counter:
+def install(model, lowp: bool = False) -> Counter:
     """Give every eligible PEFT LoRA layer of `model` the fused forward; returns counts by outcome ("fused" or why
-    not). Idempotent; `uninstall` restores PEFT's forward."""
+    not). Idempotent; `uninstall` restores PEFT's forward. `lowp`: fuse low-precision base weights too (see above)."""
     outcomes: Counter = Counter()
     for module in model.modules():
         if not isinstance(module, lora_layer.LoraLayer):
@@ -91,7 +97,7 @@ def install(model) -> Counter:
         if hasattr(module, _ORIGINAL):
             outcomes["fused"] += 1
             continue
-        reason = ineligible_reason(module)
+        reason = ineligible_reason(module, lowp)
         if reason is not None:
             outcomes[reason] += 1
             continue
@@ -115,9 +121,9 @@ def uninstall(model) -> None:
 
 
 @contextlib.contextmanager
-def fused(model) -> Iterator[Counter]:
+def fused(model, lowp: bool = False) -> Iterator[Counter]:
     """`install` for the duration of the block."""
     try:
-        yield install(model)
+        yield install(model, lowp)
     finally:
         uninstall(model)
