@@ -248,3 +248,23 @@ def test_train_add_lora_pixart(tiny_pixart_dir, pixart_data, tmp_path):
     assert load_entry_script("train_lcm_lora").main(["--config", "add_lora_pixart", *args]) == 0
     assert (out / "final" / "scheduler" / "scheduler_config.json").is_file()
     assert "EulerAncestralDiscreteScheduler" in (out / "final" / "scheduler" / "scheduler_config.json").read_text()
+
+
+def test_cpu_lowp_kernels_keep_the_transformer_function(tiny_pixart_dir):
+    """bf16 on a CPU swaps PixArt's attention processor too (lcm/cpu_lowp.py): in fp32 it is the same function, text
+    attention mask included."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from lcm import cpu_lowp
+
+    pipe = _pipe(tiny_pixart_dir)
+    cond, _ = encode_text(pipe, ["a red circle", "a blue square on green"], None, "cpu")
+    z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 20])
+    role = denoiser_role(pipe.transformer)
+    with torch.no_grad():
+        ref = role(z, t, cond)
+        counts = cpu_lowp.install(pipe.transformer)
+        out = role(z, t, cond)
+    assert counts["attention"] > 0
+    assert all(isinstance(p, AttnProcessor) for p in pipe.transformer.attn_processors.values())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

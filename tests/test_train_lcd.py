@@ -164,3 +164,21 @@ def test_normal_cfg_whole_unet_student_has_no_w_input(tmp_path):
     unet = UNet2DConditionModel.from_pretrained(out / "final", subfolder="unet")
     assert unet.config.time_cond_proj_dim is None
     assert "normal-cfg" in (out / "final/README.md").read_text().split("---")[1]
+
+
+def test_train_lcd_in_bf16_on_cpu_trains_the_student(tmp_path):
+    """bf16 on a CPU: the student and the separate teacher both get lcm/cpu_lowp.py's kernels (the teacher after the
+    student is copied from it); two steps train, and the exported student has moved off the teacher."""
+    teacher = save_tiny_pipeline("sdxl", tmp_path / "teacher")
+    data = make_captioned_image_folder(tmp_path / "data", n=4, size=16)
+    out = tmp_path / "run"
+    assert _train_lcd()(["--config", "lcd_sdxl", f"model.pretrained={teacher}", f"data.path={data}",
+                         f"train.output_dir={out}", "data.resolution=16", "train.batch_size=2",
+                         "train.gradient_accumulation_steps=1", "train.max_train_steps=2", "train.mixed_precision=bf16",
+                         "train.gradient_checkpointing=false", "train.report_to=none", "train.checkpoint_every=0",
+                         "validation.every_n_steps=0", "distill.w_embed_dim=32", "optim.lr=1e-3"]) == 0
+    student = UNet2DConditionModel.from_pretrained(out / "final", subfolder="unet")
+    base = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
+    assert student.conv_in.weight.dtype == torch.float32
+    moved = [n for n, p in base.named_parameters() if not torch.equal(p, dict(student.named_parameters())[n])]
+    assert moved, "two bf16 steps left every weight where the teacher had it"

@@ -141,15 +141,17 @@ def test_dry_run_prints_resolved_config(capsys, tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
-def test_ema_target_bf16_and_gradient_checkpointing(tiny_sdxl_dir, tmp_path):
-    """Adapter-only EMA is checkpointed and lags the online adapters; bf16 autocast, gradient checkpointing and
-    accumulation (2 micro-batches per optimiser step) run on CPU."""
+@pytest.mark.parametrize("fused_lowp", ["false", "true"])
+def test_ema_target_bf16_and_gradient_checkpointing(tiny_sdxl_dir, tmp_path, fused_lowp):
+    """Adapter-only EMA is checkpointed and lags the online adapters; bf16 autocast (with lcm/cpu_lowp.py's kernels,
+    and with the LoRA fused in bf16), gradient checkpointing and accumulation (2 micro-batches per optimiser step)
+    run on CPU."""
     data = make_captioned_image_folder(tmp_path / "data", n=4, size=16)
     out = tmp_path / "run"
     assert _script("train_lcm_lora").main(_args(
         tiny_sdxl_dir, data, out, "train.max_train_steps=2", "train.checkpoint_every=2", "distill.ema_decay=0.5",
         "train.mixed_precision=bf16", "train.gradient_checkpointing=true", "train.batch_size=1",
-        "train.gradient_accumulation_steps=2")) == 0
+        "train.gradient_accumulation_steps=2", f"lora.fused_lowp={fused_lowp}")) == 0
     ckpt = out / "checkpoints/step-000002"
     ema = load_file(ckpt / "extra_state.safetensors")
     online = load_file(ckpt / "lora_adapter.safetensors")
