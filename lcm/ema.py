@@ -30,13 +30,20 @@ def swapped_weights(params: list[torch.nn.Parameter], replacement: list[torch.Te
     parameters for its backward pass; an in-place copy would bump their version counters and make that backward fail
     ("modified by an inplace operation"). Rebinding leaves the saved tensors untouched, and the originals are back
     before any backward runs.
+
+    Important too: inside one autocast region torch caches the bf16/fp16 copy of every trainable leaf parameter, keyed
+    by the parameter itself, and rebinding `.data` keeps the key. Without clearing that cache on the way in and out, a
+    target evaluated after the student's forward (the training step under `accelerator.autocast()`) would silently
+    run on the student's own weights, and whatever followed the swap on θ⁻'s (tests/test_ema.py).
     """
     saved = [p.data for p in params]
+    torch.clear_autocast_cache()
     for p, r in zip(params, replacement):
         p.data = r.detach().to(device=p.device, dtype=p.dtype)
     try:
         yield
     finally:
+        torch.clear_autocast_cache()
         for p, s in zip(params, saved):
             p.data = s
 
