@@ -104,7 +104,8 @@ def apply_speed_options(network, train_cfg) -> None:
 
     In place matters: LoRA's teacher and target are the same UNet object, and accelerate wraps this same module, so
     every role gets the faster network without re-wrapping. Attention needs nothing here: diffusers' default processor
-    (`AttnProcessor2_0`) already calls torch's scaled_dot_product_attention (tests/test_speed_options.py checks it).
+    (`AttnProcessor2_0`) already calls torch's scaled_dot_product_attention (tests/test_speed_options.py checks it),
+    except under bf16/fp16 on a CPU, where lcm/cpu_lowp.py swaps it and group norm for faster kernels.
     """
     if cpu_lowp.wanted(network, train_cfg):
         cpu_lowp.install(network)  # bf16 attention and group norm are slow on CPUs; see lcm/cpu_lowp.py
