@@ -40,8 +40,7 @@ def main(argv=None):
     # A normal-CFG student (distill.teacher_cfg=false) gets no w input: it is sampled with real CFG instead.
     student = student_from_teacher(teacher_net, cfg.distill.w_embed_dim if cfg.distill.teacher_cfg else None)
     apply_speed_options(student, cfg.train)
-    if cpu_lowp.wanted(teacher_net, cfg.train):  # after the copy: the student has its own
-        cpu_lowp.install(teacher_net)
+    cpu_lowp.apply(teacher_net, cfg.train)  # after the copy: the student has its own
     params = [p for p in student.parameters() if p.requires_grad]
     ema = EMATarget(dict(student.named_parameters()), cfg.distill.ema_decay,
                     device="cpu" if cfg.distill.ema_on_cpu else None)

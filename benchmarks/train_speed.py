@@ -166,7 +166,8 @@ def preset_cases(batch_size: int, baseline: str = BASELINE) -> tuple[list[Case],
              dict(build, overrides=[*same, f"data.cache_dir={_latent_cache([])}"]), units=batch_size, unit="sample"),
     ]
     bf16 = [*same, "train.mixed_precision=bf16"]
-    for name, extra in ((BF16_TORCH, ["train.cpu_lowp_kernels=false"]), (BF16, []), (BF16_FUSED, ["lora.fused_lowp=true"])):
+    bf16_cases = ((BF16_TORCH, ["train.cpu_lowp_kernels=false"]), (BF16, []), (BF16_FUSED, ["lora.fused_lowp=true"]))
+    for name, extra in bf16_cases:
         cases.append(Case(name, build_preset_step, dict(build, overrides=[*bf16, *extra]), units=batch_size,
                           unit="sample"))
     ratios = [

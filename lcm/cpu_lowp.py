@@ -2,12 +2,12 @@
 item 4).
 
 Under `train.mixed_precision=bf16` the frozen weights are bf16 and autocast runs convolutions and matrix products in
-bf16, which a CPU with AVX-512 BF16 does 2.5× faster than fp32 (a 128-channel 3×3 convolution: 106 → 42 ms, one
-thread). Two kernels go the other way on the same CPU, and they decide the step:
-- torch's flash attention for CPU: its bf16 backward is 11× slower than its fp32 one at the mini teacher's
-  shapes (64 × 4 heads × 16 tokens × 32: 19.8 against 1.8 ms). diffusers' `AttnProcessor` (explicit
+bf16, which a CPU with AVX-512 BF16 does 2.5–3× faster than fp32 (a 128-channel 3×3 convolution: 129 → 45 ms, one
+thread; `benchmarks/bf16_kernels.py`). Two kernels go the other way on the same CPU, and they decide the step:
+- torch's flash attention for CPU: forward + backward in bf16 is 11× slower than in fp32 at the mini teacher's
+  shape (64 × 4 heads × 16 tokens × 32: 16.2 against 1.4 ms). diffusers' `AttnProcessor` (explicit
   q·kᵀ, softmax and ·v, the processor torch 1.x used) has no such cliff. With `upcast_softmax` the softmax runs in fp32.
-- group norm: bf16 is 2× slower than fp32 on CPU. Normalising in fp32 and casting back is faster, with the same
+- group norm: bf16 is 1.4× slower than fp32 on CPU. Normalising in fp32 and casting back is faster, with the same
   values (torch's bf16 kernel reduces in fp32 too).
 On the mini preset's step (one thread, batch 64; `benchmarks/train_speed.py --preset`, two runs) these take bf16
 from 1.86 / 1.56 s to 1.32 / 1.35 s, against fp32's 1.77 / 2.11 s. Neither change touches a GPU run or an fp32 one:
@@ -31,6 +31,12 @@ def wanted(network, train_cfg) -> bool:
     """Whether `network` trains in low precision on a CPU (the only case `install` is for) and the config allows it."""
     on_cpu = next(network.parameters()).device.type == "cpu"
     return train_cfg.cpu_lowp_kernels and train_cfg.mixed_precision != "no" and on_cpu
+
+
+def apply(network, train_cfg) -> None:
+    """`install` where `wanted`: the one call the entry scripts make, for each network that runs in the step."""
+    if wanted(network, train_cfg):
+        install(network)
 
 
 def _fp32_group_norm(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:

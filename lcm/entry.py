@@ -107,8 +107,7 @@ def apply_speed_options(network, train_cfg) -> None:
     (`AttnProcessor2_0`) already calls torch's scaled_dot_product_attention (tests/test_speed_options.py checks it),
     except under bf16/fp16 on a CPU, where lcm/cpu_lowp.py swaps it and group norm for faster kernels.
     """
-    if cpu_lowp.wanted(network, train_cfg):
-        cpu_lowp.install(network)  # bf16 attention and group norm are slow on CPUs; see lcm/cpu_lowp.py
+    cpu_lowp.apply(network, train_cfg)  # bf16 attention and group norm are slow on CPUs; see lcm/cpu_lowp.py
     if train_cfg.gradient_checkpointing:
         network.enable_gradient_checkpointing()
     if train_cfg.channels_last:

@@ -240,8 +240,9 @@ def saved_preset(path: Path) -> Optional[tuple[str, Optional[float], Path]]:
     if found is None:
         return None
     config, distill = found
-    if mix_rule(distill) is not None:
-        return mix_rule(distill), None, config
+    rule = mix_rule(distill)
+    if rule is not None:
+        return rule, None, config
     return objective_preset(distill), student_eta(distill), config
 
 
