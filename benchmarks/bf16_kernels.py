@@ -11,26 +11,20 @@ the math backend, and group norm at a mini-teacher activation (128 × 128 × 8 �
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmarks.d_probe_mini import write_result
+from benchmarks.harness import time_calls
 from benchmarks.quality_mini import RESULTS, commit
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(time_calls(fn, warmup=1, repeats=repeats))
 
 
 def kernels(dtype: torch.dtype) -> dict:
@@ -74,10 +68,7 @@ def main(argv=None) -> dict:
              f"torch {result['torch']}, CPU capability {result['cpu']}, oneDNN bf16 {result['bf16_supported']}. "
              "Median ms.", "", "| kernel | fp32 ms | bf16 ms | fp32 / bf16 |", "|---|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['fp32_ms']:.2f} | {r['bf16_ms']:.2f} | {r['fp32_over_bf16']:.2f} |" for r in rows]
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return result
+    return write_result(args.out, result, lines)
 
 
 if __name__ == "__main__":
