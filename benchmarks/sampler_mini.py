@@ -4,7 +4,7 @@ jump along the trajectory to s = (1 − γ)·t_next, then re-noise only to t_nex
 8-step collapse come from the student or from how it is sampled?
 
     python -m benchmarks.sampler_mini [--seeds 0-2] [--gammas 0.3,0.5,0.7] [--steps 1,2,4,8] [--threads 1]
-        [--n 500] [--auto] [--out PATH] [--config mini_lcm_lora --script train_lcm_lora.py --name lcm-lora]
+        [--n 500] [--auto] [--spread] [--out PATH] [--config mini_lcm_lora --script train_lcm_lora.py --name lcm-lora]
         [key=value …]
 
 Each seed's run is `<runs>/<name>-s<seed>` (default `lcm-lora`; trained from `--config`, default
@@ -29,23 +29,29 @@ from pathlib import Path
 from benchmarks.quality_mini import RESULTS, ROOT, TEACHER, append_log, commit, final_weights, read_log, train
 from lcm.sampling import parse_seeds
 
-def samplers(gammas: list[float], auto: bool = False) -> list[tuple[str, str | None]]:
+def samplers(gammas: list[float], auto: bool = False, spread: bool = False) -> list[tuple[str, str | None]]:
     """(row name, preset spec) per sampler: LCMScheduler on the run's grid (the `lcm` preset: for an LCM run the same
-    scheduler it saved, for a TCD run not its own), then TCD at each gamma, then (`auto`) the `lcm-auto` preset, which
+    scheduler it saved, for a TCD run not its own), then TCD at each gamma, then (`spread`) TCD at each gamma on
+    timesteps spread over the whole grid (the `tcd-spread` preset), then (`auto`) the `lcm-auto` preset, which
     picks one of those by step count (what `lcm sample` gives an LCM-LoRA run)."""
     return ([(row_name("lcm"), "lcm")] + [(row_name("tcd", g), f"tcd@{g:g}") for g in gammas]
+            + [(row_name("tcd-spread", g), f"tcd-spread@{g:g}") for g in gammas if spread]
             + ([("lcm-auto", "lcm-auto")] if auto else []))
 
 
 def row_name(preset: str, eta: float | None = None) -> str | None:
-    """The table's row for one sampler: "LCM" (LCMScheduler) or "TCD γ=g"; None for any other preset."""
-    return "LCM" if preset == "lcm" else f"TCD γ={eta:g}" if preset == "tcd" else None
+    """The table's row for one sampler: "LCM" (LCMScheduler), "TCD γ=g" or "TCD spread γ=g"; None for any other
+    preset."""
+    if preset == "lcm":
+        return "LCM"
+    return {"tcd": f"TCD γ={eta:g}", "tcd-spread": f"TCD spread γ={eta:g}"}.get(preset) if eta is not None else None
 
 
-def score_seed(run_dir: Path, out: Path, gammas: list[float], steps: list[int], n: int, auto: bool = False) -> dict:
+def score_seed(run_dir: Path, out: Path, gammas: list[float], steps: list[int], n: int, auto: bool = False,
+               spread: bool = False) -> dict:
     from lcm.evaluate import evaluate
 
-    students = [(name, str(run_dir), spec) for name, spec in samplers(gammas, auto)]
+    students = [(name, str(run_dir), spec) for name, spec in samplers(gammas, auto, spread)]
     rows = evaluate(str(TEACHER), None, out, n=n, steps=steps, teacher_extra_steps=(), teacher_w=0.5,
                     methods=[s[0] for s in students], students=students)
     scores: dict = {}
@@ -70,9 +76,10 @@ def with_rules(rows: list[dict], rules: list[str], gammas: list[float], steps: l
             for k in steps:
                 preset, eta = resolve_preset(rule, k)
                 name = row_name(preset, eta)
-                if name not in scores or (preset == "tcd" and eta not in gammas):
+                if name not in scores or (preset.startswith("tcd") and eta not in gammas):
                     raise SystemExit(f"--rule {rule} samples {k} steps with {preset}"
-                                     + (f"@{eta:g}" if eta is not None else "") + ": add it to --gammas")
+                                     + (f"@{eta:g}" if eta is not None else "") + ": add it to --gammas"
+                                     + " and give --spread" * (preset == "tcd-spread"))
                 cells[str(k)] = scores[name][str(k)]
             scores[rule] = cells
         out.append({**r, "scores": scores})
@@ -113,6 +120,7 @@ def main(argv=None) -> None:
                    help="train_lcd.py: a whole-UNet student, sampled at the teacher's w through its embedding")
     p.add_argument("--name", default="lcm-lora", help="run-name prefix under --runs (quality_mini's --name)")
     p.add_argument("--auto", action="store_true", help="add an lcm-auto row (the step-count rule of lcm/presets.py)")
+    p.add_argument("--spread", action="store_true", help="add TCD rows on timesteps spread over the whole grid")
     p.add_argument("--out", type=Path, default=RESULTS / "sampler_mini", help="writes OUT.jsonl, OUT.json, OUT.md")
     p.add_argument("--rule", action="append", default=[],
                    help="a by-step-count preset (tcd-mix-auto, …) shown as a row composed from the scored cells")
@@ -121,9 +129,10 @@ def main(argv=None) -> None:
     log = args.out.with_suffix(".jsonl")
     seeds, gammas = parse_seeds(args.seeds), [float(g) for g in args.gammas.split(",")]
     steps = [int(k) for k in args.steps.split(",")]
-    names = [name for name, _ in samplers(gammas, args.auto)]
+    names = [name for name, _ in samplers(gammas, args.auto, args.spread)]
     # the runs scored are part of the key: another --name (or --config) is another set of students, not these seeds
     key = ({"gammas": gammas, "steps": steps, "n": args.n} | ({"auto": True} if args.auto else {})
+           | ({"spread": True} if args.spread else {})
            | ({"config": args.config} if args.config != "mini_lcm_lora" else {})
            | ({"name": args.name} if args.name != "lcm-lora" else {})
            | ({"overrides": args.overrides} if args.overrides else {}))
@@ -136,7 +145,8 @@ def main(argv=None) -> None:
         if not (run_dir / final_weights(args.script)).is_file():
             secs = train(args.config, args.overrides, seed, run_dir, args.threads, args.script)
         row = {"seed": seed, "key": key, "run": str(run_dir), "train_s": secs, "commit": commit(),
-               "scores": score_seed(run_dir, run_dir / "eval-samplers", gammas, steps, args.n, args.auto)}
+               "scores": score_seed(run_dir, run_dir / "eval-samplers", gammas, steps, args.n, args.auto,
+                                    args.spread)}
         append_log(log, row)
         done[seed] = row
         print(f"seed {seed}: " + "; ".join(f"{n}: " + " ".join(f"{row['scores'][n][str(k)]['fd']:.1f}" for k in steps)
@@ -146,7 +156,7 @@ def main(argv=None) -> None:
                f"{args.name}") + "".join(f" {o}" for o in args.overrides)
     md = (f"## One consistency student, several samplers (issue #13: 8 steps)\n\n`python -m benchmarks.sampler_mini "
           f"--seeds {args.seeds} --gammas {args.gammas} --steps {args.steps} --n {args.n}{' --auto' * args.auto}"
-          f"{''.join(f' --rule {r}' for r in args.rule)}"
+          f"{' --spread' * args.spread}{''.join(f' --rule {r}' for r in args.rule)}"
           f"{student}`\n\n{os.cpu_count()} CPUs, {platform.machine()}; {args.n} eval samples per cell; commits "
           f"{sorted({r['commit'] for r in rows})}. FD / accuracy by `lcm eval`'s evaluate; every row samples the same "
           f"student of that seed (`configs/{args.config}.yaml`).\n\n" + table(rows, steps, names + args.rule))

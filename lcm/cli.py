@@ -14,7 +14,8 @@ MINI_TEACHER = Path(__file__).resolve().parent / "assets" / "mini_teacher"
 MINI_RUN_ROOT = Path("runs/mini")  # where `lcm demo` (the README's main job) writes, relative to the current folder
 MINI_LORA_RUN = MINI_RUN_ROOT / "lcm-lora"
 # Choice lists spelled out here so `lcm --help` does not import torch/diffusers; tests check they match the registries.
-PRESET_NAMES = ("hyper", "lcm", "lcm-auto", "lightning", "lightning-1step", "pcm", "tcd", "tcd-mix-auto", "turbo")
+PRESET_NAMES = ("hyper", "lcm", "lcm-auto", "lightning", "lightning-1step", "pcm", "tcd", "tcd-mix-auto",
+                "tcd-spread", "turbo")
 EXPORT_FORMAT_NAMES = ("diffusers", "fused", "kohya")
 EVAL_PROMPT_CHOICES = {"train": ("train",), "heldout": ("heldout",), "both": ("train", "heldout")}  # digits.PROMPT_SETS
 

@@ -8,6 +8,7 @@ unconditional branch, which is what the guidance-distilled families (Lightning, 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,6 +19,36 @@ from diffusers import (
     LCMScheduler,
     TCDScheduler,
 )
+
+
+def spread_timesteps(num_train_timesteps: int, grid_steps: int, steps: int) -> list[int]:
+    """`steps` timesteps spread evenly, by index, over the whole trained grid of `grid_steps` points c·i − 1
+    (c = T // N, i = 1 … N): from its top down to its lowest point, each index rounded half up. TCDScheduler's own
+    choice takes every (N / steps)-th point from the top and stops short of the low end: 8 steps on the 25-point grid
+    end at t = 159, spread ones at 39 (999, 879, 719, 599, 439, 319, 159, 39)."""
+    if not 1 <= steps <= grid_steps:
+        raise ValueError(f"spread timesteps: steps must be in [1, {grid_steps}] (the grid's size), got {steps}")
+    c = num_train_timesteps // grid_steps
+    if steps == 1:
+        return [grid_steps * c - 1]
+    top = grid_steps - 1
+    return [c * (math.floor(top * (1 - j / (steps - 1)) + 0.5) + 1) - 1 for j in range(steps)]
+
+
+class SpreadTCDScheduler(TCDScheduler):
+    """diffusers' TCDScheduler, walking `spread_timesteps` on its grid (`original_inference_steps`) when a pipeline
+    asks for a step count: the same as passing that list as `timesteps=` to a stock pipeline holding TCDScheduler, which
+    is what a model card tells users to do. Custom timesteps, another `original_inference_steps` and img2img strengths
+    below 1 keep TCDScheduler's own behaviour."""
+
+    def set_timesteps(self, num_inference_steps=None, device=None, original_inference_steps=None, timesteps=None,
+                      strength: float = 1.0) -> None:
+        if num_inference_steps is not None and timesteps is None and original_inference_steps is None and strength == 1:
+            timesteps = spread_timesteps(self.config.num_train_timesteps, self.config.original_inference_steps,
+                                         num_inference_steps)
+            num_inference_steps = None
+        super().set_timesteps(num_inference_steps=num_inference_steps, device=device,
+                              original_inference_steps=original_inference_steps, timesteps=timesteps, strength=strength)
 
 
 @dataclass(frozen=True)
@@ -44,15 +75,20 @@ PRESETS: dict[str, SamplingPreset] = {
     # (default 0.0) to step(), which silently overrides the scheduler's default 0.3: so it is passed explicitly.
     "tcd": SamplingPreset(TCDScheduler, {"clip_sample": False}, steps=4, guidance=1.0, eta=0.3,
                           note="Trajectory Consistency Distillation (arXiv:2402.19159); eta = gamma"),
+    # The same sampler on timesteps spread over the whole grid, down to its lowest point (`spread_timesteps`).
+    "tcd-spread": SamplingPreset(SpreadTCDScheduler, {"clip_sample": False}, steps=8, guidance=1.0, eta=0.7,
+                                 note="TCD on timesteps spread evenly over the whole trained grid; eta = gamma"),
     # An LCM-LoRA sampled by step count (issue #13): LCMScheduler re-noises its x̂₀ fully at every step. That is best
     # at 1–3 steps, but each extra step passes the sample through the student's bias once more, so 8 steps score worse
     # than 4 (benchmarks/schedule_mini.py: the count of passes, not the low timesteps). From 4 steps on, TCDScheduler on
     # the same grid keeps part of the sample (gamma < 1). Rule chosen on 3 LoRA seeds, checked on 2 fresh ones and on
-    # LCD (benchmarks/results/sampler_{steps,auto,lcd}_mini.md).
+    # LCD (benchmarks/results/sampler_{steps,auto,lcd}_mini.md). From 7 steps TCD's own stride stops short of the
+    # grid's low end (8 of 25 points end at t = 159); spreading the steps down to the lowest point takes the 8-step FD
+    # from 32.1-33.7 to 29.9-30.9 (benchmarks/results/sampler_spread_mini.md).
     "lcm-auto": SamplingPreset(LCMScheduler, {"clip_sample": False}, steps=4, guidance=1.0,
-                               by_steps=((3, "lcm", None), (6, "tcd", 0.8), (None, "tcd", 0.7)),
+                               by_steps=((3, "lcm", None), (6, "tcd", 0.8), (None, "tcd-spread", 0.7)),
                                note="LCM-LoRA / LCD: LCMScheduler at 1-3 steps, TCDScheduler above "
-                                    "(eta 0.8; 0.7 from 7)"),
+                                    "(eta 0.8; 0.7 from 7, on timesteps spread over the whole grid)"),
     # A TCD-LoRA trained with distill.tcd_clean_share > 0 (a share of LCD's clean-end rows): LCMScheduler is its best
     # sampler at 1–2 steps (its clean-end rows train exactly that prediction), TCD with less stochasticity as the
     # steps grow; rule read off seed 0, scored unchanged on seeds 1–4 (benchmarks/results/sampler_tcdmix_mini.md).
@@ -111,7 +147,15 @@ def stock_eta(name: str, steps: int) -> Optional[float]:
     equal FD at 2 steps, 1.4 worse at 1 step on the clean-share TCD-LoRA (benchmarks/results/sampler_tcd_eta1_mini.md).
     None where the rule's sampler is neither."""
     rule, eta = resolve_preset(name, steps)
-    return {"lcm": 1.0, "tcd": eta}.get(rule)
+    return {"lcm": 1.0, "tcd": eta, "tcd-spread": eta}.get(rule)
+
+
+def stock_timesteps(name: str, steps: int, grid_steps: int, num_train_timesteps: int = 1000) -> Optional[list[int]]:
+    """The `timesteps=` a stock pipeline holding TCDScheduler on a grid of `grid_steps` points is called with to follow
+    preset `name` at `steps` (with `stock_eta`): the spread list where the rule is `tcd-spread`, else None (the
+    scheduler's own choice)."""
+    rule, _ = resolve_preset(name, steps)
+    return spread_timesteps(num_train_timesteps, grid_steps, steps) if rule == "tcd-spread" else None
 
 
 def rule_spans(name: str) -> list[tuple[int, str, str, Optional[float]]]:
@@ -129,8 +173,14 @@ def rule_spans(name: str) -> list[tuple[int, str, str, Optional[float]]]:
 def rule_text(name: str) -> str:
     """The samplers a by-step-count preset picks, in words: "LCMScheduler at 1–2 steps, TCDScheduler eta 0.7 at 3–4
     steps, TCDScheduler eta 0.5 from 5 steps" for tcd-mix-auto."""
-    return ", ".join(f"{get_preset(rule).scheduler.__name__}{'' if eta is None else f' eta {eta}'} {span}"
+    return ", ".join(f"{_scheduler_words(rule)}{'' if eta is None else f' eta {eta}'} {span}"
                      for _, span, rule, eta in rule_spans(name))
+
+
+def _scheduler_words(preset: str) -> str:
+    """A preset's scheduler as a user sets it up in diffusers: the spread TCD is the stock TCDScheduler on a list."""
+    cls = get_preset(preset).scheduler
+    return "TCDScheduler on spread timesteps" if cls is SpreadTCDScheduler else cls.__name__
 
 
 def stock_eta_text(name: str) -> str:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from lcm import cli
 from lcm.cli import main as lcm_main
-from lcm.presets import PRESETS, build_scheduler, get_preset
+from lcm.presets import PRESETS, SpreadTCDScheduler, build_scheduler, get_preset
 from lcm.sampling import (generate, img2img_pipeline, img2img_steps, lcm_scheduler_for, load_init_image,
                           load_pipeline_for_sampling)
 
@@ -19,6 +19,7 @@ from lcm.sampling import (generate, img2img_pipeline, img2img_steps, lcm_schedul
 EXPECTED = {
     "lcm": (LCMScheduler, {"clip_sample": False}),
     "tcd": (TCDScheduler, {"clip_sample": False}),
+    "tcd-spread": (SpreadTCDScheduler, {"clip_sample": False}),  # TCDScheduler on spread timesteps
     "lightning": (EulerDiscreteScheduler, {"timestep_spacing": "trailing"}),
     "lightning-1step": (EulerDiscreteScheduler, {"timestep_spacing": "trailing", "prediction_type": "sample"}),
     "turbo": (EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"}),
@@ -50,7 +51,8 @@ def test_each_preset_builds_its_scheduler_on_the_teacher_betas(name):
 def test_preset_defaults():
     assert {n: (p.steps, p.guidance) for n, p in PRESETS.items()} == {
         "lcm": (4, 1.0), "tcd": (4, 1.0), "lightning": (4, 0.0), "lightning-1step": (1, 0.0), "turbo": (1, 0.0),
-        "hyper": (4, 0.0), "pcm": (4, 1.0), "lcm-auto": (4, 1.0), "tcd-mix-auto": (4, 1.0)}
+        "hyper": (4, 0.0), "pcm": (4, 1.0), "lcm-auto": (4, 1.0), "tcd-mix-auto": (4, 1.0),
+        "tcd-spread": (8, 1.0)}
     assert PRESETS["tcd"].eta == 0.3 and PRESETS["turbo"].size == 512
     # guidance ≤ 1 means diffusers runs no unconditional branch: the distilled families must not get CFG.
     assert all(p.guidance <= 1.0 for p in PRESETS.values())
@@ -68,7 +70,7 @@ def test_lcm_preset_matches_the_training_export_and_keeps_a_saved_grid():
 def test_unknown_preset_lists_the_valid_ones():
     assert set(cli.PRESET_NAMES) == set(PRESETS)  # the CLI's choices are the registry's keys
     valid = ("valid: \\['hyper', 'lcm', 'lcm-auto', 'lightning', 'lightning-1step', 'pcm', 'tcd', 'tcd-mix-auto', "
-             "'turbo'\\]")
+             "'tcd-spread', 'turbo'\\]")
     with pytest.raises(ValueError, match=valid):
         get_preset("dpm")
 
@@ -226,14 +228,14 @@ def test_tcd_mix_auto_picks_the_sampler_by_step_count():
 
 
 def test_lcm_auto_picks_the_sampler_by_step_count():
-    """lcm-auto: LCMScheduler at 1–3 steps, TCD above (eta 0.8 to 6 steps, 0.7 beyond; the sampler_steps_mini
-    measurements). An explicit eta replaces TCD's and is dropped for LCMScheduler; it cannot be built unresolved."""
+    """lcm-auto: LCMScheduler at 1–3 steps, TCD above (eta 0.8 to 6 steps, 0.7 beyond on spread timesteps; the
+    sampler_steps_mini and sampler_spread_mini measurements). An explicit eta replaces TCD's and is dropped for LCMScheduler; it cannot be built unresolved."""
     from lcm.presets import resolve_preset
 
     got = {k: resolve_preset("lcm-auto", k) for k in (1, 2, 3, 4, 5, 6, 7, 8, 50)}
     assert got == {1: ("lcm", None), 2: ("lcm", None), 3: ("lcm", None), 4: ("tcd", 0.8), 5: ("tcd", 0.8),
-                   6: ("tcd", 0.8), 7: ("tcd", 0.7), 8: ("tcd", 0.7), 50: ("tcd", 0.7)}
-    assert resolve_preset("lcm-auto", 8, 0.5) == ("tcd", 0.5)
+                   6: ("tcd", 0.8), 7: ("tcd-spread", 0.7), 8: ("tcd-spread", 0.7), 50: ("tcd-spread", 0.7)}
+    assert resolve_preset("lcm-auto", 8, 0.5) == ("tcd-spread", 0.5)
     assert resolve_preset("lcm-auto", 2, 0.5) == ("lcm", None)
     # one-sampler presets resolve to themselves, with their own eta unless one is given
     assert resolve_preset("tcd", 8) == ("tcd", 0.3) and resolve_preset("tcd", 8, 0.6) == ("tcd", 0.6)
@@ -248,16 +250,20 @@ def test_lcm_auto_picks_the_sampler_by_step_count():
 
 def test_lcm_sample_samples_an_lcm_lora_run_by_step_count(tiny_sdxl_dir, tmp_path, monkeypatch, capsys):
     """End to end through `lcm sample` with no --preset: an LCM-LoRA run gets LCMScheduler at 2 steps and TCD at eta
-    0.7 on the run's own grid at 8; `--preset lcm` keeps LCMScheduler at 8, and `--eta` replaces TCD's gamma."""
+    0.7 on the run's own grid at 8, walking timesteps spread down to the grid's bottom; `--preset lcm` keeps
+    LCMScheduler at 8, and `--eta` replaces TCD's gamma."""
     import lcm.sampling
+    from lcm.presets import spread_timesteps
     from tests._helpers import write_lora_run
 
     run = write_lora_run(tiny_sdxl_dir, tmp_path / "run", rank=4, alpha=4)
-    seen = []
+    seen, walked = [], []
 
     def spy(pipe, prompts, seeds, steps, guidance, height, width, negative, **kw):
         seen.append((type(pipe.scheduler), pipe.scheduler.config.original_inference_steps, kw["eta"], steps))
-        return generate(pipe, prompts, seeds, steps, guidance, height, width, negative, **kw)
+        images = generate(pipe, prompts, seeds, steps, guidance, height, width, negative, **kw)
+        walked.append(pipe.scheduler.timesteps.tolist())
+        return images
 
     monkeypatch.setattr(lcm.sampling, "generate", spy)
     base = ["sample", "--base", str(tiny_sdxl_dir), "--lora", str(run), "--prompt", "a", "--height", "32",
@@ -266,9 +272,10 @@ def test_lcm_sample_samples_an_lcm_lora_run_by_step_count(tiny_sdxl_dir, tmp_pat
     for extra in (["--steps", "2"], ["--steps", "8"], ["--steps", "8", "--preset", "lcm"],
                   ["--steps", "8", "--eta", "0.4"]):
         assert lcm_main(base + extra) == 0
-    assert seen == [(LCMScheduler, saved_n, None, 2), (TCDScheduler, saved_n, 0.7, 8), (LCMScheduler, saved_n, None, 8),
-                    (TCDScheduler, saved_n, 0.4, 8)]
-    assert "lcm-auto at 8 step(s) samples with tcd (eta 0.7)" in capsys.readouterr().err
+    assert seen == [(LCMScheduler, saved_n, None, 2), (SpreadTCDScheduler, saved_n, 0.7, 8),
+                    (LCMScheduler, saved_n, None, 8), (SpreadTCDScheduler, saved_n, 0.4, 8)]
+    assert walked[1] == walked[3] == spread_timesteps(1000, saved_n, 8) != walked[2]
+    assert "lcm-auto at 8 step(s) samples with tcd-spread (eta 0.7)" in capsys.readouterr().err
 
 
 def test_the_model_card_of_a_clean_share_tcd_run_names_tcd_mix_auto():
@@ -298,6 +305,8 @@ def test_stock_eta_follows_a_by_step_count_preset_with_tcd_alone():
             assert stock_eta(name, k) == (1.0 if rule == "lcm" else eta)
     assert stock_eta("tcd", 4) == 0.3 and stock_eta("lightning", 4) is None
     assert stock_eta_text("lcm-auto") == "1.0 at 1–3 steps, 0.8 at 4–6 steps, 0.7 from 7 steps"
+    assert rule_text("lcm-auto") == ("LCMScheduler at 1–3 steps, TCDScheduler eta 0.8 at 4–6 steps, TCDScheduler on "
+                                     "spread timesteps eta 0.7 from 7 steps")
     assert rule_text("tcd-mix-auto") == ("LCMScheduler at 1–2 steps, TCDScheduler eta 0.7 at 3–4 steps, TCDScheduler "
                                          "eta 0.5 from 5 steps")
     assert [span for _, span, _, _ in rule_spans("tcd-mix-auto")] == ["at 1–2 steps", "at 3–4 steps", "from 5 steps"]
@@ -332,3 +341,89 @@ def test_tcd_at_eta_1_is_lcm_schedulers_full_renoise_on_the_same_grid(steps):
     # TCD's end point t = 0 keeps sqrt(1 − ᾱ₀) of the predicted noise (≈ 0.029): that is the whole gap at eta 1
     offset = (1 - tcd.alphas_cumprod[0]).sqrt().item()
     assert gaps[1.0] < 1.25 * offset and gaps[0.7] > 3 * offset
+
+
+@pytest.mark.parametrize("grid_steps", [4, 10, 25, 30, 50])
+def test_spread_timesteps_cover_the_whole_grid_evenly(grid_steps):
+    """Every step count from 1 to N: that many distinct grid points c·i − 1, descending, from the top of the grid to its
+    lowest point, with gaps (in grid indices) that differ by at most one; all N steps are the whole grid. Beyond N, or
+    at 0, an error (as TCDScheduler's own stride refuses more steps than grid points)."""
+    from lcm.presets import spread_timesteps
+
+    c = 1000 // grid_steps
+    grid = [c * i - 1 for i in range(1, grid_steps + 1)]
+    for k in range(1, grid_steps + 1):
+        ts = spread_timesteps(1000, grid_steps, k)
+        assert len(ts) == k and set(ts) <= set(grid) and ts == sorted(ts, reverse=True) and len(set(ts)) == k
+        assert ts[0] == grid[-1]
+        if k > 1:
+            assert ts[-1] == grid[0]
+            gaps = [(a - b) // c for a, b in zip(ts, ts[1:])]
+            assert max(gaps) - min(gaps) <= 1
+    assert spread_timesteps(1000, grid_steps, grid_steps) == grid[::-1]
+    for bad in (0, grid_steps + 1):
+        with pytest.raises(ValueError, match="spread timesteps"):
+            spread_timesteps(1000, grid_steps, bad)
+
+
+def test_spread_timesteps_at_8_of_25_end_on_the_grid_bottom_where_tcd_stops_at_159():
+    """The case the lcm-auto rule is for (issue #13): TCDScheduler's own 8 of the 25-point grid stop at t = 159."""
+    from lcm.presets import spread_timesteps
+
+    stock = TCDScheduler(original_inference_steps=25)
+    stock.set_timesteps(8)
+    assert stock.timesteps.tolist() == [999, 879, 759, 639, 519, 399, 279, 159]
+    assert spread_timesteps(1000, 25, 8) == [999, 879, 719, 599, 439, 319, 159, 39]
+
+
+@pytest.mark.parametrize("steps", [3, 8])
+def test_spread_tcd_scheduler_is_stock_tcd_given_the_spread_list(steps):
+    """SpreadTCDScheduler at a step count = the stock TCDScheduler called with `timesteps=` the spread list, step by
+    step (what a model card tells a diffusers user to pass); custom timesteps and img2img strengths keep TCD's own."""
+    from lcm.presets import spread_timesteps
+
+    base = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    spread = build_scheduler("tcd-spread", {**base, "original_inference_steps": 25})
+    stock = TCDScheduler.from_config(spread.config)
+    assert type(spread) is SpreadTCDScheduler and isinstance(spread, TCDScheduler)
+    spread.set_timesteps(steps)
+    stock.set_timesteps(timesteps=spread_timesteps(1000, 25, steps))
+    assert spread.timesteps.tolist() == stock.timesteps.tolist() == spread_timesteps(1000, 25, steps)
+    own = TCDScheduler.from_config(spread.config)
+    own.set_timesteps(steps)
+    assert spread.timesteps.tolist() != own.timesteps.tolist()  # the stride stops short of the grid's low end
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    a, b = x.clone(), x.clone()
+    for t in spread.timesteps:
+        eps = torch.sin(a * 3 + t / 100)  # any deterministic model of (sample, t)
+        a = spread.step(eps, t, a, eta=0.7, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        b = stock.step(torch.sin(b * 3 + t / 100), t, b, eta=0.7, generator=torch.Generator().manual_seed(int(t))
+                       ).prev_sample
+    assert torch.equal(a, b)
+    spread.set_timesteps(timesteps=[999, 499])
+    assert spread.timesteps.tolist() == [999, 499]
+    spread.set_timesteps(4, strength=0.5)
+    own.set_timesteps(4, strength=0.5)
+    assert spread.timesteps.tolist() == own.timesteps.tolist()
+
+
+def test_stock_timesteps_follow_lcm_auto(tiny_sdxl_dir):
+    """The list a stock pipeline passes to follow lcm-auto: the spread list where the rule is tcd-spread, None where
+    the scheduler's own choice is the rule's; in a real SDXL pipeline the two ways walk the same timesteps."""
+    from lcm.presets import resolve_preset, spread_timesteps, stock_timesteps
+
+    for k in range(1, 13):
+        want = spread_timesteps(1000, 25, k) if resolve_preset("lcm-auto", k)[0] == "tcd-spread" else None
+        assert stock_timesteps("lcm-auto", k, 25) == want
+    assert stock_timesteps("lcm-auto", 8, 25) is not None and stock_timesteps("tcd-mix-auto", 8, 25) is None
+    pipe = load_pipeline_for_sampling(str(tiny_sdxl_dir), [], device="cpu", preset="tcd-spread")
+    grid = pipe.scheduler.config.original_inference_steps
+    ours = generate(pipe, ["a"], [0], 4, 1.0, 32, 32, eta=0.7)
+    walked = pipe.scheduler.timesteps.tolist()
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    kwargs = dict(prompt=["a"], guidance_scale=1.0, height=32, width=32, eta=0.7, output_type="pil",
+                  generator=[torch.Generator().manual_seed(0)], timesteps=spread_timesteps(1000, grid, 4))
+    stock = pipe(**kwargs).images
+    assert walked == spread_timesteps(1000, grid, 4) == pipe.scheduler.timesteps.tolist()
+    assert list(ours[0].getdata()) == list(stock[0].getdata())

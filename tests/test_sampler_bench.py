@@ -18,11 +18,11 @@ def test_sampler_rows_log_and_ratio(tmp_path, monkeypatch):
         (run_dir / "final" / "pytorch_lora_weights.safetensors").write_bytes(b"")
         return 5.0
 
-    def score_seed(run_dir, out, gammas, steps, n, auto=False):
+    def score_seed(run_dir, out, gammas, steps, n, auto=False, spread=False):
         seed = int(run_dir.name.rsplit("-s", 1)[1])
-        scored.append((seed, auto))
+        scored.append((seed, auto) + (("spread",) if spread else ()))
         # every sampler: FD 30 + seed at 4 steps; LCM collapses at 8 (×1.4), the others do not (×1.05)
-        names = [name for name, _ in sm.samplers(gammas, auto)]
+        names = [name for name, _ in sm.samplers(gammas, auto, spread)]
         return {name: {str(k): {"fd": (30.0 + seed) * (1.4 if name == "LCM" and k == 8 else 1.05 if k == 8 else 1.0),
                                 "acc": 0.9} for k in steps} for name in names}
 
@@ -50,6 +50,13 @@ def test_sampler_rows_log_and_ratio(tmp_path, monkeypatch):
     sm.main([a for a in args if a != "--auto"])
     assert scored[2:] == [(0, False), (1, False)]
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 4
+    # --spread: TCD rows on timesteps spread over the grid (the tcd-spread preset), a key of their own
+    assert [spec for _, spec in sm.samplers([0.7, 0.8], auto=True, spread=True)] == [
+        "lcm", "tcd@0.7", "tcd@0.8", "tcd-spread@0.7", "tcd-spread@0.8", "lcm-auto"]
+    sm.main(args + ["--spread"])
+    assert scored[4:] == [(0, True, "spread"), (1, True, "spread")]
+    assert "| TCD spread γ=0.7 | 1 | 31.0 / 90.0% | 32.6 / 90.0% | 1.05 |" in out.with_suffix(".md").read_text()
+    assert "--auto --spread" in out.with_suffix(".md").read_text()
 
 
 def test_whole_unet_runs_are_adopted_by_their_unet_and_trained_with_train_lcd(tmp_path, monkeypatch):
@@ -58,9 +65,9 @@ def test_whole_unet_runs_are_adopted_by_their_unet_and_trained_with_train_lcd(tm
     trained, scored = [], []
     monkeypatch.setattr(sm, "train", lambda config, overrides, seed, run_dir, threads, script: trained.append(
         (config, seed, script, run_dir.name)) or 1.0)
-    monkeypatch.setattr(sm, "score_seed", lambda run_dir, out, gammas, steps, n, auto=False: scored.append(
-        run_dir.name) or {name: {str(k): {"fd": 30.0, "acc": 0.9} for k in steps}
-                          for name, _ in sm.samplers(gammas, auto)})
+    monkeypatch.setattr(sm, "score_seed", lambda run_dir, out, gammas, steps, n, auto=False, spread=False:
+                        scored.append(run_dir.name) or {name: {str(k): {"fd": 30.0, "acc": 0.9} for k in steps}
+                                                        for name, _ in sm.samplers(gammas, auto)})
     monkeypatch.setattr(sm, "commit", lambda: "abc1234")
     runs = tmp_path / "runs"
     (runs / "lcd-s0" / "final" / "unet").mkdir(parents=True)
@@ -87,7 +94,7 @@ def test_overrides_train_the_missing_runs_and_key_the_cell(tmp_path, monkeypatch
     trained = []
     monkeypatch.setattr(sm, "train", lambda config, overrides, seed, run_dir, threads, script: trained.append(
         (config, list(overrides), seed)) or 1.0)
-    monkeypatch.setattr(sm, "score_seed", lambda run_dir, out, gammas, steps, n, auto=False: {
+    monkeypatch.setattr(sm, "score_seed", lambda run_dir, out, gammas, steps, n, auto=False, spread=False: {
         name: {str(k): {"fd": 30.0, "acc": 0.9} for k in steps} for name, _ in sm.samplers(gammas, auto)})
     monkeypatch.setattr(sm, "commit", lambda: "abc1234")
     out = tmp_path / "s"

@@ -74,10 +74,12 @@ def test_teacher_mode_is_the_base_on_its_own_scheduler_and_restores_the_student(
 
 
 def test_lcm_auto_swaps_the_scheduler_with_the_steps_slider(tiny_sdxl_dir, random_lora_dir, monkeypatch):
-    """With the lcm-auto preset the page samples 2 steps with LCMScheduler and 8 with TCD at eta 0.7, keeping the
-    scheduler's grid, and goes back; a one-sampler preset never swaps."""
+    """With the lcm-auto preset the page samples 2 steps with LCMScheduler and 8 with TCD at eta 0.7 (on timesteps
+    spread over the grid), keeping the scheduler's grid, and goes back; a one-sampler preset never swaps."""
     import lcm.serve
-    from diffusers import LCMScheduler, TCDScheduler
+    from diffusers import LCMScheduler
+
+    from lcm.presets import SpreadTCDScheduler
 
     seen = []
 
@@ -91,7 +93,7 @@ def test_lcm_auto_swaps_the_scheduler_with_the_steps_slider(tiny_sdxl_dir, rando
     sampler = LiveSampler(pipe, teacher_scheduler_of(str(tiny_sdxl_dir)), [1.0], preset="lcm-auto")
     for steps in (2, 8, 2):
         sampler.distilled(PROMPT, 0, steps, 1.0)
-    assert seen == [(LCMScheduler, grid, None, 2), (TCDScheduler, grid, 0.7, 8), (LCMScheduler, grid, None, 2)]
+    assert seen == [(LCMScheduler, grid, None, 2), (SpreadTCDScheduler, grid, 0.7, 8), (LCMScheduler, grid, None, 2)]
     fixed = LiveSampler(pipe, teacher_scheduler_of(str(tiny_sdxl_dir)), [1.0], preset="lcm")
     fixed.distilled(PROMPT, 0, 8, 1.0)
     assert seen[-1][0] is LCMScheduler

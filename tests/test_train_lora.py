@@ -96,6 +96,9 @@ def test_exported_scheduler_and_card(trained_run):
     card = (trained_run / "final/README.md").read_text()
     assert "base model" in card and "N = 20" in card
     assert "`eta=0.8` at 4–6 steps, `eta=0.7` from 7 steps" in card  # lcm-auto's TCD rule (issue #13)
+    # from 7 steps on timesteps spread down to the bottom of the run's own grid (N = 20: indices 19 16 14 11 8 5 3 0)
+    assert ("From 7 steps also pass `timesteps=`, spread evenly over the grid down to its lowest point: at 8 steps "
+            "`timesteps=[999, 849, 749, 599, 449, 299, 199, 49]`") in card
 
 
 def test_only_consistency_cards_carry_the_tcd_tip():
@@ -257,8 +260,9 @@ def test_lcm_eval_named_students_with_and_without_a_preset(trained_run, tiny_sdx
 
 
 def test_lcm_eval_lcm_auto_row_is_lcm_then_tcd_by_step_count(trained_run, tiny_sdxl_dir, tmp_path):
-    """`--student NAME=RUN:lcm-auto`: at 2 steps the row is the `:lcm` row, at 4 steps the `:tcd@0.8` row (the rule's
-    sampler and eta on the run's grid), cell for cell; and an eta after @ replaces the rule's."""
+    """`--student NAME=RUN:lcm-auto`: at 2 steps the row is the `:lcm` row, at 4 steps the `:tcd@0.8` row, at 8 the
+    `:tcd-spread@0.7` row (the rule's sampler and eta on the run's grid), cell for cell; and an eta after @ replaces
+    the rule's."""
     from lcm.evaluate import evaluate
 
     common = dict(n=10, steps=[2, 4], teacher_extra_steps=[], methods=["auto", "lcm", "tcd"])
@@ -273,6 +277,13 @@ def test_lcm_eval_lcm_auto_row_is_lcm_then_tcd_by_step_count(trained_run, tiny_s
                      methods=["auto", "tcd"], students=[("auto", str(trained_run), "lcm-auto@0.5"),
                                                         ("tcd", str(trained_run), "tcd@0.5")])
     assert again[0].frechet == pytest.approx(again[1].frechet, rel=1e-6)
+    # from 7 steps the rule walks timesteps spread down to the grid's bottom: the `:tcd-spread@0.7` row, not TCD's own
+    eight = evaluate(str(tiny_sdxl_dir), None, tmp_path / "c", n=10, steps=[8], teacher_extra_steps=[],
+                     methods=["auto", "spread", "tcd"], students=[("auto", str(trained_run), "lcm-auto"),
+                                                                  ("spread", str(trained_run), "tcd-spread@0.7"),
+                                                                  ("tcd", str(trained_run), "tcd@0.7")])
+    assert eight[0].frechet == pytest.approx(eight[1].frechet, rel=1e-6)
+    assert abs(eight[1].frechet / eight[2].frechet - 1) > 1e-4
 
 
 def test_lcm_eval_samples_a_clean_share_tcd_run_with_its_cards_eta_by_step_count(trained_run, tiny_sdxl_dir,
