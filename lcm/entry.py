@@ -19,7 +19,7 @@ from .consistency import LCDSpec
 from .data import StreamingImages, build_dataset, collate_fn, format_summary
 from .errors import DataError
 from .models import encoder_names, load_pipeline, module_names, noise_schedule_of, weight_dtype_for
-from .sampling import generate, image_grid, student_eta, student_scheduler_for
+from .sampling import generate, image_grid, student_eta, student_scheduler_for, student_timesteps
 from .schedule import SolverGrid
 from .trainer import make_accelerator, train
 
@@ -129,7 +129,9 @@ def validation_grid(run: Run, replace: dict, step: int, out_dir: Path) -> None:
     v = cfg.validation
     images = generate(val, list(v.prompts), list(v.seeds), v.num_inference_steps, v.guidance_scale,
                       cfg.data.resolution, cfg.data.resolution,
-                      eta=student_eta(cfg.distill, v.num_inference_steps))
+                      eta=student_eta(cfg.distill, v.num_inference_steps),
+                      timesteps=student_timesteps(cfg.distill, v.num_inference_steps,
+                                                  scheduler.config.num_train_timesteps))
     image_grid(images, len(v.seeds)).save(out_dir / f"step-{step:06d}.png")
 
 

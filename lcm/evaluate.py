@@ -34,7 +34,7 @@ from .lora import load_pipeline_lora
 from .models import load_pretrained
 from .presets import build_scheduler, get_preset, resolve_preset, split_preset_spec
 from .sampling import (image_grid, lcm_scheduler_for, resolve_lora_dir, resolve_student_dir, saved_eta,
-                       saved_scheduler)
+                       saved_scheduler, saved_timesteps)
 
 TEACHER_SOLVERS = {
     "DDIM": lambda c: DDIMScheduler.from_config(c, timestep_spacing="trailing", clip_sample=False,
@@ -181,12 +181,14 @@ def evaluate(teacher: str, lora: LoraSpec, out_dir, n: int = 500, steps: Sequenc
         setup.preset = preset
         with ROW_KINDS[kind](setup, name, path) as (guidance_scale, row_steps):
             for k in row_steps:
+                timesteps = None
                 if preset is not None and get_preset(preset).by_steps:  # lcm-auto: this step count's sampler
                     rule, eta = resolve_preset(preset, k, given_eta)
                     pipe.scheduler = _student_scheduler(setup, setup.saved, rule)
                 elif preset is None and given_eta is None and kind != "teacher":
                     eta = saved_eta(path, k)  # sampled as saved: the eta its card gives at k steps (TCD's gamma)
-                call = {"eta": eta} if eta is not None else {}
+                    timesteps = saved_timesteps(path, k, pipe.scheduler.config.num_train_timesteps)  # and its list
+                call = ({"eta": eta} if eta is not None else {}) | ({"timesteps": timesteps} if timesteps else {})
                 rows += _run_cells(pipe, name, k, guidance_scale, prompt_table, real_feats, out, **call)
     real_vs_real = _real_vs_real(real_feats, size)
     (out / "results.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "n": n, "teacher_w": teacher_w,

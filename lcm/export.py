@@ -19,7 +19,7 @@ from .guidance import guidance_scale_from_w
 from .lora import check_lora_landed, save_lora
 from .models import PIPELINES
 from .objectives import base_objective
-from .presets import rule_spans, rule_text, stock_eta, stock_eta_text, stock_timesteps
+from .presets import rule_spans, rule_text, spread_text, stock_eta, stock_eta_text
 from .sampling import mix_rule, student_scheduler_for
 
 
@@ -166,11 +166,12 @@ def model_card(cfg, steps_trained: int, data_summary: str = "") -> str:
                                     "trajectory consistency distillation", "TCDScheduler")
         rule = mix_rule(d)
         if rule is not None:  # sampled by step count, which `eta` alone expresses
-            eta = stock_eta(rule, steps)
+            eta, spread = stock_eta(rule, steps), spread_text(rule, d.num_ddim_timesteps)
             guidance = (guidance.replace("`LCMScheduler`", f"`TCDScheduler` and `eta` (gamma) by step count "
                                                             f"({stock_eta_text(rule)})")
                         + f". `lcm sample` follows the same rule (preset {rule}), but samples the eta-1.0 steps "
-                          "with `LCMScheduler`, which scores the same at 2 steps and slightly better at 1")
+                          "with `LCMScheduler`, which scores the same at 2 steps and slightly better at 1"
+                        + (f". {spread.rstrip('.')}" if spread else ""))
         else:
             eta = d.tcd_gamma
             guidance = guidance.replace("`LCMScheduler`", f"`TCDScheduler` and `eta` (gamma) = {d.tcd_gamma}, the "
@@ -223,15 +224,12 @@ def _lcd_tcd_tip(grid_steps: int) -> str:
     spans = rule_spans("lcm-auto")
     tcd = ", ".join(f"`eta={eta}` {span}" for _, span, rule, eta in spans if rule.startswith("tcd"))
     keep = " and ".join(span for _, span, rule, _ in spans if rule == "lcm")
-    spread = next((low for low, _, rule, _ in spans if rule == "tcd-spread"), None)
-    at = min(max(8, spread or 0), grid_steps)
-    listed = ("" if spread is None or spread > grid_steps else
-              f" From {spread} steps also pass `timesteps=`, spread evenly over the grid down to its lowest point: at "
-              f"{at} steps `timesteps={stock_timesteps('lcm-auto', at, grid_steps)}`.")
+    listed = spread_text("lcm-auto", grid_steps)
     first = next(low for low, _, rule, _ in spans if rule.startswith("tcd"))
     return (f"\nFrom {first} steps, `TCDScheduler` samples the same weights better than `LCMScheduler` (which "
             "re-noises fully at every step): `pipe.scheduler = "
-            f"TCDScheduler.from_config(pipe.scheduler.config)`, then `pipe(..., eta=…)` with {tcd}.{listed} "
+            f"TCDScheduler.from_config(pipe.scheduler.config)`, then `pipe(..., eta=…)` with {tcd}.{' ' * bool(listed)}"
+            f"{listed} "
             f"{keep.capitalize()} keep `LCMScheduler`. `lcm sample` follows this rule by itself (preset lcm-auto).\n")
 
 

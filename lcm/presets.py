@@ -92,10 +92,12 @@ PRESETS: dict[str, SamplingPreset] = {
     # A TCD-LoRA trained with distill.tcd_clean_share > 0 (a share of LCD's clean-end rows): LCMScheduler is its best
     # sampler at 1–2 steps (its clean-end rows train exactly that prediction), TCD with less stochasticity as the
     # steps grow; rule read off seed 0, scored unchanged on seeds 1–4 (benchmarks/results/sampler_tcdmix_mini.md).
+    # From 7 steps on spread timesteps, as lcm-auto: 8-step FD 29.5 against 31.7 (sampler_spread_tcdmix_mini.md).
     "tcd-mix-auto": SamplingPreset(LCMScheduler, {"clip_sample": False}, steps=4, guidance=1.0,
-                                   by_steps=((2, "lcm", None), (4, "tcd", 0.7), (None, "tcd", 0.5)),
+                                   by_steps=((2, "lcm", None), (4, "tcd", 0.7), (6, "tcd", 0.5),
+                                             (None, "tcd-spread", 0.5)),
                                    note="TCD-LoRA with a clean-end share: LCMScheduler at 1-2 steps, TCDScheduler "
-                                        "above (eta 0.7; 0.5 from 5)"),
+                                        "above (eta 0.7; 0.5 from 5, on spread timesteps from 7)"),
     # PCM's deterministic phase-by-phase sampler: DDIM trailing at M steps walks the phase edges (lcm/trajectory.py).
     "pcm": SamplingPreset(DDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False,
                                           "set_alpha_to_one": True}, steps=4, guidance=1.0,
@@ -163,11 +165,15 @@ def rule_spans(name: str) -> list[tuple[int, str, str, Optional[float]]]:
     "tcd", 0.7)."""
     spans, low = [], 1
     for max_steps, rule, eta in get_preset(name).by_steps:
-        span = (f"from {low} steps" if max_steps is None else f"at {low} step{'s' * (low > 1)}" if max_steps == low
-                else f"at {low}–{max_steps} steps")
-        spans.append((low, span, rule, eta))
+        spans.append((low, _span_words(low, max_steps), rule, eta))
         low = (max_steps or low) + 1
     return spans
+
+
+def _span_words(low: int, last: Optional[int]) -> str:
+    """"from 5 steps", "at 1 step", "at 3–4 steps": the step counts low … last (None: no end)."""
+    return (f"from {low} steps" if last is None else f"at {low} step{'s' * (low > 1)}" if last == low
+            else f"at {low}–{last} steps")
 
 
 def rule_text(name: str) -> str:
@@ -184,8 +190,27 @@ def _scheduler_words(preset: str) -> str:
 
 
 def stock_eta_text(name: str) -> str:
-    """`stock_eta`'s rule in words: "1.0 at 1–2 steps, 0.7 at 3–4 steps, 0.5 from 5 steps" for tcd-mix-auto."""
-    return ", ".join(f"{stock_eta(name, low)} {span}" for low, span, _, _ in rule_spans(name))
+    """`stock_eta`'s rule in words: "1.0 at 1–2 steps, 0.7 at 3–4 steps, 0.5 from 5 steps" for tcd-mix-auto (spans
+    with the same eta said once; where the timesteps change, `spread_text` says so)."""
+    merged: list[list] = []  # [first, last or None, eta]
+    for (max_steps, _, _), (low, _, _, _) in zip(get_preset(name).by_steps, rule_spans(name)):
+        eta = stock_eta(name, low)
+        if merged and merged[-1][2] == eta:
+            merged[-1][1] = max_steps
+        else:
+            merged.append([low, max_steps, eta])
+    return ", ".join(f"{eta} {_span_words(low, last)}" for low, last, eta in merged)
+
+
+def spread_text(name: str, grid_steps: int, num_train_timesteps: int = 1000) -> str:
+    """Where preset `name` spreads its timesteps, as an instruction for a stock pipeline with the list at 8 steps (or
+    the first such step count) on a grid of `grid_steps` points; "" where it never does or the grid is too short."""
+    first = next((low for low, _, rule, _ in rule_spans(name) if rule == "tcd-spread"), None)
+    if first is None or first > grid_steps:
+        return ""
+    at = min(max(8, first), grid_steps)
+    return (f"From {first} steps also pass `timesteps=`, spread evenly over the grid down to its lowest point: at {at} "
+            f"steps `timesteps={stock_timesteps(name, at, grid_steps, num_train_timesteps)}`.")
 
 
 def split_preset_spec(spec: str) -> tuple[str, Optional[float]]:

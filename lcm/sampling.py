@@ -18,7 +18,7 @@ from .lora import (PEFT_CONFIG_FILE, PEFT_KEY_PREFIX, PEFT_WEIGHTS_FILE, check_l
 
 from .models import DTYPES, denoiser_name, load_pretrained
 from .objectives import base_objective
-from .presets import build_scheduler, get_preset, stock_eta
+from .presets import build_scheduler, get_preset, stock_eta, stock_timesteps
 
 logger = logging.getLogger("lcm")
 
@@ -109,6 +109,15 @@ def student_eta(distill_cfg, steps: Optional[int] = None) -> Optional[float]:
         return stock_eta(rule, steps)
     tcd = base_objective(distill_cfg.get("objective", "lcd")) == "tcd"
     return distill_cfg.tcd_gamma if tcd else get_preset(objective_preset(distill_cfg)).eta
+
+
+def student_timesteps(distill_cfg, steps: Optional[int], num_train_timesteps: int = 1000) -> Optional[list[int]]:
+    """The `timesteps=` the exported sampler is called with at `steps`, beside `student_eta`: a clean-share TCD run's
+    rule spreads its steps over the trained grid from 7 steps (`stock_timesteps`); None = the scheduler's own."""
+    rule = mix_rule(distill_cfg)
+    if rule is None or steps is None:
+        return None
+    return stock_timesteps(rule, steps, distill_cfg.num_ddim_timesteps, num_train_timesteps)
 
 
 def resolve_lora_dir(path: str) -> Path:
@@ -231,6 +240,12 @@ def saved_eta(student: Path, steps: Optional[int] = None) -> Optional[float]:
     return None if found is None else student_eta(found[1], steps)
 
 
+def saved_timesteps(student: Path, steps: int, num_train_timesteps: int = 1000) -> Optional[list[int]]:
+    """`student_timesteps` of the run whose `config.yaml` lies beside `student`'s `final/` (None without one)."""
+    found = _run_distill_config(student)
+    return None if found is None else student_timesteps(found[1], steps, num_train_timesteps)
+
+
 def saved_preset(path: Path) -> Optional[tuple[str, Optional[float], Path]]:
     """(preset, eta, config file) the run that made the LoRA or student at `path` validated with: a TCD-LoRA's run →
     ("tcd", its gamma), or ("tcd-mix-auto", None) when it trained with `distill.tcd_clean_share` > 0 (that preset's
@@ -306,9 +321,11 @@ def img2img_pipeline(pipe):
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 4, guidance_scale: float = 1.0,
              height: Optional[int] = None, width: Optional[int] = None, negative_prompt: Optional[str] = None,
              batch_size: int = 8, eta: Optional[float] = None, init_image: Optional[Image.Image] = None,
-             strength: float = 1.0, normal_cfg: Sequence[bool | None] = ()) -> list[Image.Image]:
+             strength: float = 1.0, normal_cfg: Sequence[bool | None] = (),
+             timesteps: Optional[Sequence[int]] = None) -> list[Image.Image]:
     """prompt × seed images, row-major; image (p, s) comes from its own generator seeded with s, whatever the batching.
-    `normal_cfg`: each loaded student's kind (`lcm.export.is_normal_cfg`), for the guidance warnings.
+    `normal_cfg`: each loaded student's kind (`lcm.export.is_normal_cfg`), for the guidance warnings. `timesteps`:
+    the list to walk instead of the scheduler's own for `steps` (a clean-share TCD run's spread steps).
 
     With `init_image`, `pipe` must be an img2img pipeline (see `img2img_pipeline`); the output has the image's size.
     """
@@ -334,6 +351,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 4,
             kwargs["clean_caption"] = False
         if eta is not None:  # e.g. TCD's gamma: the pipeline's own default (0.0) would override the scheduler's
             kwargs["eta"] = eta
+        if timesteps is not None:
+            kwargs["timesteps"] = list(timesteps)
         if negative_prompt:
             kwargs["negative_prompt"] = [negative_prompt] * len(chunk)
         images.extend(pipe(**kwargs).images)

@@ -184,7 +184,8 @@ def test_cli_infers_the_preset_and_eta_from_the_runs_config_and_an_explicit_pres
     mixed = _fake_run(tmp_path / "mixed", "mini_tcd_lora", "distill.tcd_clean_share=0.5")
     got = cli._with_preset_defaults(argparse.Namespace(**unset), [str(mixed)])
     assert (got.preset, got.eta) == ("tcd-mix-auto", None)
-    assert cli._resolved(argparse.Namespace(**{**vars(got), "steps": 8}), "sample") == ("tcd", 0.5)
+    assert cli._resolved(argparse.Namespace(**{**vars(got), "steps": 6}), "sample") == ("tcd", 0.5)
+    assert cli._resolved(argparse.Namespace(**{**vars(got), "steps": 8}), "sample") == ("tcd-spread", 0.5)
     # a LoRA file with no run config beside it (a hub download), or no LoRA at all: lcm
     loose = tmp_path / "elsewhere" / "deep" / "lora.safetensors"
     loose.parent.mkdir(parents=True)
@@ -219,12 +220,13 @@ def test_lcm_sample_loads_a_tcd_run_with_tcd_and_its_gamma(tiny_sdxl_dir, tmp_pa
 
 
 def test_tcd_mix_auto_picks_the_sampler_by_step_count():
-    """tcd-mix-auto: LCMScheduler at 1–2 steps, TCD at eta 0.7 for 3–4 and 0.5 beyond (sampler_tcdmix_mini)."""
+    """tcd-mix-auto: LCMScheduler at 1–2 steps, TCD at eta 0.7 for 3–4 and 0.5 beyond (sampler_tcdmix_mini), on
+    spread timesteps from 7 steps (sampler_spread_tcdmix_mini)."""
     from lcm.presets import resolve_preset
 
-    got = {k: resolve_preset("tcd-mix-auto", k) for k in (1, 2, 3, 4, 5, 8, 50)}
+    got = {k: resolve_preset("tcd-mix-auto", k) for k in (1, 2, 3, 4, 5, 6, 7, 8, 50)}
     assert got == {1: ("lcm", None), 2: ("lcm", None), 3: ("tcd", 0.7), 4: ("tcd", 0.7), 5: ("tcd", 0.5),
-                   8: ("tcd", 0.5), 50: ("tcd", 0.5)}
+                   6: ("tcd", 0.5), 7: ("tcd-spread", 0.5), 8: ("tcd-spread", 0.5), 50: ("tcd-spread", 0.5)}
 
 
 def test_lcm_auto_picks_the_sampler_by_step_count():
@@ -292,12 +294,15 @@ def test_the_model_card_of_a_clean_share_tcd_run_names_tcd_mix_auto():
     assert "by step count (1.0 at 1–2 steps, 0.7 at 3–4 steps, 0.5 from 5 steps)" in mixed
     assert "num_inference_steps=4, guidance_scale=1.0, eta=0.7)" in mixed
     assert "num_inference_steps=4, guidance_scale=1.0, eta=0.3)" in plain and "by step count" not in plain
+    # from 7 steps the card gives the spread list for the run's grid (N = 25); a plain TCD run has none
+    assert "From 7 steps also pass `timesteps=`" in mixed and "[999, 879, 719, 599, 439, 319, 159, 39]" in mixed
+    assert "timesteps=" not in plain
 
 
 def test_stock_eta_follows_a_by_step_count_preset_with_tcd_alone():
     """The eta a stock TCDScheduler pipeline takes to follow a preset: the TCD rule's eta, 1.0 (full re-noise) where the
     rule is LCMScheduler, None where the preset is neither; and the words for it come from the same table."""
-    from lcm.presets import resolve_preset, rule_spans, rule_text, stock_eta, stock_eta_text
+    from lcm.presets import resolve_preset, rule_spans, rule_text, spread_text, stock_eta, stock_eta_text
 
     for name in ("tcd-mix-auto", "lcm-auto"):
         for k in range(1, 12):
@@ -307,9 +312,15 @@ def test_stock_eta_follows_a_by_step_count_preset_with_tcd_alone():
     assert stock_eta_text("lcm-auto") == "1.0 at 1–3 steps, 0.8 at 4–6 steps, 0.7 from 7 steps"
     assert rule_text("lcm-auto") == ("LCMScheduler at 1–3 steps, TCDScheduler eta 0.8 at 4–6 steps, TCDScheduler on "
                                      "spread timesteps eta 0.7 from 7 steps")
+    assert stock_eta_text("tcd-mix-auto") == "1.0 at 1–2 steps, 0.7 at 3–4 steps, 0.5 from 5 steps"  # one eta, said once
     assert rule_text("tcd-mix-auto") == ("LCMScheduler at 1–2 steps, TCDScheduler eta 0.7 at 3–4 steps, TCDScheduler "
-                                         "eta 0.5 from 5 steps")
-    assert [span for _, span, _, _ in rule_spans("tcd-mix-auto")] == ["at 1–2 steps", "at 3–4 steps", "from 5 steps"]
+                                         "eta 0.5 at 5–6 steps, TCDScheduler on spread timesteps eta 0.5 from 7 steps")
+    assert spread_text("tcd-mix-auto", 25) == ("From 7 steps also pass `timesteps=`, spread evenly over the grid down to "
+                                               "its lowest point: at 8 steps `timesteps=[999, 879, 719, 599, 439, 319, "
+                                               "159, 39]`.")
+    assert spread_text("tcd-mix-auto", 6) == "" and spread_text("tcd", 25) == ""  # no spread step count, or none
+    assert [span for _, span, _, _ in rule_spans("tcd-mix-auto")] == ["at 1–2 steps", "at 3–4 steps", "at 5–6 steps",
+                                                                      "from 7 steps"]
 
 
 @pytest.mark.parametrize("steps", [2, 4, 8])
@@ -410,20 +421,20 @@ def test_spread_tcd_scheduler_is_stock_tcd_given_the_spread_list(steps):
 
 def test_stock_timesteps_follow_lcm_auto(tiny_sdxl_dir):
     """The list a stock pipeline passes to follow lcm-auto: the spread list where the rule is tcd-spread, None where
-    the scheduler's own choice is the rule's; in a real SDXL pipeline the two ways walk the same timesteps."""
+    the scheduler's own choice is the rule's; in a real SDXL pipeline the two ways (SpreadTCDScheduler, or stock
+    TCDScheduler given `timesteps=` through `generate`, as validation and the card do) walk the same timesteps."""
     from lcm.presets import resolve_preset, spread_timesteps, stock_timesteps
 
     for k in range(1, 13):
         want = spread_timesteps(1000, 25, k) if resolve_preset("lcm-auto", k)[0] == "tcd-spread" else None
         assert stock_timesteps("lcm-auto", k, 25) == want
-    assert stock_timesteps("lcm-auto", 8, 25) is not None and stock_timesteps("tcd-mix-auto", 8, 25) is None
+    assert stock_timesteps("tcd-mix-auto", 8, 25) == spread_timesteps(1000, 25, 8)
+    assert stock_timesteps("tcd-mix-auto", 6, 25) is None and stock_timesteps("tcd", 8, 25) is None
     pipe = load_pipeline_for_sampling(str(tiny_sdxl_dir), [], device="cpu", preset="tcd-spread")
     grid = pipe.scheduler.config.original_inference_steps
     ours = generate(pipe, ["a"], [0], 4, 1.0, 32, 32, eta=0.7)
     walked = pipe.scheduler.timesteps.tolist()
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
-    kwargs = dict(prompt=["a"], guidance_scale=1.0, height=32, width=32, eta=0.7, output_type="pil",
-                  generator=[torch.Generator().manual_seed(0)], timesteps=spread_timesteps(1000, grid, 4))
-    stock = pipe(**kwargs).images
+    stock = generate(pipe, ["a"], [0], 4, 1.0, 32, 32, eta=0.7, timesteps=spread_timesteps(1000, grid, 4))
     assert walked == spread_timesteps(1000, grid, 4) == pipe.scheduler.timesteps.tolist()
     assert list(ours[0].getdata()) == list(stock[0].getdata())

@@ -111,15 +111,20 @@ def test_overrides_train_the_missing_runs_and_key_the_cell(tmp_path, monkeypatch
 
 def test_rule_rows_are_composed_from_the_cells_their_rule_picks(tmp_path, monkeypatch):
     """--rule tcd-mix-auto adds a row that takes, at each step count, the cell of the sampler its rule picks (LCM at
-    1–2, TCD γ 0.7 at 3–4, γ 0.5 above); a rule whose sampler was not scored is refused, naming the missing gamma."""
+    1–2, TCD γ 0.7 at 3–4, γ 0.5 at 5–6, γ 0.5 on spread timesteps from 7); a rule whose sampler was not scored is
+    refused, naming the missing gamma (and --spread)."""
     import pytest
 
-    rows = [{"seed": 0, "scores": {name: {str(k): {"fd": fd + k, "acc": 0.9} for k in (1, 2, 4, 8)}
-                                   for name, fd in (("LCM", 100.0), ("TCD γ=0.5", 200.0), ("TCD γ=0.7", 300.0))}}]
-    got = sm.with_rules(rows, ["tcd-mix-auto"], [0.5, 0.7], [1, 2, 4, 8])[0]["scores"]["tcd-mix-auto"]
-    assert {k: v["fd"] for k, v in got.items()} == {"1": 101.0, "2": 102.0, "4": 304.0, "8": 208.0}
+    rows = [{"seed": 0, "scores": {name: {str(k): {"fd": fd + k, "acc": 0.9} for k in (1, 2, 4, 6, 8)}
+                                   for name, fd in (("LCM", 100.0), ("TCD γ=0.5", 200.0), ("TCD γ=0.7", 300.0),
+                                                    ("TCD spread γ=0.5", 400.0))}}]
+    got = sm.with_rules(rows, ["tcd-mix-auto"], [0.5, 0.7], [1, 2, 4, 6, 8])[0]["scores"]["tcd-mix-auto"]
+    assert {k: v["fd"] for k, v in got.items()} == {"1": 101.0, "2": 102.0, "4": 304.0, "6": 206.0, "8": 408.0}
     assert "tcd-mix-auto" not in rows[0]["scores"]  # the logged rows are left as they were
-    with pytest.raises(SystemExit, match="tcd@0.5: add it to --gammas"):
-        sm.with_rules(rows, ["tcd-mix-auto"], [0.7], [1, 2, 4, 8])
+    with pytest.raises(SystemExit, match="6 steps with tcd@0.5: add it to --gammas"):
+        sm.with_rules(rows, ["tcd-mix-auto"], [0.7], [1, 2, 4, 6, 8])
+    del rows[0]["scores"]["TCD spread γ=0.5"]
+    with pytest.raises(SystemExit, match="tcd-spread@0.5: add it to --gammas and give --spread"):
+        sm.with_rules(rows, ["tcd-mix-auto"], [0.5, 0.7], [1, 2, 4, 8])
     with pytest.raises(SystemExit, match="not a by-step-count preset"):
         sm.with_rules(rows, ["lcm"], [0.7], [1, 2, 4, 8])

@@ -289,15 +289,17 @@ def test_lcm_eval_lcm_auto_row_is_lcm_then_tcd_by_step_count(trained_run, tiny_s
 def test_lcm_eval_samples_a_clean_share_tcd_run_with_its_cards_eta_by_step_count(trained_run, tiny_sdxl_dir,
                                                                                   tmp_path):
     """A TCD run with a clean-end share, sampled as saved (its TCDScheduler): eta 1.0 at 2 steps and 0.7 at 4, the
-    card's rule (`stock_eta` of tcd-mix-auto), cell for cell the `:tcd@1.0` and `:tcd@0.7` rows; validation's eta
-    follows the same rule, and a plain TCD run keeps its gamma at every step count."""
+    card's rule (`stock_eta` of tcd-mix-auto), cell for cell the `:tcd@1.0` and `:tcd@0.7` rows, and at 8 steps eta
+    0.5 on the card's spread `timesteps=`, the `:tcd-spread@0.5` row; validation's eta follows the same rule, and a
+    plain TCD run keeps its gamma and TCD's own timesteps at every step count."""
     import shutil
 
     from diffusers import TCDScheduler
     from omegaconf import OmegaConf
 
     from lcm.evaluate import evaluate
-    from lcm.sampling import saved_eta, student_eta
+    from lcm.presets import spread_timesteps
+    from lcm.sampling import saved_eta, saved_timesteps, student_eta, student_timesteps
 
     run = tmp_path / "mixed"
     shutil.copytree(trained_run / "final", run / "final")
@@ -309,8 +311,12 @@ def test_lcm_eval_samples_a_clean_share_tcd_run_with_its_cards_eta_by_step_count
     TCDScheduler.from_config(saved.config).save_pretrained(run / "final" / "scheduler")  # as a TCD run exports it
     assert [saved_eta(run, k) for k in (1, 2, 3, 4, 8)] == [1.0, 1.0, 0.7, 0.7, 0.5]
     assert saved_eta(run) == cfg.distill.tcd_gamma == student_eta(cfg.distill)
+    n = cfg.distill.num_ddim_timesteps
+    assert [saved_timesteps(run, k) for k in (2, 4, 6)] == [None] * 3
+    assert saved_timesteps(run, 8) == spread_timesteps(1000, n, 8) == student_timesteps(cfg.distill, 8)
     cfg.distill.tcd_clean_share = 0.0
     assert {student_eta(cfg.distill, k) for k in (1, 2, 4, 8)} == {cfg.distill.tcd_gamma}
+    assert {str(student_timesteps(cfg.distill, k)) for k in (1, 2, 4, 8)} == {"None"}
 
     rows = evaluate(str(tiny_sdxl_dir), None, tmp_path / "eval", n=10, steps=[2, 4], teacher_extra_steps=[],
                     methods=["mix", "t1", "t07"], students=[("mix", str(run), None), ("t1", str(run), "tcd@1.0"),
@@ -318,6 +324,11 @@ def test_lcm_eval_samples_a_clean_share_tcd_run_with_its_cards_eta_by_step_count
     fd = {(r.method, r.steps): r.frechet for r in rows}
     assert fd["mix", 2] == pytest.approx(fd["t1", 2], rel=1e-6) and fd["mix", 4] == pytest.approx(fd["t07", 4], rel=1e-6)
     assert fd["mix", 4] != pytest.approx(fd["t1", 4], rel=1e-6)
+    eight = evaluate(str(tiny_sdxl_dir), None, tmp_path / "eval8", n=10, steps=[8], teacher_extra_steps=[],
+                     methods=["mix", "s05", "t05"], students=[("mix", str(run), None), ("s05", str(run), "tcd-spread@0.5"),
+                                                              ("t05", str(run), "tcd@0.5")])
+    assert eight[0].frechet == pytest.approx(eight[1].frechet, rel=1e-6)
+    assert abs(eight[0].frechet / eight[2].frechet - 1) > 1e-4
 
 
 def test_student_argument_parses_name_run_and_preset():
